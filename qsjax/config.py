@@ -1,0 +1,151 @@
+"""Model configuration: one frozen dataclass for GPT-2 and Llama, read from a Hugging Face config.json.
+
+Only fields that change the math are kept. A field that would change the math but that qsjax does
+not implement raises `UnsupportedConfig` naming it, rather than being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+
+class UnsupportedConfig(ValueError):
+    """A config.json asks for something qsjax does not implement."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3 frequency-dependent RoPE scaling (`rope_type: llama3`)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    arch: str  # "gpt2" or "llama"
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    max_positions: int
+    norm_eps: float
+    tie_embeddings: bool
+    attn_bias: bool
+    mlp_bias: bool
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    bos_id: int | None = None
+    eos_ids: tuple[int, ...] = ()
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 = MHA, n_heads = MQA)."""
+        return self.n_heads // self.n_kv_heads
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> ModelConfig:
+        model_type = hf.get("model_type")
+        if model_type == "gpt2":
+            return _gpt2_config(hf)
+        if model_type == "llama":
+            return _llama_config(hf)
+        raise UnsupportedConfig(f"model_type {model_type!r} is not supported (supported: 'gpt2', 'llama')")
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    path = Path(model_dir) / "config.json"
+    with open(path, encoding="utf-8") as f:
+        return ModelConfig.from_hf(json.load(f))
+
+
+def _eos_ids(hf: dict) -> tuple[int, ...]:
+    eos = hf.get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+
+def _require(hf: dict, key: str, allowed) -> None:
+    """Raise if `hf[key]` is set to a value outside `allowed` (a field qsjax cannot honour)."""
+    if key in hf and hf[key] is not None and hf[key] not in allowed:
+        raise UnsupportedConfig(f"config field {key}={hf[key]!r} is not supported (supported: {allowed})")
+
+
+def _gpt2_config(hf: dict) -> ModelConfig:
+    _require(hf, "activation_function", ("gelu_new", "gelu_pytorch_tanh"))
+    _require(hf, "scale_attn_weights", (True,))
+    _require(hf, "scale_attn_by_inverse_layer_idx", (False,))
+    _require(hf, "add_cross_attention", (False,))
+    _require(hf, "tie_word_embeddings", (True,))
+    d = hf["n_embd"]
+    return ModelConfig(
+        arch="gpt2",
+        vocab_size=hf["vocab_size"],
+        d_model=d,
+        n_layers=hf["n_layer"],
+        n_heads=hf["n_head"],
+        n_kv_heads=hf["n_head"],
+        head_dim=d // hf["n_head"],
+        d_ff=hf.get("n_inner") or 4 * d,
+        max_positions=hf["n_positions"],
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        tie_embeddings=True,
+        attn_bias=True,
+        mlp_bias=True,
+        bos_id=hf.get("bos_token_id"),
+        eos_ids=_eos_ids(hf),
+    )
+
+
+def _llama_rope(hf: dict) -> tuple[float, RopeScaling | None]:
+    # transformers >= 5 writes `rope_parameters` (theta inside); older files `rope_theta` + `rope_scaling`.
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "llama3":
+        return theta, RopeScaling(
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        )
+    raise UnsupportedConfig(f"config field rope_type={rope_type!r} is not supported (supported: 'default', 'llama3')")
+
+
+def _llama_config(hf: dict) -> ModelConfig:
+    _require(hf, "hidden_act", ("silu",))
+    _require(hf, "pretraining_tp", (1,))
+    d, n_heads = hf["hidden_size"], hf["num_attention_heads"]
+    n_kv = hf.get("num_key_value_heads") or n_heads
+    if n_heads % n_kv:
+        raise UnsupportedConfig(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
+    theta, scaling = _llama_rope(hf)
+    return ModelConfig(
+        arch="llama",
+        vocab_size=hf["vocab_size"],
+        d_model=d,
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=hf.get("head_dim") or d // n_heads,
+        d_ff=hf["intermediate_size"],
+        max_positions=hf.get("max_position_embeddings", 2048),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attn_bias=bool(hf.get("attention_bias", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        bos_id=hf.get("bos_token_id"),
+        eos_ids=_eos_ids(hf),
+    )

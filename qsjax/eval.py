@@ -1,0 +1,177 @@
+"""Perplexity evaluation: `python -m qsjax.eval --model DIR --data PATH`.
+
+    python -m qsjax.eval --data wikitext103 --max-eval-tokens 8192
+    python -m qsjax.eval --data c4 --protocol disjoint --seqlen 2048 --json result.json
+
+--data takes a .txt, .jsonl or .jsonl.gz file (see qsjax.data) or a data set name (wikitext103,
+c4). The whole text is tokenized once, cut to --max-eval-tokens, and scored under one protocol
+(see qsjax.perplexity): `strided` (Hugging Face's sliding window, --max-length and --stride) or
+`disjoint` (GPTQ's side-by-side windows of --seqlen tokens).
+
+stderr carries a progress bar; the closing table goes to stdout (to stderr when --json - puts the
+JSON on stdout). --json FILE writes the report, atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from qsjax.cli import UsageError, run_cli
+
+PROTOCOLS = ("strided", "disjoint")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m qsjax.eval", description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="a Hugging Face model directory or a known model name (default: smollm2-135m-instruct)")
+    p.add_argument("--data", default="wikitext103", help="a .txt, .jsonl or .jsonl.gz file, or wikitext103 or c4 (default: wikitext103)")
+    p.add_argument("--protocol", default="strided", choices=PROTOCOLS)
+    p.add_argument("--max-length", type=int, default=1024, help="strided: window length (default 1024)")
+    p.add_argument("--stride", type=int, default=512, help="strided: step between windows (default 512)")
+    p.add_argument("--seqlen", type=int, default=2048, help="disjoint: window length (default 2048)")
+    p.add_argument("--max-eval-tokens", type=int, help="keep only the first N tokens of the stream")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE (- for stdout)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    """Checks that need neither the model nor the data."""
+    if args.protocol == "strided":
+        if args.max_length < 2:
+            raise UsageError(f"--max-length must be at least 2, got {args.max_length}")
+        if not 0 < args.stride <= args.max_length:
+            raise UsageError(f"--stride must be in 1..--max-length ({args.max_length}), got {args.stride}")
+    elif args.seqlen < 2:
+        raise UsageError(f"--seqlen must be at least 2, got {args.seqlen}")
+    if args.max_eval_tokens is not None and args.max_eval_tokens <= 1:
+        raise UsageError(f"--max-eval-tokens must be at least 2 (one token is predicted from another), got {args.max_eval_tokens}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+
+
+def protocol_params(args) -> dict:
+    """The protocol's name and parameters, as reported."""
+    if args.protocol == "strided":
+        return {"name": "strided", "max_length": args.max_length, "stride": args.stride}
+    return {"name": "disjoint", "seqlen": args.seqlen}
+
+
+def make_windows(args, cfg, n_tokens: int):
+    """The protocol's windows over a stream of n_tokens, after checking them against the model."""
+    from qsjax.perplexity import disjoint_windows, strided_windows
+
+    length, flag = (args.max_length, "--max-length") if args.protocol == "strided" else (args.seqlen, "--seqlen")
+    if length > cfg.max_positions:
+        raise UsageError(f"{flag} {length} is longer than the model's context ({cfg.max_positions} positions)")
+    if args.protocol == "strided":
+        return strided_windows(n_tokens, args.max_length, args.stride)
+    if args.seqlen > n_tokens:
+        raise UsageError(f"--seqlen {args.seqlen} is longer than the token stream ({n_tokens} tokens)")
+    return disjoint_windows(n_tokens, args.seqlen)
+
+
+def write_json_atomic(path: str, report: dict) -> None:
+    """Write to a temporary file beside `path`, then rename it into place: never a half-written file."""
+    text = json.dumps(report, indent=2) + "\n"
+    if path == "-":
+        sys.stdout.write(text)
+        return
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def format_table(report: dict) -> str:
+    flops = report["flops"]
+    protocol = ", ".join(f"{k} {v}" for k, v in report["protocol"].items() if k != "name")
+    rows = [
+        ("model", report["model"]),
+        ("data", report["data"]),
+        ("protocol", f"{report['protocol']['name']} ({protocol})"),
+        ("tokens scored", f"{report['tokens_scored']:,} of {report['tokens_total']:,} in {report['windows']} windows"),
+        ("mean NLL", f"{report['nll_mean']:.4f}"),
+        ("perplexity", f"{report['perplexity']:.4f}"),
+        ("seconds", f"{report['seconds']:.2f} (+ {report['seconds_compile']:.2f} compiling)"),
+        ("tokens/s", f"{report['tokens_per_second']:.1f}"),
+        ("GFLOP / token", f"{flops['per_token'] / 1e9:.3f}"),
+        ("GFLOP total", f"{flops['total'] / 1e9:,.1f} (attention {flops['attention'] / 1e9:,.1f}, projections "
+                        f"{flops['projections'] / 1e9:,.1f}, mlp {flops['mlp'] / 1e9:,.1f}, lm_head {flops['lm_head'] / 1e9:,.1f})"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    check_args(args)
+    from qsjax.data import read_text, resolve_data, tokenize
+
+    data_path = resolve_data(args.data)
+    text = read_text(data_path)
+    if args.json not in (None, "-") and not Path(args.json).parent.is_dir():
+        raise UsageError(f"--json {args.json}: directory {Path(args.json).parent} does not exist")
+
+    from qsjax.compilecache import enable_compilation_cache
+    from qsjax.config import UnsupportedConfig
+    from qsjax.params import WeightError, load_model
+    from qsjax.perplexity import Scorer, evaluate
+    from qsjax.tokenizer import load_tokenizer
+    from qsjax.weights import resolve_model
+
+    enable_compilation_cache()
+    model_dir = resolve_model(args.model)
+    t0 = time.perf_counter()
+    try:
+        model = load_model(model_dir, args.dtype)
+        tokenizer = load_tokenizer(model_dir)
+    except (WeightError, UnsupportedConfig, ValueError, KeyError, OSError) as e:
+        raise UsageError(f"--model {model_dir}: {e}") from None
+    seconds_load = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    stream = tokenize(tokenizer, text, args.max_eval_tokens)
+    seconds_tokenize = time.perf_counter() - t0
+    if len(stream) < 2:
+        raise UsageError(f"{data_path} gives {len(stream)} token(s); at least 2 are needed")
+    if stream.max() >= model.cfg.vocab_size:
+        raise UsageError(f"the tokenizer gives id {stream.max()}, outside the model's vocabulary ({model.cfg.vocab_size})")
+    windows = make_windows(args, model.cfg, len(stream))
+
+    result = evaluate(Scorer(model), stream, windows, args.batch_size, progress=not args.no_progress)
+    report = {
+        "model": args.model or model_dir.name,
+        "model_dir": str(model_dir),
+        "dtype": args.dtype,
+        "data": args.data,
+        "data_path": str(data_path),
+        "protocol": protocol_params(args),
+        "batch_size": args.batch_size,
+        "max_eval_tokens": args.max_eval_tokens,
+        "tokens_total": int(len(stream)),
+        **result.to_json(),
+        "seconds_load": seconds_load,
+        "seconds_tokenize": seconds_tokenize,
+    }
+    if args.json is not None:
+        write_json_atomic(args.json, report)
+    print(format_table(report), file=sys.stderr if args.json == "-" else sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,207 @@
+"""Text generation: `python -m qsjax.generate "PROMPT"`.
+
+stdout carries the continuation (streamed token by token for a single prompt); stderr carries
+progress and one closing line with token counts, compile seconds and speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qsjax.buckets import bucket, round_up
+from qsjax.cli import UsageError, run_cli
+from qsjax.model import Model
+from qsjax.sampler import Sampling, generate
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    texts: list[str]
+    token_ids: list[list[int]]
+    prompt_tokens: list[int]
+    seconds: float  # prefill + decode, compilation excluded
+    seconds_compile: float
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.token_ids)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+class Generator:
+    """A model and its tokenizer, with one compiled generation program per (batch, prompt bucket,
+    new-token count, sampling mode)."""
+
+    def __init__(self, model: Model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.eos_ids = tuple(sorted(set(model.cfg.eos_ids) | set(tokenizer.eos_ids)))
+        self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (self.eos_ids or (0,))[0]
+        self._compiled: dict = {}
+
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        if chat:
+            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt, add_special_tokens=not chat)
+
+    def _program(self, batch, length, max_new, cache_length, sampling, stream):
+        key = (batch, length, max_new, cache_length, sampling, stream)
+        if key not in self._compiled:
+            f = functools.partial(
+                generate, max_new=max_new, cache_length=cache_length, sampling=sampling,
+                eos_ids=self.eos_ids, pad_id=self.pad_id, on_token=self._on_token if stream else None,
+            )
+            fn = jax.jit(lambda state, *args: f(self.model.module(state), *args))
+            knobs = (jnp.float32(1), jnp.float32(1))
+            t0 = time.perf_counter()
+            compiled = fn.lower(
+                self.model.state, jnp.zeros((batch, length), jnp.int32), jnp.zeros(batch, jnp.int32),
+                jax.random.key(0), knobs,
+            ).compile()
+            self._compiled[key] = (compiled, time.perf_counter() - t0)
+            return compiled, self._compiled[key][1]
+        return self._compiled[key][0], 0.0
+
+    def _on_token(self, step, tokens):
+        if self._stream is not None:
+            self._stream(int(tokens[0]))
+
+    def __call__(self, prompts: list[list[int]], *, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
+                 seed: int = 0, stream=None) -> GenerationResult:
+        """Generate for token-id prompts.  `stream(token_id)` is called as each token of a single
+        prompt is produced."""
+        cfg = self.model.cfg
+        lengths = [len(p) for p in prompts]
+        if min(lengths) == 0:
+            raise UsageError("empty prompt: give at least one character of text")
+        longest = max(lengths)
+        if longest + max_new_tokens > cfg.max_positions:
+            raise UsageError(
+                f"prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's context of "
+                f"{cfg.max_positions} tokens; shorten the prompt or lower --max-new-tokens"
+            )
+        T = bucket(longest, maximum=max(cfg.max_positions, 16))
+        cache_length = round_up(T + max_new_tokens, 128)
+        batch = np.full((len(prompts), T), self.pad_id, np.int32)
+        for row, p in zip(batch, prompts):
+            row[T - len(p):] = p  # left padding: every row's next token goes to slot T
+        start = np.array([T - n for n in lengths], np.int32)
+        static = dataclasses.replace(sampling, temperature=1.0, top_p=1.0)  # traced values, not part of the program
+        program, compile_s = self._program(len(prompts), T, max_new_tokens, cache_length, static, stream is not None)
+        knobs = (jnp.float32(sampling.temperature), jnp.float32(sampling.top_p))
+        self._stream = stream
+        t0 = time.perf_counter()
+        out, _ = program(self.model.state, jnp.asarray(batch), jnp.asarray(start), jax.random.key(seed), knobs)
+        out = np.asarray(out)
+        seconds = time.perf_counter() - t0
+        self._stream = None
+        ids = []
+        for row in out:
+            row = row.tolist()
+            ends = [i for i, t in enumerate(row) if t in self.eos_ids]
+            ids.append(row[: ends[0]] if ends else row)
+        texts = [self.tokenizer.decode(r) for r in ids]
+        return GenerationResult(texts, ids, lengths, seconds, compile_s)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m qsjax.generate", description=__doc__.splitlines()[0])
+    p.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file)")
+    p.add_argument("--model", help="a Hugging Face model directory or a known model name (default: smollm2-135m-instruct)")
+    p.add_argument("--prompts-file", help="a UTF-8 text file with one prompt per line, run as one batch")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=50, help="with --do-sample; 0 disables")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --do-sample; 1 disables")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    return p.parse_args(argv)
+
+
+def check_args(args) -> list[str]:
+    """Validate the options; return the prompts."""
+    if args.max_new_tokens <= 0:
+        raise UsageError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise UsageError("give a prompt or --prompts-file (exactly one of them)")
+    if args.prompts_file is None:
+        prompts = [args.prompt]
+    else:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts = [line.rstrip("\r\n") for line in f if line.strip()]
+        except FileNotFoundError:
+            raise UsageError(f"--prompts-file {args.prompts_file}: no such file") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--prompts-file {args.prompts_file} is not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
+        if not prompts:
+            raise UsageError(f"--prompts-file {args.prompts_file} has no prompts (one per line)")
+    if any(not p for p in prompts):
+        raise UsageError("empty prompt: give at least one character of text")
+    return prompts
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    prompts = check_args(args)
+    from qsjax.compilecache import enable_compilation_cache
+    from qsjax.params import WeightError, load_model
+    from qsjax.tokenizer import load_tokenizer
+    from qsjax.weights import resolve_model
+
+    enable_compilation_cache()
+    model_dir = resolve_model(args.model)
+    try:
+        model = load_model(model_dir, args.dtype)
+    except (WeightError, ValueError, KeyError, OSError) as e:
+        raise UsageError(f"--model {model_dir}: {e}") from None
+    gen = Generator(model, load_tokenizer(model_dir))
+    sampling = Sampling(args.do_sample and args.temperature > 0, args.temperature, args.top_k, args.top_p)
+    ids = [gen.encode(p, args.chat) for p in prompts]
+    stream = None
+    if len(prompts) == 1:
+        from qsjax.tokenizer import StreamDecoder
+
+        decoder = StreamDecoder(gen.tokenizer)
+
+        def stream(token_id):
+            if token_id not in gen.eos_ids:
+                sys.stdout.write(decoder.push(token_id))
+                sys.stdout.flush()
+
+    print(f"generating with {model_dir.name} ({model.cfg.arch}, {model.cfg.n_layers} layers) ...", file=sys.stderr)
+    result = gen(ids, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, stream=stream)
+    if stream is not None:
+        sys.stdout.write(decoder.flush() + "\n")
+    else:
+        for i, text in enumerate(result.texts):
+            sys.stdout.write(("" if i == 0 else "\n----\n") + text)
+        sys.stdout.write("\n")
+    print(
+        f"prompt tokens {sum(result.prompt_tokens)}, new tokens {result.new_tokens}, "
+        f"compile {result.seconds_compile:.2f} s, {result.tokens_per_second:.1f} tokens/s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

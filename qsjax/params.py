@@ -1,0 +1,146 @@
+"""Load Hugging Face safetensors checkpoints into the model's NNX state, through a strict key map.
+
+Every checkpoint key must match exactly one rule below and every parameter must be filled exactly
+once with the expected shape; anything else raises `WeightError` naming the key and the shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+
+from qsjax.config import ModelConfig, load_config
+from qsjax.model import Model
+from qsjax.modules import Transformer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class WeightError(ValueError):
+    """A checkpoint does not match the model it claims to be."""
+
+
+# (checkpoint key regex, parameter path, transpose [out, in] -> [in, out]); {layer} is the regex group.
+# GPT-2's Conv1D weights are already [in, out]; Llama's nn.Linear weights are [out, in].
+GPT2_KEYS = [
+    (r"wte\.weight", "tok_embed", False),
+    (r"wpe\.weight", "pos_embed", False),
+    (r"h\.(\d+)\.ln_1\.weight", "blocks.{layer}.ln1.scale", False),
+    (r"h\.(\d+)\.ln_1\.bias", "blocks.{layer}.ln1.bias", False),
+    (r"h\.(\d+)\.attn\.c_attn\.weight", "blocks.{layer}.qkv_proj.w", False),
+    (r"h\.(\d+)\.attn\.c_attn\.bias", "blocks.{layer}.qkv_proj.b", False),
+    (r"h\.(\d+)\.attn\.c_proj\.weight", "blocks.{layer}.out_proj.w", False),
+    (r"h\.(\d+)\.attn\.c_proj\.bias", "blocks.{layer}.out_proj.b", False),
+    (r"h\.(\d+)\.ln_2\.weight", "blocks.{layer}.ln2.scale", False),
+    (r"h\.(\d+)\.ln_2\.bias", "blocks.{layer}.ln2.bias", False),
+    (r"h\.(\d+)\.mlp\.c_fc\.weight", "blocks.{layer}.fc.w", False),
+    (r"h\.(\d+)\.mlp\.c_fc\.bias", "blocks.{layer}.fc.b", False),
+    (r"h\.(\d+)\.mlp\.c_proj\.weight", "blocks.{layer}.proj.w", False),
+    (r"h\.(\d+)\.mlp\.c_proj\.bias", "blocks.{layer}.proj.b", False),
+    (r"ln_f\.weight", "final_norm.scale", False),
+    (r"ln_f\.bias", "final_norm.bias", False),
+]
+# Buffers saved by some GPT-2 checkpoints (the causal mask): not weights.
+GPT2_IGNORED = [r"h\.\d+\.attn\.(bias|masked_bias)"]
+
+LLAMA_KEYS = [
+    (r"embed_tokens\.weight", "tok_embed", False),
+    (r"layers\.(\d+)\.input_layernorm\.weight", "blocks.{layer}.attn_norm.scale", False),
+    (r"layers\.(\d+)\.post_attention_layernorm\.weight", "blocks.{layer}.mlp_norm.scale", False),
+    *[
+        (rf"layers\.(\d+)\.{mod}\.{name}_proj\.{kind}", f"blocks.{{layer}}.{name}_proj.{kind[0]}", kind == "weight")
+        for mod, names in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down")))
+        for name in names
+        for kind in ("weight", "bias")
+    ],
+    (r"norm\.weight", "final_norm.scale", False),
+    (r"lm_head\.weight", "lm_head", True),
+]
+LLAMA_IGNORED = [r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
+
+
+def _strip_prefix(key: str) -> str:
+    return re.sub(r"^(transformer|model)\.", "", key)
+
+
+def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
+    """All tensors of `model.safetensors` or of the shards named in `model.safetensors.index.json`."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (model_dir / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise WeightError(f"{model_dir} has no model.safetensors or model.safetensors.index.json")
+    tensors: dict[str, np.ndarray] = {}
+    for name in files:
+        path = model_dir / name
+        try:
+            with safe_open(path, framework="flax") as f:
+                for key in f.keys():
+                    if key in tensors:
+                        raise WeightError(f"duplicate key {key!r} in {path}")
+                    tensors[key] = f.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise WeightError(f"cannot read {path}: {e} (truncated or corrupted file? re-download or re-convert it)") from e
+    return tensors
+
+
+def map_checkpoint(cfg: ModelConfig, tensors: dict, expected: dict) -> dict:
+    """Checkpoint tensors -> nested dict shaped like `expected` (parameter path -> ShapeDtypeStruct)."""
+    rules, ignored = (GPT2_KEYS, GPT2_IGNORED) if cfg.arch == "gpt2" else (LLAMA_KEYS, LLAMA_IGNORED)
+    if cfg.tie_embeddings:  # a tied head may still be saved; it is the embedding, not a weight of its own
+        ignored = ignored + [r"lm_head\.weight"]
+    expected_flat = {".".join(map(str, k)): v for k, v in nnx.traversals.flatten_mapping(expected).items()}
+    filled: dict[str, jax.Array] = {}
+    for key, array in tensors.items():
+        short = _strip_prefix(key)
+        if any(re.fullmatch(p, short) for p in ignored):
+            continue
+        for pattern, path, transpose in rules:
+            m = re.fullmatch(pattern, short)
+            if m:
+                break
+        else:
+            raise WeightError(f"unexpected key {key!r} {tuple(array.shape)} in checkpoint")
+        if m.groups():
+            path = path.format(layer=m.group(1))
+        if path not in expected_flat:
+            raise WeightError(f"unexpected key {key!r}: this config has no parameter {path}")
+        want = expected_flat[path].shape
+        got = tuple(array.shape[::-1] if transpose else array.shape)
+        if got != tuple(want):
+            shown = tuple(want[::-1]) if transpose else tuple(want)
+            raise WeightError(f"key {key!r} has shape {tuple(array.shape)}, expected {shown}")
+        if path in filled:
+            raise WeightError(f"duplicate key {key!r} (parameter {path} already loaded)")
+        filled[path] = jnp.asarray(array.T if transpose else array, expected_flat[path].dtype)
+    missing = [p for p in expected_flat if p not in filled]
+    if missing:
+        p = missing[0]
+        raise WeightError(f"missing key for parameter {p} (expected shape {expected_flat[p].shape}; {len(missing)} missing in all)")
+    return nnx.traversals.unflatten_mapping({_path_tuple(p): a for p, a in filled.items()})
+
+
+def _path_tuple(path: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in path.split("."))
+
+
+def load_model(model_dir: str | Path, dtype: str = "float32") -> Model:
+    """Read config.json and the safetensors weights of a Hugging Face directory into a `Model`."""
+    model_dir = Path(model_dir)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported (choose from {', '.join(DTYPES)})")
+    cfg = load_config(model_dir)
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, DTYPES[dtype]))
+    graphdef, state = nnx.split(abstract)
+    params = map_checkpoint(cfg, read_safetensors(model_dir), nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, params)
+    return Model(cfg, graphdef, state)

