@@ -1,6 +1,15 @@
 """Shared command-line plumbing: user errors print as one line and exit with status 2."""
 
+import argparse
 import sys
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose errors (unknown flag, bad value) are one `error: ...` line, status 2."""
+
+    def error(self, message):
+        message = " ".join(message.split())
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 class UsageError(Exception):

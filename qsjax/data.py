@@ -54,7 +54,9 @@ def resolve_data(arg: str) -> Path:
         )
     path = Path(arg)
     if not path.exists():
-        raise DataError(f"data file {arg} not found (give a .txt, .jsonl or .jsonl.gz file, or one of: {', '.join(DATASETS)})")
+        raise DataError(
+            f"data file {arg} not found (give a .txt, .jsonl or .jsonl.gz file, or one of: {', '.join(DATASETS)})"
+        )
     if not path.is_file():
         raise DataError(f"data path {arg} is not a file")
     return path

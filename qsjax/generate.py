@@ -6,7 +6,6 @@ progress and one closing line with token counts, compile seconds and speed.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import sys
@@ -17,9 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from qsjax.buckets import bucket, round_up
-from qsjax.cli import UsageError, run_cli
+from qsjax.cli import ArgumentParser, UsageError, run_cli
 from qsjax.model import Model
-from qsjax.sampler import Sampling, generate
+from qsjax.quicksilver.cli import add_quicksilver_args, quicksilver_from_args
+from qsjax.quicksilver.config import QuickSilverConfig
+from qsjax.quicksilver.generation import prepare, quicksilver_prefill
+from qsjax.sampler import Sampling, dense_prefill, generate
 
 
 @dataclasses.dataclass
@@ -29,6 +31,7 @@ class GenerationResult:
     prompt_tokens: list[int]
     seconds: float  # prefill + decode, compilation excluded
     seconds_compile: float
+    prompt_layers_executed: float | None = None  # QuickSilver: fraction of prompt token-layers computed
 
     @property
     def new_tokens(self) -> int:
@@ -43,8 +46,10 @@ class Generator:
     """A model and its tokenizer, with one compiled generation program per (batch, prompt bucket,
     new-token count, sampling mode)."""
 
-    def __init__(self, model: Model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model: Model, tokenizer, quicksilver: QuickSilverConfig | None = None):
+        self.quicksilver = quicksilver if quicksilver is not None and quicksilver.enabled else None
+        self.model = model if self.quicksilver is None else prepare(model, self.quicksilver)
+        self.tokenizer = tokenizer
         self.eos_ids = tuple(sorted(set(model.cfg.eos_ids) | set(tokenizer.eos_ids)))
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (self.eos_ids or (0,))[0]
         self._compiled: dict = {}
@@ -60,6 +65,7 @@ class Generator:
             f = functools.partial(
                 generate, max_new=max_new, cache_length=cache_length, sampling=sampling,
                 eos_ids=self.eos_ids, pad_id=self.pad_id, on_token=self._on_token if stream else None,
+                prefill_fn=self._prefill_fn(),
             )
             fn = jax.jit(lambda state, *args: f(self.model.module(state), *args))
             knobs = (jnp.float32(1), jnp.float32(1))
@@ -72,24 +78,40 @@ class Generator:
             return compiled, self._compiled[key][1]
         return self._compiled[key][0], 0.0
 
+    def _prefill_fn(self):
+        if self.quicksilver is None:
+            return dense_prefill
+        qs = self.quicksilver
+
+        def prefill_fn(module, tokens, start, cache_length):
+            logits, cache, _, stats = quicksilver_prefill(qs, module, tokens, start, cache_length)
+            return logits, cache, stats.computing  # [L, B] tokens computing each layer
+
+        return prefill_fn
+
     def _on_token(self, step, tokens):
         if self._stream is not None:
             self._stream(int(tokens[0]))
+
+    def check(self, prompts: list[list[int]], max_new_tokens: int):
+        """Raise UsageError for an empty prompt or one that does not fit the context with the new tokens."""
+        if min(len(p) for p in prompts) == 0:
+            raise UsageError("empty prompt: give at least one character of text")
+        longest, context = max(len(p) for p in prompts), self.model.cfg.max_positions
+        if longest + max_new_tokens > context:
+            raise UsageError(
+                f"prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's context of "
+                f"{context} tokens; shorten the prompt or lower --max-new-tokens"
+            )
 
     def __call__(self, prompts: list[list[int]], *, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
                  seed: int = 0, stream=None) -> GenerationResult:
         """Generate for token-id prompts.  `stream(token_id)` is called as each token of a single
         prompt is produced."""
+        self.check(prompts, max_new_tokens)
         cfg = self.model.cfg
         lengths = [len(p) for p in prompts]
-        if min(lengths) == 0:
-            raise UsageError("empty prompt: give at least one character of text")
         longest = max(lengths)
-        if longest + max_new_tokens > cfg.max_positions:
-            raise UsageError(
-                f"prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's context of "
-                f"{cfg.max_positions} tokens; shorten the prompt or lower --max-new-tokens"
-            )
         T = bucket(longest, maximum=max(cfg.max_positions, 16))
         cache_length = round_up(T + max_new_tokens, 128)
         batch = np.full((len(prompts), T), self.pad_id, np.int32)
@@ -101,9 +123,10 @@ class Generator:
         knobs = (jnp.float32(sampling.temperature), jnp.float32(sampling.top_p))
         self._stream = stream
         t0 = time.perf_counter()
-        out, _ = program(self.model.state, jnp.asarray(batch), jnp.asarray(start), jax.random.key(seed), knobs)
+        out, _, computing = program(self.model.state, jnp.asarray(batch), jnp.asarray(start), jax.random.key(seed), knobs)
         out = np.asarray(out)
         seconds = time.perf_counter() - t0
+        executed = None if computing is None else float(np.asarray(computing).sum()) / (sum(lengths) * cfg.n_layers)
         self._stream = None
         ids = []
         for row in out:
@@ -111,11 +134,11 @@ class Generator:
             ends = [i for i, t in enumerate(row) if t in self.eos_ids]
             ids.append(row[: ends[0]] if ends else row)
         texts = [self.tokenizer.decode(r) for r in ids]
-        return GenerationResult(texts, ids, lengths, seconds, compile_s)
+        return GenerationResult(texts, ids, lengths, seconds, compile_s, executed)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m qsjax.generate", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m qsjax.generate", description=__doc__.splitlines()[0])
     p.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file)")
     p.add_argument("--model", help="a Hugging Face model directory or a known model name (default: smollm2-135m-instruct)")
     p.add_argument("--prompts-file", help="a UTF-8 text file with one prompt per line, run as one batch")
@@ -127,6 +150,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    add_quicksilver_args(p)
     return p.parse_args(argv)
 
 
@@ -173,7 +197,7 @@ def main(argv=None) -> int:
         model = load_model(model_dir, args.dtype)
     except (WeightError, ValueError, KeyError, OSError) as e:
         raise UsageError(f"--model {model_dir}: {e}") from None
-    gen = Generator(model, load_tokenizer(model_dir))
+    gen = Generator(model, load_tokenizer(model_dir), quicksilver_from_args(args, model.cfg.n_layers))
     sampling = Sampling(args.do_sample and args.temperature > 0, args.temperature, args.top_k, args.top_p)
     ids = [gen.encode(p, args.chat) for p in prompts]
     stream = None
@@ -187,6 +211,7 @@ def main(argv=None) -> int:
                 sys.stdout.write(decoder.push(token_id))
                 sys.stdout.flush()
 
+    gen.check(ids, args.max_new_tokens)
     print(f"generating with {model_dir.name} ({model.cfg.arch}, {model.cfg.n_layers} layers) ...", file=sys.stderr)
     result = gen(ids, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, stream=stream)
     if stream is not None:
@@ -195,9 +220,11 @@ def main(argv=None) -> int:
         for i, text in enumerate(result.texts):
             sys.stdout.write(("" if i == 0 else "\n----\n") + text)
         sys.stdout.write("\n")
+    qs = "" if result.prompt_layers_executed is None else (
+        f", quicksilver: {100 * result.prompt_layers_executed:.1f}% of prompt token-layers executed")
     print(
         f"prompt tokens {sum(result.prompt_tokens)}, new tokens {result.new_tokens}, "
-        f"compile {result.seconds_compile:.2f} s, {result.tokens_per_second:.1f} tokens/s",
+        f"compile {result.seconds_compile:.2f} s, {result.tokens_per_second:.1f} tokens/s{qs}",
         file=sys.stderr,
     )
     return 0

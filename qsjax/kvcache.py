@@ -23,6 +23,10 @@ class KVCache:
     v: jax.Array  # [L, B, S, K, Dh]
     start: jax.Array  # [B] int32, first real slot of each row
     index: jax.Array  # [] int32, next slot to write
+    # QuickSilver only (None for a dense cache): per layer, which slots may be attended to, and the
+    # score bias of each slot (log of the fused group size)
+    visible: jax.Array | None = None  # [L, B, S] bool
+    bias: jax.Array | None = None  # [L, B, S] float32
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, length: int, start, dtype=jnp.float32) -> KVCache:

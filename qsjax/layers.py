@@ -42,16 +42,6 @@ def silu(x):
     return x * jax.nn.sigmoid(x)
 
 
-def gelu_mlp(x, w_fc, b_fc, w_proj, b_proj):
-    """GPT-2's MLP: proj(gelu(fc(x))).  [..., D] -> [..., F] -> [..., D]"""
-    return linear(gelu_tanh(linear(x, w_fc, b_fc)), w_proj, b_proj)
-
-
-def swiglu_mlp(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None):
-    """Llama's MLP: down(silu(gate(x)) * up(x)).  [..., D] -> [..., F] -> [..., D]"""
-    return linear(silu(linear(x, w_gate, b_gate)) * linear(x, w_up, b_up), w_down, b_down)
-
-
 def attend(q, k, v, mask, bias=None):
     """Scaled dot-product attention with grouped key/value heads.
 

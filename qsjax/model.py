@@ -25,15 +25,15 @@ from qsjax.modules import Transformer
 from qsjax.rope import rope_angles
 
 
-def block(blk, x, cos, sin, mask, kv=lambda k, v: (k, v)):
+def block(blk, x, cos, sin, mask, kv=lambda k, v: (k, v), bias=None):
     """One transformer block.  x [B, T, D] -> x [B, T, D], plus this block's new k, v.
 
     `kv(k, v)` returns the keys and values to attend over: the new ones (a full window) or the
-    cache with the new ones written in (decode).
+    cache with the new ones written in (decode). `bias` [B, T, S] is added to the scores.
     """
     q, k, v = blk.qkv(x, cos, sin)  # [B, T, H, Dh], [B, T, K, Dh] x 2
     keys, values = kv(k, v)  # [B, S, K, Dh] x 2
-    x = x + blk.attn_out(attend(q, keys, values, mask))
+    x = x + blk.attn_out(attend(q, keys, values, mask, bias))
     x = x + blk.mlp(x)
     return x, (k, v)
 
@@ -103,9 +103,11 @@ def decode_step(model: Transformer, cache: KVCache, tokens):
     cos, sin = rope_angles(model.cfg, positions)
     slots = jnp.arange(cache.length)
     k_valid = (slots[None, :] >= cache.start[:, None]) & (slots[None, :] <= i)  # [B, S]
-    mask = k_valid[:, None, :]  # [B, 1, S]
     x = model.embed(tokens[:, None], positions)  # [B, 1, D]
     k_all, v_all = cache.k, cache.v
+    if cache.visible is not None:  # QuickSilver: the new token is visible everywhere, with no bias
+        visible = jax.lax.dynamic_update_slice(cache.visible, jnp.ones((cache.visible.shape[0], B, 1), bool), (0, 0, i))
+        bias = jax.lax.dynamic_update_slice(cache.bias, jnp.zeros((cache.bias.shape[0], B, 1)), (0, 0, i))
     for l, blk in enumerate(model.blocks):
 
         def write(k, v, l=l):
@@ -114,8 +116,13 @@ def decode_step(model: Transformer, cache: KVCache, tokens):
             v_all = jax.lax.dynamic_update_slice(v_all, v[None], (l, 0, i, 0, 0))
             return k_all[l], v_all[l]
 
-        x, _ = block(blk, x, cos, sin, mask, kv=write)
+        if cache.visible is None:
+            x, _ = block(blk, x, cos, sin, k_valid[:, None, :], kv=write)  # mask [B, 1, S]
+        else:
+            x, _ = block(blk, x, cos, sin, (k_valid & visible[l])[:, None, :], kv=write, bias=bias[l][:, None, :])
     cache = dataclasses.replace(cache, k=k_all, v=v_all, index=i + 1)
+    if cache.visible is not None:
+        cache = dataclasses.replace(cache, visible=visible, bias=bias)
     return model.logits(x[:, 0]), cache
 
 

@@ -30,7 +30,8 @@ class Linear(nnx.Module):
         self.w = _param(stack + (d_in, d_out), dtype)
         self.b = _param(stack + (d_out,), dtype) if bias else None
 
-    def __call__(self, x):
+    def __call__(self, x, bits=None):
+        """`bits` (per-token weight widths) is for quantized layers; full-precision weights ignore it."""
         return layers.linear(x, self.w[...], _value(self.b))
 
 
@@ -66,20 +67,20 @@ class GPT2Block(nnx.Module):
         self.fc = Linear(D, F, bias=True, stack=stack, dtype=dtype)
         self.proj = Linear(F, D, bias=True, stack=stack, dtype=dtype)
 
-    def qkv(self, x, cos, sin):
+    def qkv(self, x, cos, sin, bits=None):
         """[B, T, D] -> q, k, v each [B, T, H, Dh]"""
         B, T, D = x.shape
-        q, k, v = jnp.split(self.qkv_proj(self.ln1(x)), 3, axis=-1)
+        q, k, v = jnp.split(self.qkv_proj(self.ln1(x), bits), 3, axis=-1)
         heads = lambda y: y.reshape(B, T, self.n_heads, D // self.n_heads)
         return heads(q), heads(k), heads(v)
 
-    def attn_out(self, o):
+    def attn_out(self, o, bits=None):
         """[B, T, H, Dh] -> [B, T, D]"""
-        return self.out_proj(o.reshape(*o.shape[:2], -1))
+        return self.out_proj(o.reshape(*o.shape[:2], -1), bits)
 
-    def mlp(self, x):
-        """[B, T, D] -> [B, T, D]"""
-        return layers.gelu_mlp(self.ln2(x), self.fc.w[...], self.fc.b[...], self.proj.w[...], self.proj.b[...])
+    def mlp(self, x, bits=None):
+        """proj(gelu(fc(ln2(x)))).  [B, T, D] -> [B, T, F] -> [B, T, D]"""
+        return self.proj(layers.gelu_tanh(self.fc(self.ln2(x), bits)), bits)
 
 
 class LlamaBlock(nnx.Module):
@@ -99,26 +100,23 @@ class LlamaBlock(nnx.Module):
         self.up_proj = Linear(D, F, bias=cfg.mlp_bias, **kw)
         self.down_proj = Linear(F, D, bias=cfg.mlp_bias, **kw)
 
-    def qkv(self, x, cos, sin):
+    def qkv(self, x, cos, sin, bits=None):
         """[B, T, D] -> q [B, T, H, Dh], k and v [B, T, K, Dh], RoPE applied to q and k"""
         B, T, _ = x.shape
         h = self.attn_norm(x)
-        q = self.q_proj(h).reshape(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(h).reshape(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(h).reshape(B, T, self.n_kv_heads, self.head_dim)
+        q = self.q_proj(h, bits).reshape(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(h, bits).reshape(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(h, bits).reshape(B, T, self.n_kv_heads, self.head_dim)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def attn_out(self, o):
+    def attn_out(self, o, bits=None):
         """[B, T, H, Dh] -> [B, T, D]"""
-        return self.o_proj(o.reshape(*o.shape[:2], -1))
+        return self.o_proj(o.reshape(*o.shape[:2], -1), bits)
 
-    def mlp(self, x):
-        """[B, T, D] -> [B, T, D]"""
-        p = self
-        return layers.swiglu_mlp(
-            self.mlp_norm(x), p.gate_proj.w[...], p.up_proj.w[...], p.down_proj.w[...],
-            _value(p.gate_proj.b), _value(p.up_proj.b), _value(p.down_proj.b),
-        )
+    def mlp(self, x, bits=None):
+        """down(silu(gate(h)) * up(h)), h = rmsnorm(x).  [B, T, D] -> [B, T, F] -> [B, T, D]"""
+        h = self.mlp_norm(x)
+        return self.down_proj(layers.silu(self.gate_proj(h, bits)) * self.up_proj(h, bits), bits)
 
 
 class Transformer(nnx.Module):

@@ -75,7 +75,9 @@ def strided_windows(n_tokens: int, max_length: int, stride: int) -> list[Window]
     stride == max_length the first token of every window goes unscored, as in Hugging Face's loop).
     """
     if not 0 < stride <= max_length or n_tokens < 2:
-        raise ValueError(f"need 0 < stride <= max_length and at least 2 tokens (got {stride=}, {max_length=}, {n_tokens=})")
+        raise ValueError(
+            f"need 0 < stride <= max_length and at least 2 tokens (got {stride=}, {max_length=}, {n_tokens=})"
+        )
     windows, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + max_length, n_tokens)
@@ -223,13 +225,15 @@ class PerplexityResult:
         }
 
 
-def evaluate(scorer: Scorer, stream: np.ndarray, windows: list[Window], batch_size: int = 1, progress: bool = True) -> PerplexityResult:
+def evaluate(
+    scorer: Scorer, stream: np.ndarray, windows: list[Window], batch_size: int = 1, progress: bool = True
+) -> PerplexityResult:
     """Score `windows` of the token stream [N]: compile every shape first (timed apart), then run."""
     cfg = scorer.model.cfg
     batches = make_batches(windows, batch_size)
     seconds_compile = sum(scorer.compile(*key) for key in dict.fromkeys(b.key for b in batches))
     token_nll_out = np.full(len(stream), np.nan, np.float32)
-    nll_sum, flops = 0.0, Flops()
+    nll_sum, tokens_scored, flops = 0.0, 0, Flops()
     bar = tqdm(total=len(windows), unit="window", file=sys.stderr, disable=not progress, desc="perplexity")
     t0 = time.perf_counter()
     for batch in batches:
@@ -237,10 +241,12 @@ def evaluate(scorer: Scorer, stream: np.ndarray, windows: list[Window], batch_si
         scored = batch.scored()
         token_nll_out[batch.targets()[scored]] = nll[scored]
         nll_sum += float(nll[scored].astype(np.float64).sum())
+        tokens_scored += int(scored.sum())
         flops += dense_forward_flops(cfg, len(batch.windows), batch.length, len(batch.windows) * batch.n_predicted)
         bar.update(len(batch.windows))
-        bar.set_postfix(ppl=f"{math.exp(nll_sum / max(1, int(np.isfinite(token_nll_out).sum()))):.3f}")
+        bar.set_postfix(ppl=f"{math.exp(nll_sum / tokens_scored):.3f}")
     seconds = time.perf_counter() - t0
     bar.close()
-    tokens_scored = sum(w.n_scored for w in windows)
-    return PerplexityResult(nll_sum, tokens_scored, len(windows), len(batches), seconds, seconds_compile, flops, token_nll_out)
+    return PerplexityResult(
+        nll_sum, tokens_scored, len(windows), len(batches), seconds, seconds_compile, flops, token_nll_out
+    )

@@ -53,12 +53,19 @@ def next_token(logits, rng, sampling: Sampling, temperature, top_p):
     return jax.random.categorical(rng, top_p_filter(logits, top_p), axis=-1).astype(jnp.int32)
 
 
+def dense_prefill(model, tokens, start, cache_length):
+    logits, cache = prefill(model, tokens, start, cache_length)
+    return logits, cache, None
+
+
 def generate(model, tokens, start, rng, knobs, *, max_new: int, cache_length: int, sampling: Sampling,
-             eos_ids: tuple[int, ...], pad_id: int, on_token=None):
+             eos_ids: tuple[int, ...], pad_id: int, on_token=None, prefill_fn=dense_prefill):
     """Prefill a left-padded batch, then decode up to `max_new` tokens per row.
 
     tokens [B, T], start [B]; knobs = (temperature, top_p) as arrays (changing them does not
-    recompile; top_k is static).  Returns new tokens [B, max_new] (pad_id after a row's EOS) and the count generated.
+    recompile; top_k is static).  Returns new tokens [B, max_new] (pad_id after a row's EOS), the count
+    generated, and what `prefill_fn(model, tokens, start, cache_length) -> (logits, cache, extra)`
+    reported (QuickSilver's prompt statistics; None for the dense prefill).
     `on_token(step, tokens [B])`, if given, is called from inside the loop as each step's tokens
     are ready (streaming)."""
     B = tokens.shape[0]
@@ -70,7 +77,7 @@ def generate(model, tokens, start, rng, knobs, *, max_new: int, cache_length: in
         tok = jnp.where(done, pad_id, next_token(logits, key, sampling, *knobs))
         return tok, out.at[:, step].set(tok), done | jnp.isin(tok, eos), rng
 
-    logits, cache = prefill(model, tokens, start, cache_length)
+    logits, cache, extra = prefill_fn(model, tokens, start, cache_length)
     out = jnp.full((B, max_new), pad_id, jnp.int32)
     tok, out, done, rng = emit(0, logits, jnp.zeros(B, bool), out, rng)
     if on_token is not None:
@@ -89,4 +96,4 @@ def generate(model, tokens, start, rng, knobs, *, max_new: int, cache_length: in
         return step + 1, tok, cache, done, out, rng
 
     step, _, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, cache, done, out, rng))
-    return out, step
+    return out, step, extra

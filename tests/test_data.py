@@ -20,7 +20,7 @@ def write_jsonl(path, records, opener=open):
 
 def test_txt_is_read_as_is(tmp_path):
     path = tmp_path / "a.txt"
-    path.write_bytes("one\r\ntwo\n\n = x = \n".encode())
+    path.write_bytes(b"one\r\ntwo\n\n = x = \n")
     assert read_text(path) == "one\ntwo\n\n = x = \n"  # universal newlines, nothing else changed
 
 
@@ -43,7 +43,7 @@ def test_jsonl_skips_blank_lines(tmp_path):
     [
         ('{"text": "a"}\n{"url": "x"}\n', 'line 2: expected an object with a string field "text"'),
         ('{"text": 3}\n', 'line 1: expected an object with a string field "text"'),
-        ('["text"]\n', 'line 1: expected an object'),
+        ('["text"]\n', "line 1: expected an object"),
         ('{"text": "a"}\n{"text": \n', "line 2: not JSON"),
     ],
 )

@@ -23,7 +23,14 @@ TEXT = "\n\n".join(SENTENCES * 3)
 
 def run_eval(*args, env=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "QSJAX_COMPILATION_CACHE": "off", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "qsjax.eval", *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "qsjax.eval", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +44,12 @@ def tiny_gpt2(tmp_path_factory):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(SENTENCES, trainer)
     tokenizer.save(str(path / "tokenizer.json"))
 
@@ -123,6 +135,7 @@ def error_cases(model: Path, tmp: Path):
         "stride 0": (["--data", data, "--max-length", 16, "--stride", 0], "--stride"),
         "max-length > context": (["--data", data, "--max-length", 128, "--stride", 64], "longer than the model's context"),
         "seqlen > stream": (["--data", data, "--protocol", "disjoint", "--seqlen", 60, "--max-eval-tokens", 50], "longer than the token stream"),
+        "not a number": (["--data", data, "--stride", "half"], "invalid int value"),
         "max-eval-tokens 1": (["--data", data, "--max-eval-tokens", 1], "--max-eval-tokens"),
         "model dir missing": (["--data", data, "--model", tmp / "nowhere"], "no such directory"),
         "model dir without config": (["--data", data, "--model", tmp / "nomodel"], "no config.json"),
@@ -144,8 +157,19 @@ def test_error_paths(tiny_gpt2, tmp_path):
         assert list(out.parent.iterdir()) == [], name  # no JSON, no temporary file
 
 
-def test_named_data_set_missing(tiny_gpt2, tmp_path):
-    proc = run_eval("--model", tiny_gpt2, "--data", "c4", env={"QSJAX_DATA": str(tmp_path)})
-    if proc.returncode == 0:
-        pytest.skip("c4 found next to the project root")
-    assert proc.returncode == 2 and "QSJAX_DATA" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+def test_named_data_set_under_qsjax_data(tiny_gpt2, tmp_path):
+    import gzip
+
+    (tmp_path / "c4").mkdir()
+    with gzip.open(tmp_path / "c4" / "c4_validation_sample.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": s, "url": "u"}) + "\n" for s in SENTENCES)
+    proc = run_eval("--model", tiny_gpt2, "--data", "c4", "--max-length", 16, "--stride", 8, "--json", "-", "--no-progress",
+                    env={"QSJAX_DATA": str(tmp_path)})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["data"] == "c4" and report["data_path"] == str(tmp_path / "c4" / "c4_validation_sample.jsonl.gz")
+
+
+def test_json_path_is_a_directory(tiny_gpt2, tmp_path):
+    proc = run_eval("--model", tiny_gpt2, "--data", tiny_gpt2 / "data.txt", "--json", tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "is a directory" in proc.stderr

@@ -10,7 +10,6 @@ function is checked with a single layer.
 import jax
 import jax.numpy as jnp
 import pytest
-from flax import nnx
 
 from qsjax.config import ModelConfig
 from qsjax.flops import Flops, dense_forward_flops, forward_flops
@@ -48,7 +47,12 @@ def unrolled_logits(model: Transformer, tokens):
 
 def xla_flops(f, model: Model, *args) -> float:
     spec = jax.ShapeDtypeStruct((1, T), jnp.int32)
-    return jax.jit(f, static_argnums=tuple(range(2, 2 + len(args)))).lower(model.state, spec, *args).compile().cost_analysis()["flops"]
+    return (
+        jax.jit(f, static_argnums=tuple(range(2, 2 + len(args))))
+        .lower(model.state, spec, *args)
+        .compile()
+        .cost_analysis()["flops"]
+    )
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -3,7 +3,6 @@
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -89,7 +88,9 @@ def test_batches_share_an_offset_and_a_length():
 
 CFG = dict(vocab_size=96, d_model=32, n_layers=2, n_heads=4, head_dim=8, max_positions=64, norm_eps=1e-5)
 ARCHS = {
-    "llama": ModelConfig(arch="llama", n_kv_heads=2, d_ff=64, tie_embeddings=False, attn_bias=False, mlp_bias=False, **CFG),
+    "llama": ModelConfig(
+        arch="llama", n_kv_heads=2, d_ff=64, tie_embeddings=False, attn_bias=False, mlp_bias=False, **CFG
+    ),
     "gpt2": ModelConfig(arch="gpt2", n_kv_heads=4, d_ff=128, tie_embeddings=True, attn_bias=True, mlp_bias=True, **CFG),
 }
 
@@ -115,7 +116,11 @@ def stream():
 def direct_nll(model: Model, tokens: np.ndarray) -> np.ndarray:
     """-log softmax(logits)[next token] from the full logits.  tokens [T] -> [T - 1] float64"""
     logits = np.asarray(model.logits(tokens[None]), np.float64)[0]  # [T, V]
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - logits.max(-1, keepdims=True)
+    )
     return -logp[np.arange(len(tokens) - 1), tokens[1:]]
 
 
@@ -139,7 +144,9 @@ def test_evaluate_matches_direct_computation(scorer, stream, protocol, batch_siz
     result = evaluate(scorer, stream, windows, batch_size, progress=False)
     expected = np.full(len(stream), np.nan)
     for w in windows:  # each window's full logits, then keep its scored tokens
-        expected[w.first_scored : w.end] = direct_nll(scorer.model, stream[w.begin : w.end])[w.first_scored - w.begin - 1 :]
+        expected[w.first_scored : w.end] = direct_nll(scorer.model, stream[w.begin : w.end])[
+            w.first_scored - w.begin - 1 :
+        ]
     scored = ~np.isnan(expected)
     assert result.tokens_scored == scored.sum() == (len(stream) - 1 if protocol == "strided" else 3 * 15)
     np.testing.assert_array_equal(np.isnan(result.token_nll), ~scored)

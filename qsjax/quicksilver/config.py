@@ -1,0 +1,95 @@
+"""QuickSilver settings: one frozen dataclass, every mechanism switchable alone, and presets.
+
+Layers are numbered 1..L as in the paper: "after layer l" means once block l has run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+SCOPES = ("all", "context")
+HALT_POLICIES = ("none", "drift", "cutoff", "select")
+KV_MODES = ("mask", "zero", "propagate")
+SELECT_SIGNALS = ("attention", "recency")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuickSilverConfig:
+    # which tokens the mechanisms may touch: "all" (the paper) or "context" (tokens whose own
+    # prediction nobody needs); the first n_sink tokens are never touched
+    scope: str = "context"
+    n_sink: int = 4
+    # Dynamic Token Halting
+    halt: str = "none"  # none | drift (the paper's rule) | cutoff (depth cut-off) | select (importance)
+    halt_min_layer: int = 1  # l_min: drift/entropy tests and fusion run after layers >= l_min
+    halt_drift: float | None = 0.045  # tau_drift; None disables the drift test
+    halt_entropy: float | None = 1.15  # tau_H in bits; None disables the entropy test
+    drift_relative: bool = True  # ||h^l - h^(l-1)|| / ||h^(l-1)||, else the raw L2 distance
+    halt_cutoff_layer: int = 0  # c, for cutoff and select
+    keep_top_k: float = 0.5  # select: fraction of eligible tokens that keep computing after c
+    select_signal: str = "attention"  # select: attention received from the last queries, or recency
+    select_queries: int = 16  # select/attention: how many of the last eligible queries vote
+    # KV Cache Skipping for a halted token in the layers above its halt
+    kv_skip: str = "mask"  # mask | zero | propagate
+    kv_propagate_span: int | None = None  # propagate: only this many layers above the halt, mask beyond
+    # Contextual Token Fusion
+    fuse_threshold: float | None = None  # tau_fuse on cosine similarity; None disables fusion
+    # Adaptive Matryoshka Quantization
+    amq_layer: int | None = None  # l_q: int8 weights from this layer up; None disables AMQ
+    amq_low: float = 1.0  # tau_low (bits of entropy)
+    amq_high: float = 3.0  # tau_high
+
+    def __post_init__(self):
+        def check(ok, message):
+            if not ok:
+                raise ValueError(message)
+
+        check(self.scope in SCOPES, f"scope must be one of {SCOPES}, got {self.scope!r}")
+        check(self.halt in HALT_POLICIES, f"halt must be one of {HALT_POLICIES}, got {self.halt!r}")
+        check(self.kv_skip in KV_MODES, f"kv_skip must be one of {KV_MODES}, got {self.kv_skip!r}")
+        check(self.select_signal in SELECT_SIGNALS, f"select_signal must be one of {SELECT_SIGNALS}")
+        check(self.n_sink >= 0, "n_sink must be >= 0")
+        check(self.halt_min_layer >= 1, "halt_min_layer counts layers from 1")
+        check(0 < self.keep_top_k <= 1, f"keep_top_k must be in (0, 1], got {self.keep_top_k}")
+        check(self.select_queries >= 1, "select_queries must be >= 1")
+        check(self.amq_low <= self.amq_high, "amq_low must be <= amq_high")
+        check(self.kv_propagate_span is None or self.kv_propagate_span >= 0, "kv_propagate_span must be >= 0")
+        if self.halt in ("cutoff", "select"):
+            check(self.halt_cutoff_layer >= 1, f"halt={self.halt} needs halt_cutoff_layer >= 1")
+        if self.halt == "select":
+            check(self.scope == "context", "importance selection needs scope=context (it looks at the last "
+                  "context queries, which would otherwise see tokens whose predictions are scored)")
+        if self.halt == "drift":
+            check(self.halt_drift is not None or self.halt_entropy is not None,
+                  "halt=drift needs the drift test, the entropy test, or both")
+
+    @property
+    def enabled(self) -> bool:
+        return self.halt != "none" or self.fuse_threshold is not None or self.amq_layer is not None
+
+    def validate_for(self, n_layers: int) -> None:
+        """Raise if a layer setting does not fit a model of n_layers."""
+        for name in ("halt_min_layer", "halt_cutoff_layer"):
+            value = getattr(self, name)
+            if value > n_layers:
+                raise ValueError(f"{name}={value} but the model has {n_layers} layers")
+        if self.amq_layer is not None and not 1 <= self.amq_layer <= n_layers:
+            raise ValueError(f"amq_layer={self.amq_layer} must be in 1..{n_layers}")
+
+
+OFF = QuickSilverConfig()
+
+
+def preset(name: str, n_layers: int) -> QuickSilverConfig:
+    """`paper`: the paper's rule and thresholds on every token; `fast`: qsjax's calibrated setting
+    (context tokens only)."""
+    if name == "paper":
+        return QuickSilverConfig(
+            scope="all", halt="drift", halt_min_layer=max(1, n_layers // 4), halt_drift=0.045, halt_entropy=1.15,
+            kv_skip="zero", fuse_threshold=0.95, amq_layer=n_layers // 2 + 1, amq_low=1.0, amq_high=3.0,
+        )
+    if name == "fast":
+        return QuickSilverConfig(scope="context", halt="cutoff", halt_cutoff_layer=round(n_layers * 5 / 6), kv_skip="propagate")
+    if name == "off":
+        return OFF
+    raise ValueError(f"unknown preset {name!r} (choose from paper, fast, off)")

@@ -1,0 +1,206 @@
+"""The QuickSilver forward pass over full windows: the reference semantics, masked, static shapes.
+
+Every token's state is carried through the layers with its decisions:
+
+    active_t   runs the next layer             alive_t   not retired by fusion
+    halt_t     layer after which it stopped     size_t    tokens its state stands for (fusion)
+    bits_t     weight width from layer l_q up (Matryoshka quantization)
+
+Layer l runs the block on every row, and rows that are not active keep their state (masked
+computation: the reference the compacted fast path must reproduce). Keys follow `kvskip`, fusion
+adds log(size) to a group's key score. After layer l the halting rule, then fusion, update the
+decisions. Which tokens a mechanism may touch (`eligible`) is the caller's: the scope.
+
+Per layer the pass also returns what was executed (tokens computing, (query, key) pairs, entropy
+checks, propagated K/V, skipped K/V writes), which `accounting` turns into FLOPs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qsjax.layers import attend, causal_mask
+from qsjax.quicksilver import fusion, halting, kvskip
+from qsjax.quicksilver.compaction import on_rows
+from qsjax.quicksilver.config import QuickSilverConfig
+from qsjax.quicksilver.matryoshka import choose_bits
+from qsjax.rope import rope_angles
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Tokens:
+    """Per-token state and decisions, [B, T] each (x is [B, T, D])."""
+
+    x: jax.Array
+    active: jax.Array  # bool
+    alive: jax.Array  # bool
+    halt: jax.Array  # int32, n_layers when the token never stopped
+    fused: jax.Array  # bool: retired by fusion (at layer `halt`)
+    absorbed: jax.Array  # bool: has absorbed its predecessor
+    size: jax.Array  # float32
+    bits: jax.Array  # int32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerStats:
+    """What one layer executed, per row [B] (int32)."""
+
+    computing: jax.Array  # tokens that ran the layer
+    pairs: jax.Array  # (query, key) pairs attended by those tokens
+    entropy_checks: jax.Array  # LM-head projections for the halting entropy test
+    propagated: jax.Array  # halted tokens whose K/V were projected (propagate mode)
+    kv_skipped: jax.Array  # real tokens whose K/V were not written
+    selection_pairs: jax.Array  # (query, key) scores of importance selection
+
+
+def entropy_of_rows(module, x, rows):
+    """Entropy (bits) of the next-token distribution of the selected rows, compacted.  -> [B, T]"""
+    B, T, D = x.shape
+    flat = on_rows(lambda h: halting.entropy_bits(module.logits(h)), x.reshape(B * T, D), rows.reshape(-1), (), jnp.float32)
+    return flat.reshape(B, T)
+
+
+def halting_decision(qs: QuickSilverConfig, module, layer, x_new, x_old, can, q, k, visible, eligible, positions):
+    """Tokens that halt after `layer`, and the entropy checks and selection scores it took."""
+    zeros = jnp.zeros(can.shape, bool)
+    n_checks = jnp.zeros(can.shape[0], jnp.int32)
+    n_select = jnp.zeros(can.shape[0], jnp.int32)
+    if qs.halt == "drift":
+        passed = can & (layer >= qs.halt_min_layer)
+        if qs.halt_drift is not None:
+            passed &= halting.drift(x_new, x_old, qs.drift_relative) < qs.halt_drift
+        if qs.halt_entropy is None:
+            return passed, n_checks, n_select
+        n_checks = passed.sum(-1).astype(jnp.int32)
+        return passed & (entropy_of_rows(module, x_new, passed) < qs.halt_entropy), n_checks, n_select
+    if qs.halt == "cutoff":
+        return can & (layer == qs.halt_cutoff_layer), n_checks, n_select
+    if qs.halt == "select":
+        def select():
+            if qs.select_signal == "recency":
+                score = positions.astype(jnp.float32)
+            else:
+                voters = halting.last_n(eligible, qs.select_queries)
+                score = halting.attention_received(q, k, voters, visible)
+            return can & ~halting.select_keep(score, can, qs.keep_top_k)
+
+        at_c = layer == qs.halt_cutoff_layer
+        if qs.select_signal == "attention":
+            n_select = jnp.where(at_c, jnp.minimum(eligible.sum(-1), qs.select_queries) * can.shape[1], 0).astype(jnp.int32)
+        return jax.lax.cond(at_c, select, lambda: zeros), n_checks, n_select
+    return zeros, n_checks, n_select
+
+
+def fuse_step(qs: QuickSilverConfig, layer, tok: Tokens, can_be_absorbed) -> Tokens:
+    """Contextual Token Fusion after `layer`: t absorbs t-1 (see `fusion`)."""
+    can_absorb = can_be_absorbed & ~tok.absorbed & (layer >= qs.halt_min_layer)
+    prev_x = fusion.shift_right(tok.x, 0)
+    cand = fusion.candidates(tok.x, prev_x, can_absorb, fusion.shift_right(can_be_absorbed, False), qs.fuse_threshold)
+    fuse = cand & ~fusion.shift_right(cand, False)
+    merged, size = fusion.merge(tok.x, prev_x, tok.size, fusion.shift_right(tok.size, 1.0))
+    retired = jnp.concatenate([fuse[:, 1:], jnp.zeros_like(fuse[:, :1])], axis=1)  # t-1 of each fused t
+    return dataclasses.replace(
+        tok,
+        x=jnp.where(fuse[..., None], merged, tok.x),
+        size=jnp.where(fuse, size, tok.size),
+        absorbed=tok.absorbed | fuse,
+        active=tok.active & ~retired,
+        alive=tok.alive & ~retired,
+        fused=tok.fused | retired,
+        halt=jnp.where(retired, layer, tok.halt),
+    )
+
+
+def layer_step(qs: QuickSilverConfig, module, blk, layer, tok: Tokens, ctx):
+    """Run block `layer` (1-based) on the window and update the decisions.
+
+    -> new Tokens, LayerStats, and this layer's cache entries (k, v [B, T, K, Dh], visible [B, T],
+    log-size bias [B, T])."""
+    cos, sin, causal, valid, eligible, positions = ctx
+    computing = tok.active
+    halted = tok.alive & ~tok.active
+    q, k, v = blk.qkv(tok.x, cos, sin, tok.bits)
+    k, v = kvskip.zero_halted(k, v, halted, qs.kv_skip)
+    visible = kvskip.visible_keys(qs.kv_skip, layer, computing, halted, tok.halt, valid, qs.kv_propagate_span)
+    bias = jnp.where(visible, jnp.log(tok.size), 0.0)
+    mask = causal & visible[:, None, :]
+    x_new = tok.x + blk.attn_out(attend(q, k, v, mask, bias[:, None, :]), tok.bits)
+    x_new = x_new + blk.mlp(x_new, tok.bits)
+    x = jnp.where(computing[..., None], x_new, tok.x)
+    writes = kvskip.writes_kv(qs.kv_skip, computing, halted, tok.halt, layer, qs.kv_propagate_span)
+
+    can = eligible & computing & (layer < module.cfg.n_layers)  # nothing to save after the last layer
+    halt_now, n_checks, n_select = halting_decision(qs, module, layer, x, tok.x, can, q, k, visible, eligible, positions)
+    tok = dataclasses.replace(tok, x=x, active=tok.active & ~halt_now, halt=jnp.where(halt_now, layer, tok.halt))
+    if qs.fuse_threshold is not None:
+        tok = fuse_step(qs, layer, tok, can & ~halt_now)
+    stats = LayerStats(
+        computing=computing.sum(-1).astype(jnp.int32),
+        pairs=(mask & computing[:, :, None]).sum((-1, -2)).astype(jnp.int32),
+        entropy_checks=n_checks,
+        propagated=(writes & ~computing).sum(-1).astype(jnp.int32),
+        kv_skipped=(valid & ~writes).sum(-1).astype(jnp.int32),
+        selection_pairs=n_select,
+    )
+    return tok, stats, (k, v, visible, bias)
+
+
+def segments(qs: QuickSilverConfig, n_layers: int) -> list[tuple[int, int]]:
+    """Layer ranges [first, last) that share one weight format (split at l_q for quantization)."""
+    if qs.amq_layer is None or qs.amq_layer == 1:
+        return [(0, n_layers)]
+    return [(0, qs.amq_layer - 1), (qs.amq_layer - 1, n_layers)]
+
+
+def run_segment(qs, module, first: int, last: int, tok: Tokens, ctx):
+    """`lax.scan` over blocks first..last-1 (stacked inside jit; they share one structure)."""
+    blocks = [module.blocks[i] for i in range(first, last)]
+    graphdef = nnx.graphdef(blocks[0])
+    stacked = jax.tree.map(lambda *w: jnp.stack(w), *[nnx.state(b) for b in blocks])
+
+    def step(tok, xs):
+        layer_state, layer = xs
+        tok, stats, cache = layer_step(qs, module, nnx.merge(graphdef, layer_state), layer, tok, ctx)
+        return tok, (stats, cache)
+
+    return jax.lax.scan(step, tok, (stacked, jnp.arange(first + 1, last + 1)))
+
+
+def quicksilver_window(qs: QuickSilverConfig, module, tokens, positions, valid, eligible):
+    """QuickSilver forward over causal windows.
+
+    tokens, positions [B, T]; valid [B, T]: real tokens (not padding, left or right);
+    eligible [B, T]: tokens the mechanisms may touch (padding and the first n_sink positions are
+    removed here).  -> final states x [B, T, D] (a halted token's frozen state), Tokens (decisions),
+    LayerStats stacked [L, B], cache entries stacked [L, ...], AMQ entropy checks [B]."""
+    B, T = tokens.shape
+    L = module.cfg.n_layers
+    eligible = eligible & valid & (positions >= qs.n_sink)
+    cos, sin = rope_angles(module.cfg, positions)
+    causal = causal_mask(jnp.arange(T), jnp.arange(T), jnp.ones((B, T), bool))
+    ctx = (cos, sin, causal, valid, eligible, positions)
+    x = module.embed(tokens, positions)
+    tok = Tokens(
+        x=x, active=valid, alive=valid, halt=jnp.full((B, T), L, jnp.int32),
+        fused=jnp.zeros((B, T), bool), absorbed=jnp.zeros((B, T), bool), size=jnp.ones((B, T), jnp.float32),
+        bits=jnp.full((B, T), 8, jnp.int32),
+    )
+    all_stats, all_cache, amq_checks = [], [], jnp.zeros(B, jnp.int32)
+    for first, last in segments(qs, L):
+        if qs.amq_layer is not None and first == qs.amq_layer - 1:
+            # width per token from its entropy on entering layer l_q (eligible tokens; others keep 8)
+            h = halting.entropy_bits(module.logits(tok.x))
+            tok = dataclasses.replace(tok, bits=jnp.where(eligible, choose_bits(h, qs.amq_low, qs.amq_high), 8))
+            amq_checks = eligible.sum(-1).astype(jnp.int32)
+        tok, (stats, cache) = run_segment(qs, module, first, last, tok, ctx)
+        all_stats.append(stats)
+        all_cache.append(cache)
+    stats = jax.tree.map(lambda *a: jnp.concatenate(a), *all_stats)
+    cache = jax.tree.map(lambda *a: jnp.concatenate(a), *all_cache)
+    return tok.x, tok, stats, cache, amq_checks

@@ -1,0 +1,44 @@
+"""Contextual Token Fusion, causal-safe.
+
+At a fusion layer l >= l_min, adjacent eligible tokens t-1, t whose states are near-duplicates,
+
+    cos(h_(t-1)^l, h_t^l) > tau_fuse,
+
+fuse: token t carries on with the size-weighted mean state and size s_t <- s_(t-1) + s_t, and token
+t-1 stops there. t-1's own logits, when needed, come from its own state at layer l, never from the
+merged one (which has seen token t). Above l a single key/value stands for the group, and attention
+adds log(s) to its score (proportional attention, as in ToMe), so the group weighs as its s tokens did.
+
+Only the later token of a pair survives, so a group never contains a token after its representative:
+no position's logits can depend on a later token. To keep the rule parallel over positions (and the
+same in prefill and in one-token decoding), t may absorb t-1 only if t-1 is not itself a candidate to
+absorb t-2 at the same layer, and each token absorbs at most once; groups still grow across layers.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def cosine(a, b):
+    """Cosine similarity of matching rows.  [..., D] x 2 -> [...] float32"""
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.sum(a * b, -1) / jnp.maximum(jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1), 1e-12)
+
+
+def shift_right(a, fill):
+    """a[:, t-1] at position t (fill at t = 0).  [B, T, ...] -> [B, T, ...]"""
+    pad = jnp.full_like(a[:, :1], fill)
+    return jnp.concatenate([pad, a[:, :-1]], axis=1)
+
+
+def candidates(h, prev_h, can_fuse, prev_can_fuse, threshold: float):
+    """Token t may absorb t-1: both may fuse here and their states are near-duplicates.  -> [B, T] bool"""
+    return can_fuse & prev_can_fuse & (cosine(prev_h, h) > threshold)
+
+
+def merge(h, prev_h, size, prev_size):
+    """Size-weighted mean state and summed size of the pair (t-1, t).  -> h [B, T, D], size [B, T]"""
+    s = size + prev_size
+    merged = (prev_size[..., None] * prev_h.astype(jnp.float32) + size[..., None] * h.astype(jnp.float32)) / s[..., None]
+    return merged.astype(h.dtype), s

@@ -1,0 +1,42 @@
+"""Helpers for the QuickSilver tests: run the masked reference forward on a tiny model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qsjax.quicksilver.forward import quicksilver_window
+from qsjax.quicksilver.generation import prepare
+
+
+_CACHE = {}
+
+
+def _compiled(qs, model):
+    key = (id(model), qs)
+    if key in _CACHE:
+        return _CACHE[key]
+    prepared = prepare(model, qs)
+
+    def run(state, tokens, eligible):
+        module = prepared.module(state)
+        B, T = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+        x, tok, stats, cache, amq = quicksilver_window(qs, module, tokens, positions, jnp.ones((B, T), bool), eligible)
+        return module.logits(x), tok, stats, cache
+
+    _CACHE[key] = prepared, jax.jit(run)
+    return _CACHE[key]
+
+
+def run_window(model, qs, tokens, eligible=None):
+    """-> logits [B, T, V] (numpy), Tokens, LayerStats, cache entries"""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    eligible = jnp.ones(tokens.shape, bool) if eligible is None else jnp.asarray(eligible)
+    prepared, fn = _compiled(qs, model)
+    logits, tok, stats, cache = fn(prepared.state, tokens, eligible)
+    return np.asarray(logits), tok, stats, cache
+
+
+def executed_fraction(stats, n_tokens: int) -> float:
+    computing = np.asarray(stats.computing)
+    return computing.sum() / (n_tokens * computing.shape[0])

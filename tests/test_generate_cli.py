@@ -1,0 +1,195 @@
+"""`python -m qsjax.generate` in subprocesses, on a tiny random GPT-2 (32 positions) with a tiny
+byte-level BPE tokenizer: error paths (exit status 2, one `error:` line, no traceback), streaming,
+prompt batches, sampling seeds, the persistent compilation cache, and one run of the real default model."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qsjax.generate import Generator
+from qsjax.params import load_model
+from qsjax.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A small model reads a small text, one token at a time.",
+    "Every prompt in a batch is padded on the left.",
+]
+SUMMARY = re.compile(r"prompt tokens (\d+), new tokens (\d+), compile ([\d.]+) s, ([\d.]+|nan) tokens/s")
+
+
+def run_generate(*args, cache=None, timeout=300):
+    """Run the CLI; returns (exit status, stdout, stderr) with stdout decoded without newline translation."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8"}
+    env["QSJAX_COMPILATION_CACHE"] = str(cache) if cache else "off"
+    command = [sys.executable, "-m", "qsjax.generate", *map(str, args)]
+    proc = subprocess.run(command, capture_output=True, env=env, cwd=ROOT, timeout=timeout, check=False)
+    return proc.returncode, proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
+
+
+def summary(stderr: str) -> tuple[int, int, float]:
+    """(prompt tokens, new tokens, compile seconds) from stderr's last line."""
+    m = SUMMARY.fullmatch(stderr.strip().splitlines()[-1])
+    assert m, stderr
+    return int(m[1]), int(m[2]), float(m[3])
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    """A random GPT-2 with 32 positions, saved by transformers, with a BPE tokenizer.json of the same vocabulary."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path_factory.mktemp("tiny-gpt2-32")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tokenizer.train_from_iterator(SENTENCES, trainer)
+    tokenizer.save(str(path / "tokenizer.json"))
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=tokenizer.get_vocab_size(), n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                        bos_token_id=0, eos_token_id=0)  # fmt: skip
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("compilation-cache")
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+ERROR_NAMES = [
+    "model dir missing", "model dir without config", "model dir without weights", "prompt longer than context",
+    "prompt + new tokens > context", "temperature -1", "top-p 0", "top-p 1.5", "top-k -1", "max-new-tokens 0",
+    "empty prompt", "prompts file not UTF-8", "prompts file missing", "no prompt", "prompt and prompts file",
+    "unknown flag", "bad type", "bad choice",
+]  # fmt: skip
+
+
+def error_cases(model: Path, tmp: Path) -> dict:
+    """name -> (arguments, a piece of the expected message)."""
+    (tmp / "nomodel").mkdir()
+    (tmp / "noweights").mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (tmp / "noweights" / name).write_bytes((model / name).read_bytes())
+    (tmp / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    m = ["--model", model]
+    return {
+        "model dir missing": (["--model", tmp / "nowhere", "Hi"], "no such directory"),
+        "model dir without config": (["--model", tmp / "nomodel", "Hi"], "no config.json"),
+        "model dir without weights": (["--model", tmp / "noweights", "Hi"], "model.safetensors"),
+        "prompt longer than context": ([*m, " ".join(SENTENCES * 3), "--max-new-tokens", 4], "model's context of 32"),
+        "prompt + new tokens > context": ([*m, "The quick", "--max-new-tokens", 40], "model's context of 32"),
+        "temperature -1": ([*m, "Hi", "--temperature", -1], "--temperature"),
+        "top-p 0": ([*m, "Hi", "--top-p", 0], "--top-p"),
+        "top-p 1.5": ([*m, "Hi", "--top-p", 1.5], "--top-p"),
+        "top-k -1": ([*m, "Hi", "--top-k", -1], "--top-k"),
+        "max-new-tokens 0": ([*m, "Hi", "--max-new-tokens", 0], "--max-new-tokens"),
+        "empty prompt": ([*m, ""], "empty prompt"),
+        "prompts file not UTF-8": ([*m, "--prompts-file", tmp / "latin1.txt"], "not UTF-8"),
+        "prompts file missing": ([*m, "--prompts-file", tmp / "missing.txt"], "no such file"),
+        "no prompt": (m, "give a prompt or --prompts-file"),
+        "prompt and prompts file": ([*m, "Hi", "--prompts-file", tmp / "latin1.txt"], "exactly one"),
+        "unknown flag": ([*m, "Hi", "--bogus"], "unrecognized arguments: --bogus"),
+        "bad type": ([*m, "Hi", "--top-k", "many"], "invalid int value"),
+        "bad choice": ([*m, "Hi", "--dtype", "int8"], "invalid choice"),
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def error_runs(tiny_gpt2, tmp_path_factory):
+    """name -> (status, stdout, stderr, expected message piece) for every error case, run two at a time."""
+    tmp = tmp_path_factory.mktemp("errors")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8", "QSJAX_COMPILATION_CACHE": "off"}
+    cases = list(error_cases(tiny_gpt2, tmp).items())
+    assert [name for name, _ in cases] == ERROR_NAMES
+    runs = {}
+    for i in range(0, len(cases), 2):  # each run is mostly importing jax: use both cores
+        procs = {}
+        for name, (args, message) in cases[i : i + 2]:
+            command = [sys.executable, "-m", "qsjax.generate", *map(str, args)]
+            proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            procs[name] = (message, proc)
+        for name, (message, proc) in procs.items():
+            out, err = proc.communicate(timeout=300)
+            runs[name] = (proc.returncode, out.decode("utf-8"), err.decode("utf-8"), message)
+    return runs
+
+
+@pytest.mark.parametrize("name", ERROR_NAMES)
+def test_error(error_runs, name):
+    status, out, err, message = error_runs[name]
+    lines = err.strip().splitlines()
+    assert status == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert "Traceback" not in err and out == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+def test_single_prompt_streams_and_matches_generator(tiny_gpt2, cache_dir):
+    status, out, err = run_generate("--model", tiny_gpt2, "The quick brown", "--max-new-tokens", 12, cache=cache_dir)
+    assert status == 0, err
+    prompt_tokens, new_tokens, _ = summary(err)
+    gen = Generator(load_model(tiny_gpt2), load_tokenizer(tiny_gpt2))
+    ids = gen.encode("The quick brown")
+    result = gen([ids], max_new_tokens=12)
+    assert prompt_tokens == len(ids) and new_tokens == len(result.token_ids[0]) > 0
+    assert out == result.texts[0] + "\n" and result.texts[0].strip()
+
+
+def test_prompts_file_batch_and_persistent_compilation_cache(tiny_gpt2, tmp_path):
+    """A batch (no streaming) is compiled once and loaded from the persistent cache on the next run.
+
+    (A single prompt streams through `io_callback`; JAX does not write programs with host callbacks
+    to the persistent cache, so that path compiles afresh every run.)"""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The quick\n\nA small model\nEvery prompt\n", encoding="utf-8")  # blank lines are skipped
+    cache = tmp_path / "cache"
+    first = run_generate("--model", tiny_gpt2, "--prompts-file", prompts, "--max-new-tokens", 10, cache=cache)
+    second = run_generate("--model", tiny_gpt2, "--prompts-file", prompts, "--max-new-tokens", 10, cache=cache)
+    assert first[0] == 0 and second[0] == 0, (first[2], second[2])
+    assert first[1] == second[1] and len(first[1].split("\n----\n")) == 3 and first[1].endswith("\n")
+    tokenizer = load_tokenizer(tiny_gpt2)
+    n_prompt, n_new, compile_first = summary(first[2])
+    assert n_prompt == sum(len(tokenizer.encode(p)) for p in ("The quick", "A small model", "Every prompt"))
+    assert 0 < n_new <= 30
+    compile_second = summary(second[2])[2]
+    print(f"batch compile: {compile_first:.2f} s, then {compile_second:.2f} s from the persistent cache")
+    assert compile_second < compile_first
+
+
+def test_sampling_is_reproducible_per_seed(tiny_gpt2, cache_dir):
+    args = ["--model", tiny_gpt2, "A small", "--max-new-tokens", 24, "--do-sample"]
+    one = run_generate(*args, "--seed", 1, cache=cache_dir)
+    again = run_generate(*args, "--seed", 1, cache=cache_dir)
+    two = run_generate(*args, "--seed", 2, cache=cache_dir)
+    assert one[0] == again[0] == two[0] == 0, one[2]
+    assert one[1] == again[1] and one[1] != two[1]
+
+
+@pytest.mark.slow
+def test_real_default_model(default_model_dir, cache_dir):
+    status, out, err = run_generate("The capital of France is", "--max-new-tokens", 8, cache=cache_dir)
+    assert status == 0, err
+    assert "Paris" in out
+    assert summary(err)[:2] == (5, 8)

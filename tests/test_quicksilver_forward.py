@@ -1,0 +1,102 @@
+"""Invariants of the QuickSilver reference forward pass, for every mechanism."""
+
+import numpy as np
+import pytest
+
+from qs_helpers import executed_fraction, run_window
+from qsjax.quicksilver.config import QuickSilverConfig
+
+T = 24
+
+# settings that do act on a tiny random 2-layer model (checked below: something is skipped or changed)
+MECHANISMS = {
+    "drift": QuickSilverConfig(scope="all", halt="drift", halt_drift=0.9, halt_entropy=6.555, kv_skip="mask"),
+    "drift-zero": QuickSilverConfig(scope="all", halt="drift", halt_drift=0.9, halt_entropy=None, kv_skip="zero"),
+    "cutoff-propagate": QuickSilverConfig(scope="all", halt="cutoff", halt_cutoff_layer=1, kv_skip="propagate"),
+    "cutoff-mask": QuickSilverConfig(scope="all", halt="cutoff", halt_cutoff_layer=1, kv_skip="mask"),
+    "recency": QuickSilverConfig(scope="context", halt="select", select_signal="recency", halt_cutoff_layer=1, keep_top_k=0.5),
+    "fusion": QuickSilverConfig(scope="all", fuse_threshold=0.2),
+    "amq": QuickSilverConfig(scope="all", amq_layer=2, amq_low=6.54, amq_high=6.56),
+}
+
+
+def test_all_off_is_identical_to_dense(tiny_models, rng):
+    for name in ("gpt2", "llama-gqa"):
+        model, _ = tiny_models[name]
+        tokens = rng.integers(0, 96, (2, T))
+        logits, tok, stats, _ = run_window(model, QuickSilverConfig(), tokens)
+        np.testing.assert_array_equal(logits, np.asarray(model.logits(tokens)))
+        assert executed_fraction(stats, 2 * T) == 1.0
+
+
+@pytest.mark.parametrize("name", list(MECHANISMS))
+def test_mechanism_acts(name, tiny_models, rng):
+    """Each setting changes something: fewer token-layers, fused tokens, or narrower weights."""
+    model, _ = tiny_models["llama-gqa"]
+    tokens = rng.integers(0, 96, (2, T))
+    eligible = np.arange(T)[None, :].repeat(2, 0) < 16
+    logits, tok, stats, _ = run_window(model, MECHANISMS[name], tokens, eligible)
+    changed = executed_fraction(stats, 2 * T) < 1 or np.asarray(tok.fused).any() or (np.asarray(tok.bits) < 8).any()
+    assert changed
+    assert not np.asarray(tok.fused)[:, :4].any() and (np.asarray(tok.halt)[:, :4] == 2).all()  # sinks untouched
+
+
+@pytest.mark.parametrize("name", list(MECHANISMS))
+def test_causality(name, tiny_models, rng):
+    """Changing tokens after t never changes logits at positions <= t (for the positions whose
+    logits are needed: all of them under scope=all, those >= the first scored one under context)."""
+    model, _ = tiny_models["llama-gqa"]
+    qs = MECHANISMS[name]
+    a = rng.integers(0, 96, (1, T))
+    eligible = np.arange(T)[None, :] < 16
+    first_needed = 0 if qs.scope == "all" else 16
+    la, _, _, _ = run_window(model, qs, a, eligible)
+    for t in (17, 20):
+        b = a.copy()
+        b[0, t + 1:] = rng.integers(0, 96, T - t - 1)
+        lb, _, _, _ = run_window(model, qs, b, eligible)
+        np.testing.assert_array_equal(la[0, first_needed: t + 1], lb[0, first_needed: t + 1])
+
+
+def test_scope_context_leaves_needed_tokens_alone(tiny_models, rng):
+    model, _ = tiny_models["llama-gqa"]
+    tokens = rng.integers(0, 96, (1, T))
+    eligible = np.arange(T)[None, :] < 16
+    qs = QuickSilverConfig(scope="context", halt="cutoff", halt_cutoff_layer=1, kv_skip="propagate", fuse_threshold=0.2)
+    _, tok, _, _ = run_window(model, qs, tokens, eligible)
+    halt, fused = np.asarray(tok.halt)[0], np.asarray(tok.fused)[0]
+    assert (halt[16:] == 2).all() and not fused[16:].any()
+    assert (halt[4:16] == 1).all()
+
+
+def test_more_permissive_thresholds_skip_more(tiny_models, rng):
+    model, _ = tiny_models["llama-gqa"]
+    tokens = rng.integers(0, 96, (2, T))
+    fractions = []
+    for tau in (0.0, 0.3, 0.45, 1.0, 10.0):
+        qs = QuickSilverConfig(scope="all", halt="drift", halt_drift=tau, halt_entropy=None)
+        fractions.append(executed_fraction(run_window(model, qs, tokens)[2], 2 * T))
+    assert fractions[0] == 1.0 and fractions[-1] < 1.0
+    assert all(a >= b for a, b in zip(fractions, fractions[1:])), fractions
+    fractions = []
+    for tau in (0.0, 6.53, 6.555, 100.0):
+        qs = QuickSilverConfig(scope="all", halt="drift", halt_drift=None, halt_entropy=tau)
+        fractions.append(executed_fraction(run_window(model, qs, tokens)[2], 2 * T))
+    assert fractions[0] == 1.0 and fractions[-1] < 1.0
+    assert all(a >= b for a, b in zip(fractions, fractions[1:])), fractions
+
+
+def test_zero_keys_take_softmax_mass_but_mask_does_not(tiny_models, rng):
+    """mask and zero differ for the tokens that attend to halted ones; propagate in the layer right
+    above the halt is exact (its K/V come from the same state a dense pass uses)."""
+    model, _ = tiny_models["llama-gqa"]
+    tokens = rng.integers(0, 96, (1, T))
+    eligible = np.arange(T)[None, :] < 16
+    dense = np.asarray(model.logits(tokens))
+    out = {}
+    for mode in ("mask", "zero", "propagate"):
+        qs = QuickSilverConfig(scope="context", halt="cutoff", halt_cutoff_layer=1, kv_skip=mode)
+        out[mode] = run_window(model, qs, tokens, eligible)[0]
+    np.testing.assert_allclose(out["propagate"][0, 16:], dense[0, 16:], atol=1e-5)
+    assert np.abs(out["mask"][0, 16:] - dense[0, 16:]).max() > 1e-3
+    assert np.abs(out["zero"][0, 16:] - out["mask"][0, 16:]).max() > 1e-3

@@ -1,0 +1,80 @@
+"""QuickSilver in generation: prompt prefill + cached decoding equals one pass over the whole sequence."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qs_helpers import run_window
+from qsjax.model import decode_step
+from qsjax.quicksilver.cli import add_quicksilver_args, quicksilver_from_args
+from qsjax.quicksilver.config import QuickSilverConfig, preset
+from qsjax.quicksilver.generation import prepare, quicksilver_prefill
+
+from test_quicksilver_forward import MECHANISMS
+
+CONTEXT = {
+    "cutoff-propagate": QuickSilverConfig(halt="cutoff", halt_cutoff_layer=1, kv_skip="propagate"),
+    "cutoff-mask": QuickSilverConfig(halt="cutoff", halt_cutoff_layer=1, kv_skip="mask"),
+    "cutoff-zero": QuickSilverConfig(halt="cutoff", halt_cutoff_layer=1, kv_skip="zero"),
+    "attention-select": QuickSilverConfig(halt="select", halt_cutoff_layer=1, keep_top_k=0.5, select_queries=4),
+    "drift": QuickSilverConfig(halt="drift", halt_drift=0.9, halt_entropy=6.555),
+    "fusion": QuickSilverConfig(fuse_threshold=0.2),
+    "amq": QuickSilverConfig(amq_layer=2, amq_low=6.54, amq_high=6.56),
+    "paper-rule-scope-all": MECHANISMS["drift"],
+}
+
+
+@pytest.mark.parametrize("name", list(CONTEXT))
+def test_prefill_then_decode_equals_one_pass(name, tiny_models, rng):
+    model, _ = tiny_models["llama-gqa"]
+    qs = CONTEXT[name]
+    P, N = 16, 5
+    seq = rng.integers(0, 96, (1, P + N))
+    prompt_eligible = np.arange(P + N)[None, :] < (P if qs.scope == "all" else P - 1)
+    full, tok_full, _, _ = run_window(model, qs, seq, prompt_eligible)
+
+    prepared = prepare(model, qs)
+    logits, cache, tok, _ = jax.jit(lambda s, t: quicksilver_prefill(qs, prepared.module(s), t, jnp.zeros(1, jnp.int32), 32))(
+        prepared.state, jnp.asarray(seq[:, :P]))
+    np.testing.assert_array_equal(np.asarray(tok.halt), np.asarray(tok_full.halt)[:, :P])
+    np.testing.assert_array_equal(np.asarray(tok.fused), np.asarray(tok_full.fused)[:, :P])
+    np.testing.assert_allclose(np.asarray(logits), full[:, P - 1], atol=1e-5)
+    step = jax.jit(lambda s, c, t: decode_step(prepared.module(s), c, t))
+    for i in range(N - 1):
+        logits, cache = step(prepared.state, cache, jnp.asarray(seq[:, P + i]))
+        np.testing.assert_allclose(np.asarray(logits), full[:, P + i], atol=1e-5)
+
+
+def parse(*argv):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_quicksilver_args(p)
+    return quicksilver_from_args(p.parse_args(list(argv)), n_layers=30)
+
+
+def test_cli_flags_build_the_config():
+    assert parse() == QuickSilverConfig()
+    assert not parse().enabled
+    assert parse("--quicksilver", "paper") == preset("paper", 30)
+    assert parse("--quicksilver", "fast").scope == "context"
+    qs = parse("--halt-cutoff-layer", "20", "--kv-skip", "propagate")
+    assert (qs.halt, qs.halt_cutoff_layer, qs.kv_skip) == ("cutoff", 20, "propagate")
+    assert parse("--halt-cutoff-layer", "6", "--keep-top-k", "0.5").halt == "select"
+    assert parse("--halt-entropy", "2.0").halt == "drift"
+    assert parse("--quicksilver", "paper", "--no-entropy-test").halt_entropy is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--halt-cutoff-layer", "31"), "halt_cutoff_layer=31"),
+    (("--keep-top-k", "1.5", "--halt-cutoff-layer", "3"), "keep_top_k"),
+    (("--scope", "all", "--keep-top-k", "0.5", "--halt-cutoff-layer", "3"), "needs scope=context"),
+    (("--amq-layer", "0"), "amq_layer=0"),
+    (("--halt", "cutoff",), "needs halt_cutoff_layer"),
+])
+def test_cli_flag_errors(argv, message):
+    from qsjax.cli import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        parse(*argv)
