@@ -74,6 +74,14 @@ class GPT2Block(nnx.Module):
         heads = lambda y: y.reshape(B, T, self.n_heads, D // self.n_heads)
         return heads(q), heads(k), heads(v)
 
+    def q(self, x, cos, sin, bits=None):
+        """Queries alone.  [B, n, D] -> [B, n, H, Dh]"""
+        return self.qkv(x, cos, sin, bits)[0]
+
+    def kv(self, x, cos, sin, bits=None):
+        """Keys and values alone.  [B, T, D] -> two [B, T, H, Dh]"""
+        return self.qkv(x, cos, sin, bits)[1:]
+
     def attn_out(self, o, bits=None):
         """[B, T, H, Dh] -> [B, T, D]"""
         return self.out_proj(o.reshape(*o.shape[:2], -1), bits)
@@ -108,6 +116,18 @@ class LlamaBlock(nnx.Module):
         k = self.k_proj(h, bits).reshape(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(h, bits).reshape(B, T, self.n_kv_heads, self.head_dim)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def q(self, x, cos, sin, bits=None):
+        """Queries alone (RoPE applied).  [B, n, D] -> [B, n, H, Dh]"""
+        B, n, _ = x.shape
+        return apply_rope(self.q_proj(self.attn_norm(x), bits).reshape(B, n, self.n_heads, self.head_dim), cos, sin)
+
+    def kv(self, x, cos, sin, bits=None):
+        """Keys (RoPE applied) and values alone.  [B, T, D] -> two [B, T, K, Dh]"""
+        B, T, _ = x.shape
+        h = self.attn_norm(x)
+        k = self.k_proj(h, bits).reshape(B, T, self.n_kv_heads, self.head_dim)
+        return apply_rope(k, cos, sin), self.v_proj(h, bits).reshape(B, T, self.n_kv_heads, self.head_dim)
 
     def attn_out(self, o, bits=None):
         """[B, T, H, Dh] -> [B, T, D]"""

@@ -127,7 +127,8 @@ class Batch:
         return begins[:, None] + self.offset + 1 + np.arange(self.n_predicted)
 
     def scored(self) -> np.ndarray:
-        """Which computed predictions are scored (not padding, not scored by another window).  -> [B, n_predicted] bool"""
+        """Which computed predictions are scored (not padding, not scored by an earlier window).
+        -> [B, n_predicted] bool"""
         first = np.array([w.first_scored for w in self.windows])[:, None]
         end = np.array([w.end for w in self.windows])[:, None]
         t = self.targets()

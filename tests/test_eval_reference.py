@@ -13,6 +13,7 @@ Runtime on two CPU cores: about two to three minutes (15 + 4 windows in each fra
 """
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -107,13 +108,19 @@ def test_perplexity_matches_transformers(reference_setup, qsjax_scorer, hf_model
     from qsjax.perplexity import disjoint_windows, evaluate, strided_windows
 
     stream = reference_setup[2]
+    t0 = time.perf_counter()
     if protocol == "strided":
         windows = strided_windows(len(stream), 1024, 512)
         hf_ppl, hf_tokens = hf_strided_perplexity(hf_model, stream, 1024, 512)
     else:
         windows = disjoint_windows(len(stream), 2048)
         hf_ppl, hf_tokens = hf_disjoint_perplexity(hf_model, stream, 2048)
+    hf_seconds = time.perf_counter() - t0
     result = evaluate(qsjax_scorer, stream, windows, progress=False)
-    print(f"\n{protocol}: qsjax {result.perplexity:.5f}, transformers {hf_ppl:.5f} ({result.tokens_scored} tokens)")
+    print(
+        f"\n{protocol}: perplexity qsjax {result.perplexity:.5f}, transformers {hf_ppl:.5f} "
+        f"({result.tokens_scored} tokens; {result.seconds:.1f} s + {result.seconds_compile:.1f} s compiling, "
+        f"transformers {hf_seconds:.1f} s)"
+    )
     assert result.tokens_scored == hf_tokens == (N_TOKENS - 1 if protocol == "strided" else 4 * 2047)
     assert abs(result.perplexity - hf_ppl) < TOLERANCE, (result.perplexity, hf_ppl)

@@ -3,6 +3,7 @@
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -98,8 +99,8 @@ ARCHS = {
 def random_model(cfg: ModelConfig, seed: int = 0) -> Model:
     model = Model.from_module(Transformer(cfg))
     leaves, treedef = jax.tree.flatten(model.state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    rng = np.random.default_rng(seed)
+    leaves = [jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype) for x in leaves]
     return Model(cfg, model.graphdef, jax.tree.unflatten(treedef, leaves))
 
 

@@ -100,3 +100,36 @@ def test_zero_keys_take_softmax_mass_but_mask_does_not(tiny_models, rng):
     np.testing.assert_allclose(out["propagate"][0, 16:], dense[0, 16:], atol=1e-5)
     assert np.abs(out["mask"][0, 16:] - dense[0, 16:]).max() > 1e-3
     assert np.abs(out["zero"][0, 16:] - out["mask"][0, 16:]).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", list(MECHANISMS) + ["attention-select"])
+@pytest.mark.parametrize("arch", ["llama-gqa", "gpt2"])
+def test_compacted_path_equals_masked_reference(name, arch, tiny_models, rng):
+    """Bucketed compaction gives the reference's decisions and logits (float32, 1e-5), with a
+    right-padded row and more tokens than the smallest bucket."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from qsjax.quicksilver.forward import quicksilver_window
+    from qsjax.quicksilver.generation import prepare
+
+    qs = MECHANISMS.get(name) or QuickSilverConfig(halt="select", halt_cutoff_layer=1, keep_top_k=0.3)
+    model, _ = tiny_models[arch]
+    T = 160
+    tokens = jnp.asarray(rng.integers(0, 96, (2, T)))
+    positions = jnp.broadcast_to(jnp.arange(T), (2, T))
+    valid = positions < jnp.array([[T], [120]])
+    eligible = positions < 130
+    out = {}
+    for compact in (False, True):
+        setting = dataclasses.replace(qs, compact=compact)
+        prepared = prepare(model, setting)
+        x, tok, stats, _, _ = jax.jit(lambda s: quicksilver_window(setting, prepared.module(s), tokens, positions, valid, eligible))(prepared.state)
+        out[compact] = np.asarray(prepared.module().logits(x)), tok, stats
+    v = np.asarray(valid)
+    np.testing.assert_allclose(out[True][0][v], out[False][0][v], atol=1e-5)
+    for field in ("halt", "fused", "bits", "active"):
+        np.testing.assert_array_equal(np.asarray(getattr(out[True][1], field)), np.asarray(getattr(out[False][1], field)))
+    np.testing.assert_array_equal(np.asarray(out[True][2].computing), np.asarray(out[False][2].computing))

@@ -42,6 +42,8 @@ def add_quicksilver_args(parser) -> None:
                            help=f"QuickSilverConfig.{field}")
     group.add_argument("--no-drift-test", action="store_true", help="drift rule: skip the drift test (entropy only)")
     group.add_argument("--no-entropy-test", action="store_true", help="drift rule: skip the entropy test (drift only)")
+    group.add_argument("--masked-reference", action="store_true",
+                       help="run every token through every layer and mask (the reference semantics) instead of compacting")
 
 
 def quicksilver_from_args(args, n_layers: int) -> QuickSilverConfig:
@@ -52,6 +54,8 @@ def quicksilver_from_args(args, n_layers: int) -> QuickSilverConfig:
         given["halt_drift"] = None
     if args.no_entropy_test:
         given["halt_entropy"] = None
+    if args.masked_reference:
+        given["compact"] = False
     if "halt" not in given:
         if "keep_top_k" in given or given.get("select_signal"):
             given["halt"] = "select"

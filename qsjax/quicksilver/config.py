@@ -38,6 +38,9 @@ class QuickSilverConfig:
     amq_layer: int | None = None  # l_q: int8 weights from this layer up; None disables AMQ
     amq_low: float = 1.0  # tau_low (bits of entropy)
     amq_high: float = 3.0  # tau_high
+    # execution, not semantics: run only the computing rows (bucketed compaction), or every row
+    # masked (the reference); both give the same decisions and logits
+    compact: bool = True
 
     def __post_init__(self):
         def check(ok, message):
@@ -65,6 +68,7 @@ class QuickSilverConfig:
 
     @property
     def enabled(self) -> bool:
+        """Whether any mechanism is on (all off: the dense forward is used)."""
         return self.halt != "none" or self.fuse_threshold is not None or self.amq_layer is not None
 
     def validate_for(self, n_layers: int) -> None:

@@ -25,7 +25,7 @@ from flax import nnx
 
 from qsjax.layers import attend, causal_mask
 from qsjax.quicksilver import fusion, halting, kvskip
-from qsjax.quicksilver.compaction import on_rows
+from qsjax.quicksilver.compaction import buckets_for, on_rows
 from qsjax.quicksilver.config import QuickSilverConfig
 from qsjax.quicksilver.matryoshka import choose_bits
 from qsjax.rope import rope_angles
@@ -117,22 +117,65 @@ def fuse_step(qs: QuickSilverConfig, layer, tok: Tokens, can_be_absorbed) -> Tok
     )
 
 
-def layer_step(qs: QuickSilverConfig, module, blk, layer, tok: Tokens, ctx):
-    """Run block `layer` (1-based) on the window and update the decisions.
+def masked_block(blk, tok: Tokens, computing, visible, bias, halted, mode, ctx):
+    """The reference: the block runs on every row; rows not computing keep their state.
+    -> x [B, T, D], q [B, T, H, Dh], k and v [B, T, K, Dh]"""
+    cos, sin, causal = ctx[:3]
+    q, k, v = blk.qkv(tok.x, cos, sin, tok.bits)
+    k, v = kvskip.zero_halted(k, v, halted, mode)
+    x_new = tok.x + blk.attn_out(attend(q, k, v, causal & visible[:, None, :], bias[:, None, :]), tok.bits)
+    x_new = x_new + blk.mlp(x_new, tok.bits)
+    return jnp.where(computing[..., None], x_new, tok.x), q, k, v
+
+
+def compacted_block(blk, tok: Tokens, computing, visible, bias, halted, mode, ctx, buckets):
+    """The fast path: keys/values for every row (cheap: two narrow projections), then the queries,
+    attention, output projection and MLP only for the computing rows, gathered per sequence into
+    the smallest bucket that holds them (`lax.switch` on one scalar) and scattered back.
+    Same results as `masked_block` (q is not returned: None)."""
+    cos, sin = ctx[:2]
+    positions = ctx[5]
+    k, v = blk.kv(tok.x, cos, sin, tok.bits)
+    B, T = computing.shape
+    count = computing.sum(-1).max()
+
+    def run(n):
+        def branch(x):
+            idx = jax.vmap(lambda m: jnp.nonzero(m, size=n, fill_value=T)[0])(computing)  # [B, n]
+            take = lambda a: jnp.take_along_axis(a, jnp.minimum(idx, T - 1).reshape(B, n, *([1] * (a.ndim - 2))), axis=1)
+            xa, bits, pos = take(x), take(tok.bits), take(positions)
+            q = blk.q(xa, take(cos), take(sin), bits)  # [B, n, H, Dh]
+            mask = (positions[:, None, :] <= pos[:, :, None]) & visible[:, None, :]  # [B, n, T]
+            xa = xa + blk.attn_out(attend(q, k, v, mask, bias[:, None, :]), bits)
+            xa = xa + blk.mlp(xa, bits)
+            rows = jnp.arange(B)[:, None]
+            return x.at[rows, idx].set(xa, mode="drop")
+
+        return branch
+
+    index = jnp.searchsorted(jnp.asarray(buckets), count)
+    x = jax.lax.switch(index, [run(n) for n in buckets], tok.x)
+    return x, None, k, v
+
+
+def layer_step(qs: QuickSilverConfig, module, blk, layer, tok: Tokens, ctx, buckets=None):
+    """Run block `layer` (1-based) on the window and update the decisions. With `buckets`, only the
+    computing rows run (bucketed compaction); without, every row runs and is masked (reference).
 
     -> new Tokens, LayerStats, and this layer's cache entries (k, v [B, T, K, Dh], visible [B, T],
     log-size bias [B, T])."""
     cos, sin, causal, valid, eligible, positions = ctx
     computing = tok.active
     halted = tok.alive & ~tok.active
-    q, k, v = blk.qkv(tok.x, cos, sin, tok.bits)
-    k, v = kvskip.zero_halted(k, v, halted, qs.kv_skip)
     visible = kvskip.visible_keys(qs.kv_skip, layer, computing, halted, tok.halt, valid, qs.kv_propagate_span)
     bias = jnp.where(visible, jnp.log(tok.size), 0.0)
     mask = causal & visible[:, None, :]
-    x_new = tok.x + blk.attn_out(attend(q, k, v, mask, bias[:, None, :]), tok.bits)
-    x_new = x_new + blk.mlp(x_new, tok.bits)
-    x = jnp.where(computing[..., None], x_new, tok.x)
+    if buckets is None:
+        x, q, k, v = masked_block(blk, tok, computing, visible, bias, halted, qs.kv_skip, ctx)
+    else:
+        x, q, k, v = compacted_block(blk, tok, computing, visible, bias, halted, qs.kv_skip, ctx, buckets)
+        if qs.halt == "select" and qs.select_signal == "attention":
+            q = blk.q(tok.x, cos, sin, tok.bits)  # the voters' queries (only their rows matter)
     writes = kvskip.writes_kv(qs.kv_skip, computing, halted, tok.halt, layer, qs.kv_propagate_span)
 
     can = eligible & computing & (layer < module.cfg.n_layers)  # nothing to save after the last layer
@@ -158,7 +201,7 @@ def segments(qs: QuickSilverConfig, n_layers: int) -> list[tuple[int, int]]:
     return [(0, qs.amq_layer - 1), (qs.amq_layer - 1, n_layers)]
 
 
-def run_segment(qs, module, first: int, last: int, tok: Tokens, ctx):
+def run_segment(qs, module, first: int, last: int, tok: Tokens, ctx, buckets=None):
     """`lax.scan` over blocks first..last-1 (stacked inside jit; they share one structure)."""
     blocks = [module.blocks[i] for i in range(first, last)]
     graphdef = nnx.graphdef(blocks[0])
@@ -166,7 +209,7 @@ def run_segment(qs, module, first: int, last: int, tok: Tokens, ctx):
 
     def step(tok, xs):
         layer_state, layer = xs
-        tok, stats, cache = layer_step(qs, module, nnx.merge(graphdef, layer_state), layer, tok, ctx)
+        tok, stats, cache = layer_step(qs, module, nnx.merge(graphdef, layer_state), layer, tok, ctx, buckets)
         return tok, (stats, cache)
 
     return jax.lax.scan(step, tok, (stacked, jnp.arange(first + 1, last + 1)))
@@ -177,7 +220,8 @@ def quicksilver_window(qs: QuickSilverConfig, module, tokens, positions, valid, 
 
     tokens, positions [B, T]; valid [B, T]: real tokens (not padding, left or right);
     eligible [B, T]: tokens the mechanisms may touch (padding and the first n_sink positions are
-    removed here).  -> final states x [B, T, D] (a halted token's frozen state), Tokens (decisions),
+    removed here). With `qs.compact`, only the computing rows run (bucketed compaction; the `zero`
+    K/V mode always runs masked: its zero keys need every row).  -> final states x [B, T, D] (a halted token's frozen state), Tokens (decisions),
     LayerStats stacked [L, B], cache entries stacked [L, ...], AMQ entropy checks [B]."""
     B, T = tokens.shape
     L = module.cfg.n_layers
@@ -192,13 +236,14 @@ def quicksilver_window(qs: QuickSilverConfig, module, tokens, positions, valid, 
         bits=jnp.full((B, T), 8, jnp.int32),
     )
     all_stats, all_cache, amq_checks = [], [], jnp.zeros(B, jnp.int32)
+    buckets = buckets_for(T, smallest=min(64, T), factor=2) if qs.compact and qs.kv_skip != "zero" else None
     for first, last in segments(qs, L):
         if qs.amq_layer is not None and first == qs.amq_layer - 1:
             # width per token from its entropy on entering layer l_q (eligible tokens; others keep 8)
             h = halting.entropy_bits(module.logits(tok.x))
             tok = dataclasses.replace(tok, bits=jnp.where(eligible, choose_bits(h, qs.amq_low, qs.amq_high), 8))
             amq_checks = eligible.sum(-1).astype(jnp.int32)
-        tok, (stats, cache) = run_segment(qs, module, first, last, tok, ctx)
+        tok, (stats, cache) = run_segment(qs, module, first, last, tok, ctx, buckets)
         all_stats.append(stats)
         all_cache.append(cache)
     stats = jax.tree.map(lambda *a: jnp.concatenate(a), *all_stats)

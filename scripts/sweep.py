@@ -1,0 +1,173 @@
+"""The quality / executed-FLOPs frontier of QuickSilver's mechanisms and policies.
+
+    python scripts/sweep.py --out sweep/ --max-eval-tokens 8192
+
+Evaluates the default model (or --model) on WikiText-103 test and the C4 sample with the strided
+protocol (--max-length 2048 --stride 512 by default): dense, then each mechanism and policy alone
+and combined, under both scopes. Writes `sweep.json`, `sweep.csv`, one plot per dataset
+(`frontier_<data>.png`: perplexity increase vs executed-FLOP reduction, one curve per policy) and a
+per-token heatmap of halting layer / fusion / bits for one window (`heatmap_<data>.png`).
+Matplotlib is needed for the plots (`pip install -e ".[plot]"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from qsjax.quicksilver.config import QuickSilverConfig, preset
+
+
+def variants(n_layers: int) -> list[tuple[str, str, QuickSilverConfig]]:
+    """(policy curve, label, config) for every point of the sweep."""
+    L = n_layers
+    out = [("paper", "paper preset", preset("paper", L)), ("fast", "fast preset", preset("fast", L))]
+    for tau in (0.045, 0.1, 0.2, 0.4):  # the paper's rule, every token may halt
+        out.append(("all: drift+entropy", f"tau_d={tau}", QuickSilverConfig(
+            scope="all", halt="drift", halt_min_layer=L // 4, halt_drift=tau, halt_entropy=1.15, kv_skip="mask")))
+    for c in (L - 1, L - 2, L - 4):
+        out.append(("all: cut-off", f"c={c}", QuickSilverConfig(scope="all", halt="cutoff", halt_cutoff_layer=c, kv_skip="propagate")))
+    for tau in (0.99, 0.95, 0.9):
+        out.append(("all: fusion", f"tau_f={tau}", QuickSilverConfig(scope="all", fuse_threshold=tau, halt_min_layer=L // 4)))
+    for low, high in ((0.5, 2.0), (1.0, 3.0)):
+        out.append(("all: AMQ", f"{low}/{high}", QuickSilverConfig(scope="all", amq_layer=L // 2 + 1, amq_low=low, amq_high=high)))
+    for mode in ("propagate", "mask"):
+        for c in (L - 2, L - 4, L - 5, L - 7, L - 10, L - 14):
+            out.append((f"context: cut-off, {mode}", f"c={c}",
+                        QuickSilverConfig(halt="cutoff", halt_cutoff_layer=c, kv_skip=mode)))
+    for c in (L - 8, L - 14, L // 5):
+        out.append(("context: cut-off, zero", f"c={c}", QuickSilverConfig(halt="cutoff", halt_cutoff_layer=c, kv_skip="zero")))
+    for signal in ("recency", "attention"):
+        for c in (L // 5, L // 2, L - 10):
+            out.append((f"context: select {signal} 50%", f"c={c}", QuickSilverConfig(
+                halt="select", select_signal=signal, halt_cutoff_layer=c, keep_top_k=0.5, kv_skip="mask")))
+    for tau in (0.95, 0.9, 0.8):
+        out.append(("context: fusion", f"tau_f={tau}", QuickSilverConfig(fuse_threshold=tau, halt_min_layer=L // 4)))
+    for c in (L - 5, L - 7):
+        out.append(("context: cut-off + fusion", f"c={c}", QuickSilverConfig(
+            halt="cutoff", halt_cutoff_layer=c, kv_skip="propagate", fuse_threshold=0.9, halt_min_layer=L // 4)))
+    return out
+
+
+def plot_frontier(rows: list[dict], data: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for policy in dict.fromkeys(r["policy"] for r in rows if r["data"] == data and r["policy"] != "dense"):
+        pts = sorted((r["flops_reduction"], r["ppl_increase"]) for r in rows if r["data"] == data and r["policy"] == policy)
+        xs, ys = zip(*pts)
+        ax.plot(np.array(xs) * 100, ys, "o-", label=policy, ms=4)
+    ax.axhline(0.2, color="grey", ls="--", lw=0.8)
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_xlabel("executed FLOPs saved vs dense (% of whole windows)")
+    ax.set_ylabel("perplexity increase (symlog)")
+    ax.set_title(f"QuickSilver frontier, {data}")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_heatmap(decision: dict, tokenizer, n_layers: int, path: Path, n_tokens: int = 96) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    start = max(0, len(decision["tokens"]) - n_tokens - 512)  # the end of the context, before the scored part
+    sl = slice(start, start + n_tokens)
+    halt = np.array(decision["halt_layer"][sl])
+    fused = np.array(decision["fused"][sl], bool)
+    bits = np.array(decision["bits"][sl])
+    computed = np.arange(1, n_layers + 1)[:, None] <= halt[None, :]  # [L, n]: layer l ran for the token
+    fig, axes = plt.subplots(2, 1, figsize=(14, 5), gridspec_kw={"height_ratios": [4, 1]})
+    axes[0].imshow(computed, aspect="auto", cmap="Greens", origin="lower", interpolation="nearest")
+    axes[0].scatter(np.nonzero(fused)[0], halt[fused] - 1, marker="x", color="red", s=12, label="retired by fusion")
+    axes[0].set_ylabel("layer")
+    axes[0].set_title("layers each token ran (green), fusion (x)")
+    axes[1].imshow(bits[None, :], aspect="auto", cmap="viridis", vmin=2, vmax=8)
+    axes[1].set_yticks([])
+    axes[1].set_title("Matryoshka bits")
+    labels = [tokenizer.decode([t]).replace("\n", "\\n")[:8] for t in decision["tokens"][sl]]
+    axes[1].set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
+    axes[0].set_xticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--data", nargs="+", default=["wikitext103", "c4"])
+    p.add_argument("--out", default="sweep")
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--stride", type=int, default=512)
+    p.add_argument("--max-eval-tokens", type=int, default=8192)
+    p.add_argument("--only", nargs="*", help="run only the policies whose name contains one of these words")
+    p.add_argument("--heatmap", default="paper", help="the policy (curve name) whose decisions the heatmap shows")
+    args = p.parse_args(argv)
+
+    from qsjax.data import read_text, resolve_data, tokenize
+    from qsjax.params import load_model
+    from qsjax.perplexity import Scorer, evaluate, strided_windows
+    from qsjax.quicksilver.evaluate import QuickSilverScorer, evaluate_quicksilver
+    from qsjax.tokenizer import load_tokenizer
+    from qsjax.weights import resolve_model
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = resolve_model(args.model)
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    todo = [v for v in variants(model.cfg.n_layers) if not args.only or any(w in v[0] for w in args.only)]
+    rows, decisions = [], {}
+    for data in args.data:
+        stream = tokenize(tokenizer, read_text(resolve_data(data)), args.max_eval_tokens)
+        windows = strided_windows(len(stream), args.max_length, args.stride)
+        dense = evaluate(Scorer(model), stream, windows, progress=False)
+        rows.append(dict(data=data, policy="dense", label="dense", perplexity=dense.perplexity, ppl_increase=0.0,
+                         flops_reduction=0.0, seconds=dense.seconds, settings={}))
+        print(f"{data}: dense ppl {dense.perplexity:.3f} ({dense.seconds:.0f} s)", file=sys.stderr)
+        for policy, label, qs in todo:
+            t0 = time.perf_counter()
+            keep = 1 if policy == args.heatmap or label == args.heatmap else 0
+            result, stats, dec = evaluate_quicksilver(QuickSilverScorer(model, qs), stream, windows, progress=False,
+                                                      keep_decisions=keep + len(windows) - 1 if keep else 0)
+            if dec:
+                decisions[data] = dec[-1]
+            rows.append(dict(data=data, policy=policy, label=label, perplexity=result.perplexity,
+                             ppl_increase=result.perplexity - dense.perplexity,
+                             flops_reduction=stats["executed_flops_reduction"], seconds=result.seconds,
+                             settings=dataclasses.asdict(qs), stats=stats))
+            print(f"{data}: {policy:34} {label:14} ppl {result.perplexity:9.3f} ({result.perplexity - dense.perplexity:+.3f}) "
+                  f"flops -{100 * stats['executed_flops_reduction']:.1f}%  [{time.perf_counter() - t0:.0f} s]", file=sys.stderr)
+            (out / "sweep.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    with open(out / "sweep.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["data", "policy", "label", "perplexity", "ppl_increase", "flops_reduction", "seconds"])
+        for r in rows:
+            w.writerow([r["data"], r["policy"], r["label"], f"{r['perplexity']:.4f}", f"{r['ppl_increase']:.4f}",
+                        f"{r['flops_reduction']:.4f}", f"{r['seconds']:.1f}"])
+    try:
+        for data in args.data:
+            plot_frontier(rows, data, out / f"frontier_{data}.png")
+            if data in decisions:
+                plot_heatmap(decisions[data], tokenizer, model.cfg.n_layers, out / f"heatmap_{data}.png")
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install -e '.[plot]')", file=sys.stderr)
+    print(f"wrote {out}/sweep.json, sweep.csv and plots", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
