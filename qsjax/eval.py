@@ -13,6 +13,10 @@ JSON on stdout). --json FILE writes the report, atomically (never a half-written
 shape is compiled before the clock starts: `seconds` is scoring only, `seconds_compile` the
 compilation (mostly a disk read when the persistent compilation cache already holds it). `flops`
 counts the matmuls executed (qsjax.flops), padding included, in all and per scored token.
+
+QuickSilver options (`--quicksilver fast`, `--halt-cutoff-layer 25 --kv-skip propagate`, ...; see
+`--help`) evaluate with the mechanisms on; `flops` then counts the work their decisions leave plus
+their own overhead, and the `quicksilver` key holds the settings and statistics.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import time
 from pathlib import Path
 
 from qsjax.cli import ArgumentParser, UsageError, run_cli
+from qsjax.quicksilver.cli import add_quicksilver_args, quicksilver_from_args
 
 PROTOCOLS = ("strided", "disjoint")
 
@@ -48,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE (- for stdout)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_quicksilver_args(p)
     return p.parse_args(argv)
 
 
@@ -143,6 +149,15 @@ def format_table(report: dict) -> str:
         ("GFLOP / token", f"{flops['per_token'] / 1e9:.3f}"),
         ("GFLOP total", f"{flops['total'] / 1e9:,.1f} ({split})"),
     ]
+    if "quicksilver" in report:
+        q = report["quicksilver"]
+        rows += [
+            ("quicksilver", q["preset"] if q["preset"] != "off" else "custom"),
+            ("token-layers run", f"{100 * q['fraction_token_layers_executed']:.1f}%"),
+            ("FLOPs vs dense", f"-{100 * q['executed_flops_reduction']:.1f}% (needed work, overhead included)"),
+            ("halted / fused", f"{q['tokens_halted']:,} / {q['tokens_fused']:,} tokens"),
+            ("KV writes skipped", f"{100 * q['kv_writes_skipped_fraction']:.1f}%"),
+        ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -189,8 +204,19 @@ def main(argv=None) -> int:
         )
     windows = make_windows(args, len(stream))
 
-    result = evaluate(Scorer(model), stream, windows, args.batch_size, progress=not args.no_progress)
-    report = make_report(args, model_dir, data_path, len(stream), result)
+    qs = quicksilver_from_args(args, model.cfg.n_layers)
+    if qs.enabled:
+        import dataclasses
+
+        from qsjax.quicksilver.evaluate import QuickSilverScorer, evaluate_quicksilver
+
+        result, stats, _ = evaluate_quicksilver(QuickSilverScorer(model, qs), stream, windows, args.batch_size,
+                                                progress=not args.no_progress)
+        report = make_report(args, model_dir, data_path, len(stream), result)
+        report["quicksilver"] = {"preset": args.quicksilver, "settings": dataclasses.asdict(qs), **stats}
+    else:
+        result = evaluate(Scorer(model), stream, windows, args.batch_size, progress=not args.no_progress)
+        report = make_report(args, model_dir, data_path, len(stream), result)
     report.update(seconds_load=seconds_load, seconds_tokenize=seconds_tokenize)
     if args.json is not None:
         write_json_atomic(args.json, report)

@@ -20,20 +20,25 @@ from flax import nnx
 
 from qsjax.config import ModelConfig
 from qsjax.kvcache import KVCache
-from qsjax.layers import attend, causal_mask
+from qsjax.layers import attend, attend_causal, causal_mask
 from qsjax.modules import Transformer
 from qsjax.rope import rope_angles
 
 
-def block(blk, x, cos, sin, mask, kv=lambda k, v: (k, v), bias=None):
+def block(blk, x, cos, sin, mask, kv=None, bias=None):
     """One transformer block.  x [B, T, D] -> x [B, T, D], plus this block's new k, v.
 
-    `kv(k, v)` returns the keys and values to attend over: the new ones (a full window) or the
-    cache with the new ones written in (decode). `bias` [B, T, S] is added to the scores.
+    `kv(k, v)` returns the keys and values to attend over: by default the new ones (a full causal
+    window, attended by query blocks), in decode the cache with the new ones written in.
+    `bias` [B, T, S] is added to the scores.
     """
     q, k, v = blk.qkv(x, cos, sin)  # [B, T, H, Dh], [B, T, K, Dh] x 2
-    keys, values = kv(k, v)  # [B, S, K, Dh] x 2
-    x = x + blk.attn_out(attend(q, keys, values, mask, bias))
+    if kv is None:
+        o = attend_causal(q, k, v, mask, bias)
+    else:
+        keys, values = kv(k, v)  # [B, S, K, Dh] x 2
+        o = attend(q, keys, values, mask, bias)
+    x = x + blk.attn_out(o)
     x = x + blk.mlp(x)
     return x, (k, v)
 

@@ -50,3 +50,14 @@ def test_bfloat16_is_close(tiny_dirs, rng):
     assert low.dtype == np.dtype("bfloat16")
     out = np.asarray(low.logits(tokens))
     assert np.abs(out - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def test_long_padded_window_matches_transformers(tiny_models, rng):
+    """Windows longer than the attention block (128) take the blocked causal path."""
+    model, hf = tiny_models["llama-gqa"]
+    T = 300
+    tokens = rng.integers(0, model.cfg.vocab_size, (2, T))
+    start = np.array([0, 41])
+    ours = np.asarray(model.logits(tokens, start))
+    ref, valid = hf_logits(hf, tokens, start)
+    assert np.abs(ours - ref)[valid].max() <= 1e-4

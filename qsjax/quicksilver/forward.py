@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qsjax.layers import attend, causal_mask
+from qsjax.layers import attend, attend_causal, causal_mask
 from qsjax.quicksilver import fusion, halting, kvskip
 from qsjax.quicksilver.compaction import buckets_for, on_rows
 from qsjax.quicksilver.config import QuickSilverConfig
@@ -123,7 +123,7 @@ def masked_block(blk, tok: Tokens, computing, visible, bias, halted, mode, ctx):
     cos, sin, causal = ctx[:3]
     q, k, v = blk.qkv(tok.x, cos, sin, tok.bits)
     k, v = kvskip.zero_halted(k, v, halted, mode)
-    x_new = tok.x + blk.attn_out(attend(q, k, v, causal & visible[:, None, :], bias[:, None, :]), tok.bits)
+    x_new = tok.x + blk.attn_out(attend_causal(q, k, v, causal & visible[:, None, :], bias[:, None, :]), tok.bits)
     x_new = x_new + blk.mlp(x_new, tok.bits)
     return jnp.where(computing[..., None], x_new, tok.x), q, k, v
 
