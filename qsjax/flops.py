@@ -15,8 +15,9 @@ about 1-3% at the sizes of real models (and of the test, which checks these coun
 own count of a compiled forward).
 
 Attention is counted for the (query, key) pairs actually computed. The dense masked path computes
-the whole T x T square of scores and masks the upper triangle afterwards, so a dense window of T
-tokens costs T^2 pairs per row and layer, not T (T + 1) / 2.
+its scores by blocks of 128 queries (`layers.attend_causal`), block j against keys 0..(j+1) 128 - 1,
+and masks the rest of each block afterwards: a dense window of T tokens costs
+`causal_block_pairs(T)` pairs per row and layer, between T (T + 1) / 2 and T^2.
 
 Counts are per layer so that executed-work accounting (tokens halted before some layer) can pass
 its own `tokens_per_layer` and `attention_pairs_per_layer`; `dense_forward_flops` is the plain
@@ -94,9 +95,17 @@ def forward_flops(
     )
 
 
+def causal_block_pairs(length: int, block: int = 128) -> int:
+    """(query, key) pairs scored by `attend_causal` over a window: each block of queries against
+    every key up to the block's end (the whole square when length <= block)."""
+    if length <= block:
+        return length * length
+    return sum((min(length, s + block) - s) * min(length, s + block) for s in range(0, length, block))
+
+
 def dense_forward_flops(cfg: ModelConfig, batch: int, length: int, lm_head_positions: int) -> Flops:
     """A dense forward of `batch` windows of `length` tokens (padding included: it is computed),
-    with the full `length` x `length` square of attention scores, and the LM head on
-    `lm_head_positions` positions in all."""
+    attention by causal query blocks, and the LM head on `lm_head_positions` positions in all."""
     tokens = batch * length
-    return forward_flops(cfg, [tokens] * cfg.n_layers, [tokens * length] * cfg.n_layers, lm_head_positions)
+    pairs = batch * causal_block_pairs(length)
+    return forward_flops(cfg, [tokens] * cfg.n_layers, [pairs] * cfg.n_layers, lm_head_positions)
