@@ -368,6 +368,21 @@ def replace_dir(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
+def write_dir_atomically(out_dir: Path, write) -> Path:
+    """`write(tmp)` fills a fresh hidden sibling directory, which then replaces `out_dir`; on any
+    error the temporary directory is removed and `out_dir` is left as it was."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
+    partial.mkdir()
+    try:
+        write(partial)
+        replace_dir(partial, out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out_dir
+
+
 def convert_gguf(gguf_path, out_dir, *, overwrite: bool = False, progress: bool = True) -> Path:
     """Convert a Llama GGUF file into a Hugging Face model directory `out_dir`; returns its path.
 
@@ -379,16 +394,7 @@ def convert_gguf(gguf_path, out_dir, *, overwrite: bool = False, progress: bool 
     if not gguf_path.is_file():
         raise FileNotFoundError(f"no such GGUF file: {gguf_path}")
     check_destination(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
-    partial.mkdir()
-    try:
-        write_model_dir(gguf_path, partial, progress=progress)
-        replace_dir(partial, out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return out_dir
+    return write_dir_atomically(out_dir, lambda tmp: write_model_dir(gguf_path, tmp, progress=progress))
 
 
 def main(argv=None) -> int:

@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     prompts = check_args(args)
     from qsjax.compilecache import enable_compilation_cache
     from qsjax.params import WeightError, load_model
-    from qsjax.tokenizer import load_tokenizer
+    from qsjax.tokenizer import StreamDecoder, load_tokenizer
     from qsjax.weights import resolve_model
 
     enable_compilation_cache()
@@ -200,16 +200,14 @@ def main(argv=None) -> int:
     gen = Generator(model, load_tokenizer(model_dir), quicksilver_from_args(args, model.cfg.n_layers))
     sampling = Sampling(args.do_sample and args.temperature > 0, args.temperature, args.top_k, args.top_p)
     ids = [gen.encode(p, args.chat) for p in prompts]
-    stream = None
-    if len(prompts) == 1:
-        from qsjax.tokenizer import StreamDecoder
+    decoder = StreamDecoder(gen.tokenizer)
 
-        decoder = StreamDecoder(gen.tokenizer)
+    def write_token(token_id):
+        if token_id not in gen.eos_ids:
+            sys.stdout.write(decoder.push(token_id))
+            sys.stdout.flush()
 
-        def stream(token_id):
-            if token_id not in gen.eos_ids:
-                sys.stdout.write(decoder.push(token_id))
-                sys.stdout.flush()
+    stream = write_token if len(prompts) == 1 else None
 
     gen.check(ids, args.max_new_tokens)
     print(f"generating with {model_dir.name} ({model.cfg.arch}, {model.cfg.n_layers} layers) ...", file=sys.stderr)

@@ -25,12 +25,10 @@ Running it again does nothing once DIR is complete; the files appear all at once
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
-import uuid
 from pathlib import Path
 
 # Run from a source checkout without installing qsjax.
@@ -39,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gguf
 
 from qsjax.cli import UsageError, run_cli
-from qsjax.convert import build_tokenizer, read_metadata, replace_dir, tokenizer_config
+from qsjax.convert import build_tokenizer, read_metadata, tokenizer_config, write_dir_atomically
 from qsjax.weights import weights_dir
 
 SDIST_SPEC = "llama-cpp-python==0.3.36"
@@ -109,16 +107,7 @@ def fetch_gpt2_tokenizer(out_dir: Path, *, sdist: Path | None = None, force: boo
         raise UsageError(f"--sdist {sdist}: no such file")
     with tempfile.TemporaryDirectory() as tmp:
         files = read_members(sdist or pip_download_sdist(Path(tmp)), [VOCAB_GGUF, *TEST_FILES])
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
-    partial.mkdir()
-    try:
-        export(files, partial)
-        replace_dir(partial, out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return out_dir
+    return write_dir_atomically(out_dir, lambda tmp: export(files, tmp))
 
 
 def main(argv=None) -> int:

@@ -73,3 +73,28 @@ def default_model_dir():
     from qsjax import weights
 
     return weights.fetch(weights.DEFAULT_MODEL)
+
+
+def save_tiny_gpt2_with_tokenizer(path, sentences, *, vocab_size=None, n_positions=64, init_std=0.1):
+    """A random tiny GPT-2 saved by transformers in `path`, with a byte-level BPE tokenizer.json
+    trained on `sentences` (vocabulary: `vocab_size`, or the tokenizer's own size)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(sentences, trainer)
+    tokenizer.save(str(path / "tokenizer.json"))
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab_size or tokenizer.get_vocab_size(), n_positions=n_positions, n_embd=32,
+                        n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, init_std)
+    model.save_pretrained(path, safe_serialization=True)
+    return path

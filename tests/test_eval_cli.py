@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import save_tiny_gpt2_with_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SENTENCES = [
@@ -36,30 +37,7 @@ def run_eval(*args, env=None):
 @pytest.fixture(scope="module")
 def tiny_gpt2(tmp_path_factory):
     """A random GPT-2 (vocab 320, 64 positions) saved by transformers, with a BPE tokenizer.json."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(SENTENCES, trainer)
-    tokenizer.save(str(path / "tokenizer.json"))
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=320, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
-    model = GPT2LMHeadModel(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.1)
-    model.save_pretrained(path, safe_serialization=True)
+    path = save_tiny_gpt2_with_tokenizer(tmp_path_factory.mktemp("tiny-gpt2"), SENTENCES, vocab_size=320)
     (path / "data.txt").write_text(TEXT, encoding="utf-8")
     return path
 
@@ -173,3 +151,26 @@ def test_named_data_set_under_qsjax_data(tiny_gpt2, tmp_path):
 def test_json_path_is_a_directory(tiny_gpt2, tmp_path):
     proc = run_eval("--model", tiny_gpt2, "--data", tiny_gpt2 / "data.txt", "--json", tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "is a directory" in proc.stderr
+
+
+def test_quicksilver_report(tiny_gpt2, tmp_path):
+    """QuickSilver options add a `quicksilver` block; all off gives the dense perplexity; the
+    compacted and masked paths agree; a bad option is one error line."""
+    base = ["--model", tiny_gpt2, "--data", tiny_gpt2 / "data.txt", "--max-length", 32, "--stride", 8,
+            "--max-eval-tokens", 100, "--no-progress", "--json", "-"]  # fmt: skip
+    dense = json.loads(run_eval(*base).stdout)
+    assert "quicksilver" not in dense
+    runs = {}
+    for name, extra in {"compact": [], "masked": ["--masked-reference"]}.items():
+        proc = run_eval(*base, "--halt-cutoff-layer", 1, "--kv-skip", "mask", *extra)
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = json.loads(proc.stdout)
+    q = runs["compact"]["quicksilver"]
+    assert q["settings"]["halt"] == "cutoff" and q["settings"]["halt_cutoff_layer"] == 1
+    assert 0 < q["executed_flops_reduction"] < 1 and q["fraction_token_layers_executed"] < 1
+    assert q["kv_writes_skipped"] > 0 and q["tokens_halted"] > 0
+    assert runs["compact"]["perplexity"] == pytest.approx(runs["masked"]["perplexity"], rel=1e-5)
+    assert runs["compact"]["perplexity"] != pytest.approx(dense["perplexity"], rel=1e-6)
+    assert runs["compact"]["tokens_scored"] == dense["tokens_scored"]
+    bad = run_eval(*base, "--halt-cutoff-layer", 9)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1

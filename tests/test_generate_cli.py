@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import save_tiny_gpt2_with_tokenizer
 
 from qsjax.generate import Generator
 from qsjax.params import load_model
@@ -42,28 +43,7 @@ def summary(stderr: str) -> tuple[int, int, float]:
 @pytest.fixture(scope="module")
 def tiny_gpt2(tmp_path_factory):
     """A random GPT-2 with 32 positions, saved by transformers, with a BPE tokenizer.json of the same vocabulary."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    path = tmp_path_factory.mktemp("tiny-gpt2-32")
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    tokenizer.train_from_iterator(SENTENCES, trainer)
-    tokenizer.save(str(path / "tokenizer.json"))
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=tokenizer.get_vocab_size(), n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                        bos_token_id=0, eos_token_id=0)  # fmt: skip
-    model = GPT2LMHeadModel(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    model.save_pretrained(path, safe_serialization=True)
-    return path
+    return save_tiny_gpt2_with_tokenizer(tmp_path_factory.mktemp("tiny-gpt2-32"), SENTENCES, n_positions=32, init_std=0.3)
 
 
 @pytest.fixture(scope="module")

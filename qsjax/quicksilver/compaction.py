@@ -20,6 +20,15 @@ def buckets_for(n: int, smallest: int = 64, factor: int = 4) -> tuple[int, ...]:
     return tuple(sorted(set(sizes)))
 
 
+def compaction_buckets(n: int) -> tuple[int, ...]:
+    """Buffer lengths for a window of n tokens: 64 and 128, then every multiple of n / 8 up to n
+    (finer than powers of two where it matters: 516 computing tokens of 2048 take a 768 buffer,
+    not 1024)."""
+    step = max(1, n // 8)
+    sizes = {s for s in (64, 128) if s < n} | {min(n, k * step) for k in range(1, 9)} | {n}
+    return tuple(sorted(sizes))
+
+
 def on_rows(fn, x, rows, out_shape, out_dtype, buckets=None):
     """fn applied to the selected rows of x, zeros elsewhere.
 

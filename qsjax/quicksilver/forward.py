@@ -25,7 +25,7 @@ from flax import nnx
 
 from qsjax.layers import attend, attend_causal, causal_mask
 from qsjax.quicksilver import fusion, halting, kvskip
-from qsjax.quicksilver.compaction import buckets_for, on_rows
+from qsjax.quicksilver.compaction import compaction_buckets, on_rows
 from qsjax.quicksilver.config import QuickSilverConfig
 from qsjax.quicksilver.matryoshka import choose_bits
 from qsjax.rope import rope_angles
@@ -140,6 +140,9 @@ def compacted_block(blk, tok: Tokens, computing, visible, bias, halted, mode, ct
     count = computing.sum(-1).max()
 
     def run(n):
+        if n == T:  # everyone computes: the plain window pass (causal query blocks), no gathering
+            return lambda x: masked_block(blk, dataclasses.replace(tok, x=x), computing, visible, bias, halted, "mask", ctx)[0]
+
         def branch(x):
             idx = jax.vmap(lambda m: jnp.nonzero(m, size=n, fill_value=T)[0])(computing)  # [B, n]
             take = lambda a: jnp.take_along_axis(a, jnp.minimum(idx, T - 1).reshape(B, n, *([1] * (a.ndim - 2))), axis=1)
@@ -236,7 +239,7 @@ def quicksilver_window(qs: QuickSilverConfig, module, tokens, positions, valid, 
         bits=jnp.full((B, T), 8, jnp.int32),
     )
     all_stats, all_cache, amq_checks = [], [], jnp.zeros(B, jnp.int32)
-    buckets = buckets_for(T, smallest=min(64, T), factor=2) if qs.compact and qs.kv_skip != "zero" else None
+    buckets = compaction_buckets(T) if qs.compact and qs.kv_skip != "zero" else None
     for first, last in segments(qs, L):
         if qs.amq_layer is not None and first == qs.amq_layer - 1:
             # width per token from its entropy on entering layer l_q (eligible tokens; others keep 8)
