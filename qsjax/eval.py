@@ -154,7 +154,7 @@ def format_table(report: dict) -> str:
         rows += [
             ("quicksilver", q["preset"] if q["preset"] != "off" else "custom"),
             ("token-layers run", f"{100 * q['fraction_token_layers_executed']:.1f}%"),
-            ("FLOPs vs dense", f"-{100 * q['executed_flops_reduction']:.1f}% (needed work, overhead included)"),
+            ("FLOPs vs dense", f"{-100 * q['executed_flops_reduction']:+.1f}% (needed work, overhead included)"),
             ("halted / fused", f"{q['tokens_halted']:,} / {q['tokens_fused']:,} tokens"),
             ("KV writes skipped", f"{100 * q['kv_writes_skipped_fraction']:.1f}%"),
         ]

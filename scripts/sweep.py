@@ -91,7 +91,7 @@ def plot_heatmap(decision: dict, tokenizer, n_layers: int, path: Path, n_tokens:
     bits = np.array(decision["bits"][sl])
     computed = np.arange(1, n_layers + 1)[:, None] <= halt[None, :]  # [L, n]: layer l ran for the token
     fig, axes = plt.subplots(2, 1, figsize=(14, 5), gridspec_kw={"height_ratios": [4, 1]})
-    axes[0].imshow(computed, aspect="auto", cmap="Greens", origin="lower", interpolation="nearest")
+    axes[0].imshow(computed, aspect="auto", cmap="Greens", origin="lower", interpolation="nearest", vmin=0, vmax=1.5)
     axes[0].scatter(np.nonzero(fused)[0], halt[fused] - 1, marker="x", color="red", s=12, label="retired by fusion")
     axes[0].set_ylabel("layer")
     axes[0].set_title("layers each token ran (green), fusion (x)")
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
                              flops_reduction=stats["executed_flops_reduction"], seconds=result.seconds,
                              settings=dataclasses.asdict(qs), stats=stats))
             print(f"{data}: {policy:34} {label:14} ppl {result.perplexity:9.3f} ({result.perplexity - dense.perplexity:+.3f}) "
-                  f"flops -{100 * stats['executed_flops_reduction']:.1f}%  [{time.perf_counter() - t0:.0f} s]", file=sys.stderr)
+                  f"flops {-100 * stats['executed_flops_reduction']:+.1f}%  [{time.perf_counter() - t0:.0f} s]", file=sys.stderr)
             (out / "sweep.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     with open(out / "sweep.csv", "w", newline="") as f:
         w = csv.writer(f)

@@ -38,8 +38,9 @@ def add_quicksilver_args(parser) -> None:
     group.add_argument("--quicksilver", default="off", choices=["off", "paper", "fast"],
                        help="preset: paper = the paper's rule and thresholds on every token; fast = qsjax's calibrated setting")
     for flag, (field, kind) in FLAGS.items():
+        metavar = None if field in CHOICES else {int: "N", float: "X"}[kind]
         group.add_argument(flag, dest=f"qs_{field}", type=kind, default=None, choices=CHOICES.get(field),
-                           help=f"QuickSilverConfig.{field}")
+                           metavar=metavar, help=f"QuickSilverConfig.{field}")
     group.add_argument("--no-drift-test", action="store_true", help="drift rule: skip the drift test (entropy only)")
     group.add_argument("--no-entropy-test", action="store_true", help="drift rule: skip the entropy test (drift only)")
     group.add_argument("--masked-reference", action="store_true",
