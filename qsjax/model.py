@@ -44,9 +44,18 @@ def block(blk, x, cos, sin, mask, kv=None, bias=None):
 
 
 def scan_blocks(blocks, x, cos, sin, mask):
-    """Run all L blocks over a full window with `lax.scan` over their stacked weights.
+    """Run all L blocks over full windows.  x [B, T, D] -> x [B, T, D], k and v [L, B, T, K, Dh]
 
-    x [B, T, D] -> x [B, T, D], k and v [L, B, T, K, Dh]"""
+    Up to 1,024 tokens (B T) the layers run unrolled, each reading its weights in place: on this CPU
+    that is 12-25% faster than a scan for 512-1,024 tokens and 6x faster for a 16-token prompt (a
+    scan must first stack every layer's weights, ~0.25 s for 135 M parameters), at 3-4x the compile
+    time. Longer inputs `lax.scan` over the weights stacked inside jit: that copy is small next to
+    their compute, and the compile stays short."""
+    if x.shape[0] * x.shape[1] <= 1024:
+        outs = [None] * len(blocks)
+        for l, blk in enumerate(blocks):
+            x, outs[l] = block(blk, x, cos, sin, mask)
+        return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
     graphdef = nnx.graphdef(blocks[0])
     stacked = jax.tree.map(lambda *w: jnp.stack(w), *[nnx.state(b) for b in blocks])
 
