@@ -25,7 +25,8 @@ def test_all_off_is_identical_to_dense(tiny_models, rng):
         model, _ = tiny_models[name]
         tokens = rng.integers(0, 96, (2, T))
         logits, tok, stats, _ = run_window(model, QuickSilverConfig(), tokens)
-        np.testing.assert_array_equal(logits, np.asarray(model.logits(tokens)))
+        # same math; the dense pass unrolls short windows and QuickSilver scans, so only rounding differs
+        np.testing.assert_allclose(logits, np.asarray(model.logits(tokens)), atol=1e-5, rtol=0)
         assert executed_fraction(stats, 2 * T) == 1.0
 
 
