@@ -198,6 +198,7 @@ class PerplexityResult:
     seconds_compile: float
     flops: Flops  # executed work: padding and every computed LM head position included
     token_nll: np.ndarray  # [N] float32: each stream token's NLL, NaN where not scored
+    programs: int = 1  # distinct compiled programs (one per window shape)
 
     @property
     def nll_mean(self) -> float:
@@ -220,6 +221,7 @@ class PerplexityResult:
             "perplexity": self.perplexity,
             "seconds": self.seconds,
             "seconds_compile": self.seconds_compile,
+            "programs_compiled": self.programs,
             "seconds_total": self.seconds + self.seconds_compile,
             "tokens_per_second": self.tokens_per_second,
             "flops": self.flops.to_json(self.tokens_scored),
@@ -232,7 +234,8 @@ def evaluate(
     """Score `windows` of the token stream [N]: compile every shape first (timed apart), then run."""
     cfg = scorer.model.cfg
     batches = make_batches(windows, batch_size)
-    seconds_compile = sum(scorer.compile(*key) for key in dict.fromkeys(b.key for b in batches))
+    shapes = list(dict.fromkeys(b.key for b in batches))
+    seconds_compile = sum(scorer.compile(*key) for key in shapes)
     token_nll_out = np.full(len(stream), np.nan, np.float32)
     nll_sum, tokens_scored, flops = 0.0, 0, Flops()
     bar = tqdm(total=len(windows), unit="window", file=sys.stderr, disable=not progress, desc="perplexity")
@@ -249,5 +252,5 @@ def evaluate(
     seconds = time.perf_counter() - t0
     bar.close()
     return PerplexityResult(
-        nll_sum, tokens_scored, len(windows), len(batches), seconds, seconds_compile, flops, token_nll_out
+        nll_sum, tokens_scored, len(windows), len(batches), seconds, seconds_compile, flops, token_nll_out, len(shapes)
     )

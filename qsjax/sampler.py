@@ -59,13 +59,15 @@ def dense_prefill(model, tokens, start, cache_length):
 
 
 def generate(model, tokens, start, rng, knobs, *, max_new: int, cache_length: int, sampling: Sampling,
-             eos_ids: tuple[int, ...], pad_id: int, on_token=None, prefill_fn=dense_prefill):
+             eos_ids: tuple[int, ...], pad_id: int, on_token=None, prefill_fn=dense_prefill, decode_fn=decode_step):
     """Prefill a left-padded batch, then decode up to `max_new` tokens per row.
 
     tokens [B, T], start [B]; knobs = (temperature, top_p) as arrays (changing them does not
     recompile; top_k is static).  Returns new tokens [B, max_new] (pad_id after a row's EOS), the count
     generated, and what `prefill_fn(model, tokens, start, cache_length) -> (logits, cache, extra)`
     reported (QuickSilver's prompt statistics; None for the dense prefill).
+    `decode_fn(model, cache, tokens [B]) -> (logits, cache)` continues from what the prefill left
+    (QuickSilver under scope=all carries more than the cache: its own decode step).
     `on_token(step, tokens [B])`, if given, is called from inside the loop as each step's tokens
     are ready (streaming)."""
     B = tokens.shape[0]
@@ -89,7 +91,7 @@ def generate(model, tokens, start, rng, knobs, *, max_new: int, cache_length: in
 
     def body(carry):
         step, tok, cache, done, out, rng = carry
-        logits, cache = decode_step(model, cache, tok)
+        logits, cache = decode_fn(model, cache, tok)
         tok, out, done, rng = emit(step, logits, done, out, rng)
         if on_token is not None:
             io_callback(on_token, None, step, tok, ordered=True)

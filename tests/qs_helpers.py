@@ -17,23 +17,26 @@ def _compiled(qs, model):
         return _CACHE[key]
     prepared = prepare(model, qs)
 
-    def run(state, tokens, eligible):
+    def run(state, tokens, eligible, needed):
         module = prepared.module(state)
         B, T = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-        x, tok, stats, cache, amq = quicksilver_window(qs, module, tokens, positions, jnp.ones((B, T), bool), eligible)
+        x, tok, stats, cache, amq, _ = quicksilver_window(qs, module, tokens, positions, jnp.ones((B, T), bool),
+                                                          eligible, needed)
         return module.logits(x), tok, stats, cache
 
     _CACHE[key] = prepared, jax.jit(run)
     return _CACHE[key]
 
 
-def run_window(model, qs, tokens, eligible=None):
-    """-> logits [B, T, V] (numpy), Tokens, LayerStats, cache entries"""
+def run_window(model, qs, tokens, eligible=None, needed=None):
+    """-> logits [B, T, V] (numpy), Tokens, LayerStats, cache entries.  By default every token is
+    eligible and every token's logits are needed (a scope=all window read in full)."""
     tokens = jnp.asarray(tokens, jnp.int32)
     eligible = jnp.ones(tokens.shape, bool) if eligible is None else jnp.asarray(eligible)
+    needed = jnp.ones(tokens.shape, bool) if needed is None else jnp.asarray(needed)
     prepared, fn = _compiled(qs, model)
-    logits, tok, stats, cache = fn(prepared.state, tokens, eligible)
+    logits, tok, stats, cache = fn(prepared.state, tokens, eligible, needed)
     return np.asarray(logits), tok, stats, cache
 
 

@@ -44,18 +44,20 @@ def test_mechanism_acts(name, tiny_models, rng):
 
 @pytest.mark.parametrize("name", list(MECHANISMS))
 def test_causality(name, tiny_models, rng):
-    """Changing tokens after t never changes logits at positions <= t (for the positions whose
-    logits are needed: all of them under scope=all, those >= the first scored one under context)."""
+    """Changing tokens after t never changes logits at positions <= t, for the positions whose logits
+    are needed (all of them under scope=all, where every token, later ones included, may halt or fuse;
+    those after the context under scope=context)."""
     model, _ = tiny_models["llama-gqa"]
     qs = MECHANISMS[name]
     a = rng.integers(0, 96, (1, T))
-    eligible = np.arange(T)[None, :] < 16
     first_needed = 0 if qs.scope == "all" else 16
-    la, _, _, _ = run_window(model, qs, a, eligible)
-    for t in (17, 20):
+    eligible = np.arange(T)[None, :] < (T if qs.scope == "all" else 16)
+    needed = np.arange(T)[None, :] >= first_needed
+    la, _, _, _ = run_window(model, qs, a, eligible, needed)
+    for t in (5, 11, 17, 20):
         b = a.copy()
         b[0, t + 1:] = rng.integers(0, 96, T - t - 1)
-        lb, _, _, _ = run_window(model, qs, b, eligible)
+        lb, _, _, _ = run_window(model, qs, b, eligible, needed)
         np.testing.assert_array_equal(la[0, first_needed: t + 1], lb[0, first_needed: t + 1])
 
 
@@ -127,7 +129,8 @@ def test_compacted_path_equals_masked_reference(name, arch, tiny_models, rng):
     for compact in (False, True):
         setting = dataclasses.replace(qs, compact=compact)
         prepared = prepare(model, setting)
-        x, tok, stats, _, _ = jax.jit(lambda s: quicksilver_window(setting, prepared.module(s), tokens, positions, valid, eligible))(prepared.state)
+        x, tok, stats, _, _, _ = jax.jit(lambda s: quicksilver_window(
+            setting, prepared.module(s), tokens, positions, valid, eligible, positions >= 100))(prepared.state)
         out[compact] = np.asarray(prepared.module().logits(x)), tok, stats
     v = np.asarray(valid)
     np.testing.assert_allclose(out[True][0][v], out[False][0][v], atol=1e-5)

@@ -13,7 +13,7 @@ from qsjax.quicksilver.generation import prepare, quicksilver_prefill
 
 from test_quicksilver_forward import MECHANISMS
 
-CONTEXT = {
+SETTINGS = {
     "cutoff-propagate": QuickSilverConfig(halt="cutoff", halt_cutoff_layer=1, kv_skip="propagate"),
     "cutoff-mask": QuickSilverConfig(halt="cutoff", halt_cutoff_layer=1, kv_skip="mask"),
     "cutoff-zero": QuickSilverConfig(halt="cutoff", halt_cutoff_layer=1, kv_skip="zero"),
@@ -21,29 +21,48 @@ CONTEXT = {
     "drift": QuickSilverConfig(halt="drift", halt_drift=0.9, halt_entropy=6.555),
     "fusion": QuickSilverConfig(fuse_threshold=0.2),
     "amq": QuickSilverConfig(amq_layer=2, amq_low=6.54, amq_high=6.56),
-    "paper-rule-scope-all": MECHANISMS["drift"],
+    # scope=all: generated tokens halt, fuse and pick widths in decode too
+    **{f"all-{name}": qs for name, qs in MECHANISMS.items() if qs.scope == "all"},
+    "all-fusion-propagate": QuickSilverConfig(scope="all", halt="drift", halt_drift=0.9, halt_entropy=None,
+                                              kv_skip="propagate", fuse_threshold=0.3),
 }
 
 
-@pytest.mark.parametrize("name", list(CONTEXT))
+@pytest.mark.parametrize("name", list(SETTINGS))
 def test_prefill_then_decode_equals_one_pass(name, tiny_models, rng):
+    """Prompt prefill + one-token decode steps give the logits and decisions of one window pass over
+    the whole sequence (two rows, so that a decode step may run only some of them)."""
+    from qsjax.quicksilver.decode import quicksilver_decode_step
+
     model, _ = tiny_models["llama-gqa"]
-    qs = CONTEXT[name]
-    P, N = 16, 5
-    seq = rng.integers(0, 96, (1, P + N))
-    prompt_eligible = np.arange(P + N)[None, :] < (P if qs.scope == "all" else P - 1)
-    full, tok_full, _, _ = run_window(model, qs, seq, prompt_eligible)
+    qs = SETTINGS[name]
+    B, P, N = 2, 16, 8
+    seq = rng.integers(0, 96, (B, P + N))
+    positions = np.arange(P + N)[None, :].repeat(B, 0)
+    eligible = positions < (P + N if qs.scope == "all" else P - 1)
+    full, tok_full, _, _ = run_window(model, qs, seq, eligible, needed=positions >= P - 1)
+    halt_full, fused_full, bits_full = (np.asarray(a) for a in (tok_full.halt, tok_full.fused, tok_full.bits))
 
     prepared = prepare(model, qs)
-    logits, cache, tok, _ = jax.jit(lambda s, t: quicksilver_prefill(qs, prepared.module(s), t, jnp.zeros(1, jnp.int32), 32))(
+    logits, state, tok, _ = jax.jit(lambda s, t: quicksilver_prefill(qs, prepared.module(s), t, jnp.zeros(B, jnp.int32), 32))(
         prepared.state, jnp.asarray(seq[:, :P]))
-    np.testing.assert_array_equal(np.asarray(tok.halt), np.asarray(tok_full.halt)[:, :P])
-    np.testing.assert_array_equal(np.asarray(tok.fused), np.asarray(tok_full.fused)[:, :P])
+    np.testing.assert_array_equal(np.asarray(tok.halt), halt_full[:, :P])
+    np.testing.assert_array_equal(np.asarray(tok.fused)[:, :P - 1], fused_full[:, :P - 1])
     np.testing.assert_allclose(np.asarray(logits), full[:, P - 1], atol=1e-5)
-    step = jax.jit(lambda s, c, t: decode_step(prepared.module(s), c, t))
+    if qs.scope == "all":
+        step = jax.jit(lambda s, c, t: quicksilver_decode_step(qs, prepared.module(s), c, t))
+    else:
+        step = jax.jit(lambda s, c, t: decode_step(prepared.module(s), c, t) + (None,))
     for i in range(N - 1):
-        logits, cache = step(prepared.state, cache, jnp.asarray(seq[:, P + i]))
+        logits, state, decided = step(prepared.state, state, jnp.asarray(seq[:, P + i]))
         np.testing.assert_allclose(np.asarray(logits), full[:, P + i], atol=1e-5)
+        if decided is not None:
+            np.testing.assert_array_equal(np.asarray(decided.halt), halt_full[:, P + i])
+            np.testing.assert_array_equal(np.asarray(decided.bits), bits_full[:, P + i])
+            np.testing.assert_array_equal(np.asarray(decided.prev_fused), fused_full[:, P + i - 1])
+    if qs.scope == "all":  # the setting does act on generated tokens
+        acted = (halt_full[:, P:] < 2).any() | fused_full[:, P:].any() | (bits_full[:, P:] < 8).any()
+        assert acted
 
 
 def parse(*argv):

@@ -43,6 +43,24 @@ class QuickSilverScorer:
         return self._compiled[(*tokens.shape, offset)](self.model.state, tokens, lengths)
 
 
+def compaction_report(qs: QuickSilverConfig, n_layers: int, lengths: list[int]) -> dict:
+    """How the compiled programs are built: one per window shape; inside each, every layer of a
+    segment picks one of the window length's buckets (`lax.switch`), so a program holds at most
+    buckets x segments distinct layer bodies."""
+    from qsjax.quicksilver.compaction import compaction_buckets
+    from qsjax.quicksilver.forward import segments
+
+    on = qs.compact and qs.kv_skip != "zero"
+    n_segments = len(segments(qs, n_layers))
+    per_length = {T: list(compaction_buckets(T)) if on else [T] for T in dict.fromkeys(lengths)}
+    return {
+        "compacted": on,
+        "segments": n_segments,
+        "buckets": {str(T): b for T, b in per_length.items()},
+        "layer_bodies_per_program": {str(T): len(b) * n_segments for T, b in per_length.items()},
+    }
+
+
 def evaluate_quicksilver(scorer: QuickSilverScorer, stream: np.ndarray, windows: list[Window], batch_size: int = 1,
                          progress: bool = True, keep_decisions: int = 0):
     """Score `windows` under QuickSilver.  -> PerplexityResult (flops = executed work incl. overhead),
@@ -50,9 +68,10 @@ def evaluate_quicksilver(scorer: QuickSilverScorer, stream: np.ndarray, windows:
     `keep_decisions` windows (for heatmaps)."""
     cfg = scorer.model.cfg
     batches = make_batches(windows, batch_size)
-    seconds_compile = sum(scorer.compile(*key) for key in dict.fromkeys(b.key for b in batches))
+    shapes = list(dict.fromkeys(b.key for b in batches))
+    seconds_compile = sum(scorer.compile(*key) for key in shapes)
     acct = Accounting(cfg)
-    dense = None
+    dense = dense_full = None
     token_nll_out = np.full(len(stream), np.nan, np.float32)
     nll_sum, decisions = 0.0, []
     bar = tqdm(total=len(windows), unit="window", file=sys.stderr, disable=not progress, desc="perplexity (quicksilver)")
@@ -72,6 +91,8 @@ def evaluate_quicksilver(scorer: QuickSilverScorer, stream: np.ndarray, windows:
                  halted=int(((halt < cfg.n_layers) & ~fused & real).sum()), fused=int((fused & real).sum()), bits_hist=hist)
         base = dense_needed_flops(cfg, lengths.tolist(), lm_positions)
         dense = base if dense is None else dense + base
+        full = dense_needed_flops(cfg, lengths.tolist(), int(lengths.sum()))  # a forward with logits everywhere
+        dense_full = full if dense_full is None else dense_full + full
         if len(decisions) < keep_decisions:
             for row, w in enumerate(batch.windows):
                 decisions.append({"begin": w.begin, "tokens": stream[w.begin:w.end].tolist(),
@@ -82,9 +103,14 @@ def evaluate_quicksilver(scorer: QuickSilverScorer, stream: np.ndarray, windows:
     seconds = time.perf_counter() - t0
     bar.close()
     tokens_scored = sum(w.n_scored for w in windows)
-    result = PerplexityResult(nll_sum, tokens_scored, len(windows), len(batches), seconds, seconds_compile, acct.flops, token_nll_out)
+    result = PerplexityResult(nll_sum, tokens_scored, len(windows), len(batches), seconds, seconds_compile, acct.flops,
+                              token_nll_out, len(shapes))
     stats = acct.to_json() | {
         "dense_needed_flops": dense.total,
         "executed_flops_reduction": 1 - acct.flops.total / dense.total,
+        # against a Hugging Face-style forward that computes logits at every position
+        "dense_full_lm_head_flops": dense_full.total,
+        "executed_flops_reduction_vs_full_lm_head": 1 - acct.flops.total / dense_full.total,
+        "compaction": compaction_report(scorer.qs, cfg.n_layers, [length for _, length, _ in shapes]),
     }
     return result, stats, decisions[:keep_decisions]

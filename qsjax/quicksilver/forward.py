@@ -6,6 +6,11 @@ Every token's state is carried through the layers with its decisions:
     halt_t     layer after which it stopped     size_t    tokens its state stands for (fusion)
     bits_t     weight width from layer l_q up (Matryoshka quantization)
 
+Which tokens' logits are needed (`needed`) matters for fusion: a token retired by fusion whose own
+prediction is needed keeps computing its own state above the fusion layer, seen by nobody but itself,
+exactly as it ran in decoding before its successor existed (its prediction cannot wait for, or depend
+on, the next token). Only retired tokens whose predictions nobody needs stop there.
+
 Layer l runs the block on every row, and rows that are not active keep their state (masked
 computation: the reference the compacted fast path must reproduce). Keys follow `kvskip`, fusion
 adds log(size) to a group's key score. After layer l the halting rule, then fusion, update the
@@ -44,6 +49,19 @@ class Tokens:
     absorbed: jax.Array  # bool: has absorbed its predecessor
     size: jax.Array  # float32
     bits: jax.Array  # int32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FusionView:
+    """What a token's successor needs to decide fusion with it at one layer, [B] each (x [B, D]):
+    its state after the layer (before fusion), its size then, whether it could be absorbed there,
+    and whether it was itself a candidate to absorb its own predecessor there."""
+
+    x: jax.Array
+    size: jax.Array
+    absorbable: jax.Array
+    candidate: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -97,24 +115,34 @@ def halting_decision(qs: QuickSilverConfig, module, layer, x_new, x_old, can, q,
     return zeros, n_checks, n_select
 
 
-def fuse_step(qs: QuickSilverConfig, layer, tok: Tokens, can_be_absorbed) -> Tokens:
-    """Contextual Token Fusion after `layer`: t absorbs t-1 (see `fusion`)."""
+def fuse_step(qs: QuickSilverConfig, layer, tok: Tokens, can_be_absorbed, needed):
+    """Contextual Token Fusion after `layer`: t absorbs t-1 (see `fusion`).  -> Tokens, candidates [B, T]"""
     can_absorb = can_be_absorbed & ~tok.absorbed & (layer >= qs.halt_min_layer)
     prev_x = fusion.shift_right(tok.x, 0)
     cand = fusion.candidates(tok.x, prev_x, can_absorb, fusion.shift_right(can_be_absorbed, False), qs.fuse_threshold)
     fuse = cand & ~fusion.shift_right(cand, False)
     merged, size = fusion.merge(tok.x, prev_x, tok.size, fusion.shift_right(tok.size, 1.0))
     retired = jnp.concatenate([fuse[:, 1:], jnp.zeros_like(fuse[:, :1])], axis=1)  # t-1 of each fused t
-    return dataclasses.replace(
+    stops = retired & ~needed  # a retired token whose prediction is needed computes on, for itself
+    tok = dataclasses.replace(
         tok,
         x=jnp.where(fuse[..., None], merged, tok.x),
         size=jnp.where(fuse, size, tok.size),
         absorbed=tok.absorbed | fuse,
-        active=tok.active & ~retired,
+        active=tok.active & ~stops,
         alive=tok.alive & ~retired,
         fused=tok.fused | retired,
-        halt=jnp.where(retired, layer, tok.halt),
+        halt=jnp.where(stops, layer, tok.halt),
     )
+    return tok, cand
+
+
+def attention_mask(causal, visible, computing):
+    """Keys each query attends to: the causally earlier visible ones, and always its own key (a token
+    retired by fusion that computes on for its own prediction is invisible to everyone else).
+    causal [B, T, T], visible and computing [B, T]  ->  [B, T, T]"""
+    own = jnp.eye(causal.shape[-1], dtype=bool)[None] & computing[:, :, None]
+    return causal & (visible[:, None, :] | own)
 
 
 def masked_block(blk, tok: Tokens, computing, visible, bias, halted, mode, ctx):
@@ -123,7 +151,8 @@ def masked_block(blk, tok: Tokens, computing, visible, bias, halted, mode, ctx):
     cos, sin, causal = ctx[:3]
     q, k, v = blk.qkv(tok.x, cos, sin, tok.bits)
     k, v = kvskip.zero_halted(k, v, halted, mode)
-    x_new = tok.x + blk.attn_out(attend_causal(q, k, v, causal & visible[:, None, :], bias[:, None, :]), tok.bits)
+    mask = attention_mask(causal, visible, computing)
+    x_new = tok.x + blk.attn_out(attend_causal(q, k, v, mask, bias[:, None, :]), tok.bits)
     x_new = x_new + blk.mlp(x_new, tok.bits)
     return jnp.where(computing[..., None], x_new, tok.x), q, k, v
 
@@ -148,7 +177,8 @@ def compacted_block(blk, tok: Tokens, computing, visible, bias, halted, mode, ct
             take = lambda a: jnp.take_along_axis(a, jnp.minimum(idx, T - 1).reshape(B, n, *([1] * (a.ndim - 2))), axis=1)
             xa, bits, pos = take(x), take(tok.bits), take(positions)
             q = blk.q(xa, take(cos), take(sin), bits)  # [B, n, H, Dh]
-            mask = (positions[:, None, :] <= pos[:, :, None]) & visible[:, None, :]  # [B, n, T]
+            own = jnp.arange(T)[None, None, :] == idx[:, :, None]  # its own key (see `attention_mask`)
+            mask = (positions[:, None, :] <= pos[:, :, None]) & (visible[:, None, :] | own)  # [B, n, T]
             xa = xa + blk.attn_out(attend(q, k, v, mask, bias[:, None, :]), bits)
             xa = xa + blk.mlp(xa, bits)
             rows = jnp.arange(B)[:, None]
@@ -165,14 +195,14 @@ def layer_step(qs: QuickSilverConfig, module, blk, layer, tok: Tokens, ctx, buck
     """Run block `layer` (1-based) on the window and update the decisions. With `buckets`, only the
     computing rows run (bucketed compaction); without, every row runs and is masked (reference).
 
-    -> new Tokens, LayerStats, and this layer's cache entries (k, v [B, T, K, Dh], visible [B, T],
-    log-size bias [B, T])."""
-    cos, sin, causal, valid, eligible, positions = ctx
+    -> new Tokens, LayerStats, this layer's cache entries (k, v [B, T, K, Dh], visible [B, T],
+    log-size bias [B, T]), and the last position's FusionView (what a next token decoded after the
+    window needs)."""
+    cos, sin, causal, valid, eligible, positions, needed = ctx
     computing = tok.active
     halted = tok.alive & ~tok.active
-    visible = kvskip.visible_keys(qs.kv_skip, layer, computing, halted, tok.halt, valid, qs.kv_propagate_span)
-    bias = jnp.where(visible, jnp.log(tok.size), 0.0)
-    mask = causal & visible[:, None, :]
+    visible = tok.alive & kvskip.visible_keys(qs.kv_skip, layer, computing, halted, tok.halt, valid, qs.kv_propagate_span)
+    bias = jnp.where(visible | computing, jnp.log(tok.size), 0.0)
     if buckets is None:
         x, q, k, v = masked_block(blk, tok, computing, visible, bias, halted, qs.kv_skip, ctx)
     else:
@@ -184,17 +214,19 @@ def layer_step(qs: QuickSilverConfig, module, blk, layer, tok: Tokens, ctx, buck
     can = eligible & computing & (layer < module.cfg.n_layers)  # nothing to save after the last layer
     halt_now, n_checks, n_select = halting_decision(qs, module, layer, x, tok.x, can, q, k, visible, eligible, positions)
     tok = dataclasses.replace(tok, x=x, active=tok.active & ~halt_now, halt=jnp.where(halt_now, layer, tok.halt))
+    view = FusionView(tok.x[:, -1], tok.size[:, -1], (can & ~halt_now)[:, -1], jnp.zeros_like(can[:, -1]))
     if qs.fuse_threshold is not None:
-        tok = fuse_step(qs, layer, tok, can & ~halt_now)
+        tok, cand = fuse_step(qs, layer, tok, can & ~halt_now, needed)
+        view = dataclasses.replace(view, candidate=cand[:, -1])
     stats = LayerStats(
         computing=computing.sum(-1).astype(jnp.int32),
-        pairs=(mask & computing[:, :, None]).sum((-1, -2)).astype(jnp.int32),
+        pairs=(attention_mask(causal, visible, computing) & computing[:, :, None]).sum((-1, -2)).astype(jnp.int32),
         entropy_checks=n_checks,
         propagated=(writes & ~computing).sum(-1).astype(jnp.int32),
         kv_skipped=(valid & ~writes).sum(-1).astype(jnp.int32),
         selection_pairs=n_select,
     )
-    return tok, stats, (k, v, visible, bias)
+    return tok, stats, (k, v, visible, bias), view
 
 
 def segments(qs: QuickSilverConfig, n_layers: int) -> list[tuple[int, int]]:
@@ -212,43 +244,50 @@ def run_segment(qs, module, first: int, last: int, tok: Tokens, ctx, buckets=Non
 
     def step(tok, xs):
         layer_state, layer = xs
-        tok, stats, cache = layer_step(qs, module, nnx.merge(graphdef, layer_state), layer, tok, ctx, buckets)
-        return tok, (stats, cache)
+        tok, stats, cache, view = layer_step(qs, module, nnx.merge(graphdef, layer_state), layer, tok, ctx, buckets)
+        return tok, (stats, cache, view)
 
     return jax.lax.scan(step, tok, (stacked, jnp.arange(first + 1, last + 1)))
 
 
-def quicksilver_window(qs: QuickSilverConfig, module, tokens, positions, valid, eligible):
+def quicksilver_window(qs: QuickSilverConfig, module, tokens, positions, valid, eligible, needed):
     """QuickSilver forward over causal windows.
 
     tokens, positions [B, T]; valid [B, T]: real tokens (not padding, left or right);
     eligible [B, T]: tokens the mechanisms may touch (padding and the first n_sink positions are
-    removed here). With `qs.compact`, only the computing rows run (bucketed compaction; the `zero`
-    K/V mode always runs masked: its zero keys need every row).  -> final states x [B, T, D] (a halted token's frozen state), Tokens (decisions),
-    LayerStats stacked [L, B], cache entries stacked [L, ...], AMQ entropy checks [B]."""
+    removed here); needed [B, T]: tokens whose own logits will be read (see the module docstring).
+    With `qs.compact`, only the computing rows run (bucketed compaction; the `zero` K/V mode always
+    runs masked: its zero keys need every row).
+
+    -> final states x [B, T, D] (a halted token's frozen state), Tokens (decisions), LayerStats
+    stacked [L, B], cache entries stacked [L, ...], AMQ entropy checks [B], and the last position's
+    FusionView per layer [L, B, ...]."""
     B, T = tokens.shape
     L = module.cfg.n_layers
     eligible = eligible & valid & (positions >= qs.n_sink)
     cos, sin = rope_angles(module.cfg, positions)
     causal = causal_mask(jnp.arange(T), jnp.arange(T), jnp.ones((B, T), bool))
-    ctx = (cos, sin, causal, valid, eligible, positions)
+    ctx = (cos, sin, causal, valid, eligible, positions, needed)
     x = module.embed(tokens, positions)
     tok = Tokens(
         x=x, active=valid, alive=valid, halt=jnp.full((B, T), L, jnp.int32),
         fused=jnp.zeros((B, T), bool), absorbed=jnp.zeros((B, T), bool), size=jnp.ones((B, T), jnp.float32),
         bits=jnp.full((B, T), 8, jnp.int32),
     )
-    all_stats, all_cache, amq_checks = [], [], jnp.zeros(B, jnp.int32)
+    outs, amq_checks = [], jnp.zeros(B, jnp.int32)
     buckets = compaction_buckets(T) if qs.compact and qs.kv_skip != "zero" else None
     for first, last in segments(qs, L):
         if qs.amq_layer is not None and first == qs.amq_layer - 1:
-            # width per token from its entropy on entering layer l_q (eligible tokens; others keep 8)
-            h = halting.entropy_bits(module.logits(tok.x))
-            tok = dataclasses.replace(tok, bits=jnp.where(eligible, choose_bits(h, qs.amq_low, qs.amq_high), 8))
+            tok = dataclasses.replace(tok, bits=amq_bits(qs, module, tok.x, eligible))
             amq_checks = eligible.sum(-1).astype(jnp.int32)
-        tok, (stats, cache) = run_segment(qs, module, first, last, tok, ctx, buckets)
-        all_stats.append(stats)
-        all_cache.append(cache)
-    stats = jax.tree.map(lambda *a: jnp.concatenate(a), *all_stats)
-    cache = jax.tree.map(lambda *a: jnp.concatenate(a), *all_cache)
-    return tok.x, tok, stats, cache, amq_checks
+        tok, out = run_segment(qs, module, first, last, tok, ctx, buckets)
+        outs.append(out)
+    stats, cache, views = jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
+    return tok.x, tok, stats, cache, amq_checks, views
+
+
+def amq_bits(qs: QuickSilverConfig, module, x, eligible):
+    """Each eligible token's weight width from its entropy on entering layer l_q (others keep 8).
+    The entropy's LM-head projection runs on the eligible rows only.  x [B, T, D] -> [B, T] int32"""
+    h = entropy_of_rows(module, x, eligible)
+    return jnp.where(eligible, choose_bits(h, qs.amq_low, qs.amq_high), 8)

@@ -76,6 +76,20 @@ def matryoshka_linear(x, q: QuantizedWeight, bits, b=None):
     return y if b is None else y + b
 
 
+def grouped_matryoshka_linear(x, q: QuantizedWeight, bits, b=None):
+    """The same as `matryoshka_linear`, computed the fast way: the tokens of each width are gathered
+    (bucketed compaction) and multiplied by that width's view only.  x [..., D_in], bits [...]"""
+    from qsjax.quicksilver.compaction import on_rows
+
+    lead, D_out = x.shape[:-1], q.codes.shape[-1]
+    flat, widths = x.reshape(-1, x.shape[-1]), bits.reshape(-1)
+    # coarse buckets (n, n/4, n/16, ...): this runs inside every compacted layer's own buckets
+    y = sum(on_rows(lambda rows, r=r: rows @ dequantize(q, r, x.dtype), flat, widths == r, (D_out,), x.dtype)
+            for r in WIDTHS)
+    y = y.reshape(*lead, D_out)
+    return y if b is None else y + b
+
+
 def view_errors(w, q: QuantizedWeight | None = None) -> dict[int, float]:
     """Relative Frobenius error ||W - W^(r)|| / ||W|| of each view."""
     q = quantize(w) if q is None else q
@@ -84,27 +98,30 @@ def view_errors(w, q: QuantizedWeight | None = None) -> dict[int, float]:
 
 
 class MatryoshkaLinear(nnx.Module):
-    """A linear layer stored as int8 codes + per-channel scales, applied with per-token widths."""
+    """A linear layer stored as int8 codes + per-channel scales, applied with per-token widths:
+    every view masked (the reference) or each width's tokens gathered (`grouped`, the fast path)."""
 
-    def __init__(self, w, b=None):
+    def __init__(self, w, b=None, grouped: bool = True):
         q = quantize(w)
         self.codes = nnx.Param(q.codes)
         self.scale = nnx.Param(q.scale)
         self.b = None if b is None else nnx.Param(jnp.asarray(b))
+        self.grouped = grouped
 
     @property
     def weight(self) -> QuantizedWeight:
         return QuantizedWeight(self.codes[...], self.scale[...])
 
     def __call__(self, x, bits=None):
-        """bits [...] per token (None: the full int8 view)."""
+        """bits [...] per token (None: the full int8 view for every token)."""
         b = None if self.b is None else self.b[...]
         if bits is None:
-            bits = jnp.full(x.shape[:-1], 8, jnp.int32)
-        return matryoshka_linear(x, self.weight, bits, b)
+            y = x @ dequantize(self.weight, 8, x.dtype)
+            return y if b is None else y + b
+        return (grouped_matryoshka_linear if self.grouped else matryoshka_linear)(x, self.weight, bits, b)
 
 
-def quantize_blocks(module, from_layer: int) -> int:
+def quantize_blocks(module, from_layer: int, grouped: bool = True) -> int:
     """Replace, in place, every Linear of blocks[from_layer:] by a MatryoshkaLinear (the float
     weights are dropped).  Returns the bytes of int8 storage (codes + scales) now held."""
     from qsjax.modules import Linear
@@ -114,7 +131,7 @@ def quantize_blocks(module, from_layer: int) -> int:
         for name, child in list(vars(blk).items()):
             if isinstance(child, Linear):
                 b = None if child.b is None else child.b[...]
-                ml = MatryoshkaLinear(child.w[...], b)
+                ml = MatryoshkaLinear(child.w[...], b, grouped)
                 setattr(blk, name, ml)
                 stored += ml.weight.nbytes
     return stored

@@ -30,7 +30,9 @@ def quicksilver_nll(qs: QuickSilverConfig, module, tokens, lengths, offset: int)
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
     valid = positions < lengths[:, None]  # right padding only
-    x, tok, stats, _, amq_checks = quicksilver_window(qs, module, tokens, positions, valid, eligible_positions(qs, B, T, offset))
+    needed = positions >= offset  # the positions whose predictions are scored
+    x, tok, stats, _, amq_checks, _ = quicksilver_window(qs, module, tokens, positions, valid,
+                                                         eligible_positions(qs, B, T, offset), needed)
     z = module.logits(x[:, offset:-1])  # [B, n, V]
     target = tokens[:, offset + 1:]
     nll = jax.nn.logsumexp(z, axis=-1) - jnp.take_along_axis(z, target[..., None], axis=-1)[..., 0]
