@@ -17,6 +17,11 @@ counts the matmuls executed (qsjax.flops), padding included, in all and per scor
 QuickSilver options (`--quicksilver fast`, `--halt-cutoff-layer 25 --kv-skip propagate`, ...; see
 `--help`) evaluate with the mechanisms on; `flops` then counts the work their decisions leave plus
 their own overhead, and the `quicksilver` key holds the settings and statistics.
+
+`--mesh data=2,model=4` shards the model over devices (see qsjax.sharding). --batch-size must then
+be a multiple of the data axis: refused otherwise rather than padded, since padding rows would
+enter QuickSilver's statistics (summed over rows inside the compiled program). The run's last,
+smaller batch, when it does not divide, runs whole on every data group (same numbers).
 """
 
 from __future__ import annotations
@@ -53,6 +58,12 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE (- for stdout)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--mesh",
+        metavar="SPEC",
+        help="shard over devices, e.g. data=2,model=4: windows split over data (--batch-size a multiple of it), "
+        "attention heads and MLP over model (default: one device)",
+    )
     add_quicksilver_args(p)
     return p.parse_args(argv)
 
@@ -72,6 +83,22 @@ def check_args(args) -> None:
         )
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+
+
+def mesh_from_args(args):
+    """The device mesh --mesh asks for (None without it); the batch must split evenly over "data"."""
+    if args.mesh is None:
+        return None
+    from qsjax.sharding import mesh_from_spec
+
+    mesh = mesh_from_spec(args.mesh)
+    data = mesh.shape["data"]
+    if args.batch_size % data:
+        raise UsageError(
+            f"--batch-size {args.batch_size} is not a multiple of the mesh's data axis ({data}); "
+            f"use --batch-size {data} (or a multiple) so that every data group gets whole windows"
+        )
+    return mesh
 
 
 def protocol_params(args) -> dict:
@@ -133,6 +160,16 @@ def write_json_atomic(path: str, report: dict) -> None:
         raise
 
 
+def programs_line(report: dict) -> str:
+    n = report["programs_compiled"]
+    line = f"{n} (one per window shape)"
+    compaction = report.get("quicksilver", {}).get("compaction")
+    if compaction and compaction["compacted"]:
+        bodies = max(compaction["layer_bodies_per_program"].values())
+        line += f"; each switches between <= {bodies} layer bodies (buckets x {compaction['segments']} segment(s))"
+    return line
+
+
 def format_table(report: dict) -> str:
     flops = report["flops"]
     split = ", ".join(f"{kind} {flops[kind] / 1e9:,.1f}" for kind in ("attention", "projections", "mlp", "lm_head"))
@@ -145,10 +182,13 @@ def format_table(report: dict) -> str:
         ("mean NLL", f"{report['nll_mean']:.4f}"),
         ("perplexity", f"{report['perplexity']:.4f}"),
         ("seconds", f"{report['seconds']:.2f} (+ {report['seconds_compile']:.2f} compiling)"),
+        ("compiled programs", programs_line(report)),
         ("tokens/s", f"{report['tokens_per_second']:.1f}"),
         ("GFLOP / token", f"{flops['per_token'] / 1e9:.3f}"),
         ("GFLOP total", f"{flops['total'] / 1e9:,.1f} ({split})"),
     ]
+    if "mesh" in report:
+        rows.append(("mesh", ", ".join(f"{axis} {size}" for axis, size in report["mesh"].items())))
     if "quicksilver" in report:
         q = report["quicksilver"]
         rows += [
@@ -165,6 +205,7 @@ def format_table(report: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_args(args)
+    mesh = mesh_from_args(args)
     from qsjax.data import read_text, resolve_data, tokenize
 
     data_path = resolve_data(args.data)
@@ -205,6 +246,12 @@ def main(argv=None) -> int:
     windows = make_windows(args, len(stream))
 
     qs = quicksilver_from_args(args, model.cfg.n_layers)
+    if mesh is not None:
+        from qsjax.quicksilver.generation import prepare
+        from qsjax.sharding import shard_model
+
+        # quantize (AMQ) before sharding, so that the int8 weights are placed by the rules too
+        model = shard_model(prepare(model, qs) if qs.enabled else model, mesh)
     if qs.enabled:
         import dataclasses
 
@@ -218,6 +265,8 @@ def main(argv=None) -> int:
         result = evaluate(Scorer(model), stream, windows, args.batch_size, progress=not args.no_progress)
         report = make_report(args, model_dir, data_path, len(stream), result)
     report.update(seconds_load=seconds_load, seconds_tokenize=seconds_tokenize)
+    if mesh is not None:
+        report["mesh"] = dict(mesh.shape)
     if args.json is not None:
         write_json_atomic(args.json, report)
     print(format_table(report), file=sys.stderr if args.json == "-" else sys.stdout)

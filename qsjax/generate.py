@@ -2,6 +2,9 @@
 
 stdout carries the continuation (streamed token by token for a single prompt); stderr carries
 progress and one closing line with token counts, compile seconds and speed.
+
+`--mesh data=2,model=4` shards the model over devices (see qsjax.sharding); prompts split over
+"data" when their number is a multiple of it, otherwise every data group runs all of them.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import numpy as np
 
 from qsjax.buckets import bucket, round_up
 from qsjax.cli import ArgumentParser, UsageError, run_cli
-from qsjax.model import Model
+from qsjax.model import Model, decode_step
 from qsjax.quicksilver.cli import add_quicksilver_args, quicksilver_from_args
 from qsjax.quicksilver.config import QuickSilverConfig
+from qsjax.quicksilver.decode import quicksilver_decode_step
 from qsjax.quicksilver.generation import prepare, quicksilver_prefill
 from qsjax.sampler import Sampling, dense_prefill, generate
 
@@ -46,9 +50,15 @@ class Generator:
     """A model and its tokenizer, with one compiled generation program per (batch, prompt bucket,
     new-token count, sampling mode)."""
 
-    def __init__(self, model: Model, tokenizer, quicksilver: QuickSilverConfig | None = None):
+    def __init__(self, model: Model, tokenizer, quicksilver: QuickSilverConfig | None = None, mesh=None):
+        """`mesh`: a qsjax.sharding mesh to shard the model over (after AMQ quantization, so that the
+        int8 weights are placed by the same rules)."""
         self.quicksilver = quicksilver if quicksilver is not None and quicksilver.enabled else None
         self.model = model if self.quicksilver is None else prepare(model, self.quicksilver)
+        if mesh is not None:
+            from qsjax.sharding import shard_model
+
+            self.model = shard_model(self.model, mesh)
         self.tokenizer = tokenizer
         self.eos_ids = tuple(sorted(set(model.cfg.eos_ids) | set(tokenizer.eos_ids)))
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (self.eos_ids or (0,))[0]
@@ -65,7 +75,7 @@ class Generator:
             f = functools.partial(
                 generate, max_new=max_new, cache_length=cache_length, sampling=sampling,
                 eos_ids=self.eos_ids, pad_id=self.pad_id, on_token=self._on_token if stream else None,
-                prefill_fn=self._prefill_fn(),
+                prefill_fn=self._prefill_fn(), decode_fn=self._decode_fn(),
             )
             fn = jax.jit(lambda state, *args: f(self.model.module(state), *args))
             knobs = (jnp.float32(1), jnp.float32(1))
@@ -88,6 +98,12 @@ class Generator:
             return logits, cache, stats.computing  # [L, B] tokens computing each layer
 
         return prefill_fn
+
+    def _decode_fn(self):
+        qs = self.quicksilver
+        if qs is None or qs.scope != "all":  # generated tokens are not eligible: the plain step
+            return decode_step
+        return lambda module, state, tokens: quicksilver_decode_step(qs, module, state, tokens)[:2]
 
     def _on_token(self, step, tokens):
         if self._stream is not None:
@@ -150,6 +166,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    p.add_argument(
+        "--mesh",
+        metavar="SPEC",
+        help="shard over devices, e.g. data=2,model=4: prompts split over data, attention heads and MLP over "
+        "model (default: one device)",
+    )
     add_quicksilver_args(p)
     return p.parse_args(argv)
 
@@ -186,6 +208,11 @@ def check_args(args) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     prompts = check_args(args)
+    mesh = None
+    if args.mesh is not None:
+        from qsjax.sharding import mesh_from_spec
+
+        mesh = mesh_from_spec(args.mesh)
     from qsjax.compilecache import enable_compilation_cache
     from qsjax.params import WeightError, load_model
     from qsjax.tokenizer import StreamDecoder, load_tokenizer
@@ -197,7 +224,7 @@ def main(argv=None) -> int:
         model = load_model(model_dir, args.dtype)
     except (WeightError, ValueError, KeyError, OSError) as e:
         raise UsageError(f"--model {model_dir}: {e}") from None
-    gen = Generator(model, load_tokenizer(model_dir), quicksilver_from_args(args, model.cfg.n_layers))
+    gen = Generator(model, load_tokenizer(model_dir), quicksilver_from_args(args, model.cfg.n_layers), mesh)
     sampling = Sampling(args.do_sample and args.temperature > 0, args.temperature, args.top_k, args.top_p)
     ids = [gen.encode(p, args.chat) for p in prompts]
     decoder = StreamDecoder(gen.tokenizer)

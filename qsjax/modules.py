@@ -15,6 +15,7 @@ from flax import nnx
 from qsjax import layers
 from qsjax.config import ModelConfig
 from qsjax.rope import apply_rope
+from qsjax.sharding import constrain_batch
 
 
 def _param(shape, dtype):
@@ -155,13 +156,14 @@ class Transformer(nnx.Module):
             self.blocks = nnx.List([LlamaBlock(cfg, dtype=dtype) for _ in range(L)])
             self.final_norm = RMSNorm(D, cfg.norm_eps, dtype=dtype)
         self.lm_head = None if cfg.tie_embeddings else _param((D, V), dtype)
+        self.mesh = None  # a jax Mesh once the parameters are sharded (qsjax.sharding.shard_model)
 
     def embed(self, tokens, positions):
         """tokens, positions [B, T] int -> x [B, T, D]"""
         x = self.tok_embed[...][tokens]
         if self.pos_embed is not None:
             x = x + self.pos_embed[...][positions]
-        return x
+        return constrain_batch(x, self.mesh)  # later activations inherit the split (XLA propagation)
 
     def logits(self, x):
         """Final norm and LM head, in float32.  [..., D] -> [..., V]"""
