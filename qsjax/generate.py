@@ -99,6 +99,12 @@ class Generator:
 
         return prefill_fn
 
+    @property
+    def programs(self) -> int:
+        """Distinct compiled generation programs so far (one per batch, prompt bucket, new-token count,
+        sampling mode); under QuickSilver each switches between its layers' compaction buckets inside."""
+        return len(self._compiled)
+
     def _decode_fn(self):
         qs = self.quicksilver
         if qs is None or qs.scope != "all":  # generated tokens are not eligible: the plain step
@@ -249,7 +255,8 @@ def main(argv=None) -> int:
         f", quicksilver: {100 * result.prompt_layers_executed:.1f}% of prompt token-layers executed")
     print(
         f"prompt tokens {sum(result.prompt_tokens)}, new tokens {result.new_tokens}, "
-        f"compile {result.seconds_compile:.2f} s, {result.tokens_per_second:.1f} tokens/s{qs}",
+        f"compile {result.seconds_compile:.2f} s ({gen.programs} compiled program(s)), "
+        f"{result.tokens_per_second:.1f} tokens/s{qs}",
         file=sys.stderr,
     )
     return 0
