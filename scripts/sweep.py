@@ -118,7 +118,10 @@ def main(argv=None) -> int:
     p.add_argument("--heatmap", default="paper", help="the policy (curve name) whose decisions the heatmap shows")
     args = p.parse_args(argv)
 
+    from qsjax.compilecache import enable_compilation_cache
     from qsjax.data import read_text, resolve_data, tokenize
+
+    enable_compilation_cache()
     from qsjax.params import load_model
     from qsjax.perplexity import Scorer, evaluate, strided_windows
     from qsjax.quicksilver.evaluate import QuickSilverScorer, evaluate_quicksilver
