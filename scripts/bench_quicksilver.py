@@ -47,17 +47,16 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from qsjax.cli import ArgumentParser, UsageError, run_cli
+from qsjax.eval import write_json_atomic
 
 DATASETS = ("wikitext103", "c4")
 DECODE_BATCHES = (1, 8)
@@ -130,23 +129,6 @@ def median(xs):
 
 def ratio(a, b):
     return a / b if a is not None and b not in (None, 0) else None
-
-
-def write_json_atomic(path: str, report: dict) -> None:
-    """Write to a temporary file beside `path`, then rename it into place (- : stdout)."""
-    text = json.dumps(report, indent=2) + "\n"
-    if path == "-":
-        sys.stdout.write(text)
-        return
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------
