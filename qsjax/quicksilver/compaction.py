@@ -21,11 +21,11 @@ def buckets_for(n: int, smallest: int = 64, factor: int = 4) -> tuple[int, ...]:
 
 
 def compaction_buckets(n: int) -> tuple[int, ...]:
-    """Buffer lengths for a window of n tokens: 64 and 128, then every multiple of n / 8 up to n
-    (finer than powers of two where it matters: 516 computing tokens of 2048 take a 768 buffer,
-    not 1024)."""
-    step = max(1, n // 8)
-    sizes = {s for s in (64, 128) if s < n} | {min(n, k * step) for k in range(1, 9)} | {n}
+    """Buffer lengths for a window of n tokens: 64 and 128, then every multiple of n / 16 up to n
+    (finer than powers of two where it matters: the 516 computing tokens of a 2,048-token window
+    whose last 512 are scored, plus 4 sinks, take a 640 buffer, not 1,024)."""
+    step = max(1, n // 16)
+    sizes = {s for s in (64, 128) if s < n} | {min(n, k * step) for k in range(1, 17)} | {n}
     return tuple(sorted(sizes))
 
 

@@ -169,8 +169,14 @@ def compacted_block(blk, tok: Tokens, computing, visible, bias, halted, mode, ct
     count = computing.sum(-1).max()
 
     def run(n):
-        if n == T:  # everyone computes: the plain window pass (causal query blocks), no gathering
-            return lambda x: masked_block(blk, dataclasses.replace(tok, x=x), computing, visible, bias, halted, "mask", ctx)[0]
+        if n == T:  # everyone computes: the plain window pass (causal query blocks, the keys above), no gathering
+            def full(x):
+                q = blk.q(x, cos, sin, tok.bits)
+                x_new = x + blk.attn_out(attend_causal(q, k, v, attention_mask(ctx[2], visible, computing),
+                                                       bias[:, None, :]), tok.bits)
+                return jnp.where(computing[..., None], x_new + blk.mlp(x_new, tok.bits), x)
+
+            return full
 
         def branch(x):
             idx = jax.vmap(lambda m: jnp.nonzero(m, size=n, fill_value=T)[0])(computing)  # [B, n]
