@@ -29,25 +29,28 @@ def compaction_buckets(n: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
-def on_rows(fn, x, rows, out_shape, out_dtype, buckets=None):
-    """fn applied to the selected rows of x, zeros elsewhere.
+def on_rows(fn, rows, default, *args, buckets=None):
+    """fn(*args) on the selected rows only, `default` elsewhere.
 
-    x [N, ...], rows [N] bool, fn: [n, ...] -> [n, *out_shape]  ->  [N, *out_shape].
-    No row selected: fn does not run at all."""
-    N = x.shape[0]
+    rows [N] bool; `default` and every arg have a leading axis of N rows; fn maps n rows of the args
+    to n rows shaped like `default`. The selected rows are gathered into the smallest bucket that
+    holds them (`buckets`, ascending, the largest N; by default `buckets_for(N)`); in the full bucket
+    nothing is gathered (fn runs on every row and the unselected keep `default`); no row selected:
+    fn does not run at all."""
+    N = rows.shape[0]
     buckets = buckets_for(N) if buckets is None else buckets
-    count = rows.sum()
-
-    def empty():
-        return jnp.zeros((N, *out_shape), out_dtype)
 
     def run(size):
+        if size == N:
+            return lambda: jnp.where(rows.reshape(N, *[1] * (default.ndim - 1)), fn(*args).astype(default.dtype), default)
+
         def branch():
             (idx,) = jnp.nonzero(rows, size=size, fill_value=N)  # padding indices point past the end
-            y = fn(x[jnp.minimum(idx, N - 1)])
-            return empty().at[idx].set(y.astype(out_dtype), mode="drop")
+            y = fn(*jax.tree.map(lambda a: a[jnp.minimum(idx, N - 1)], args))
+            return default.at[idx].set(y.astype(default.dtype), mode="drop")
 
         return branch
 
+    count = rows.sum()
     index = jnp.where(count == 0, 0, 1 + jnp.searchsorted(jnp.asarray(buckets), count))
-    return jax.lax.switch(index, [empty] + [run(b) for b in buckets])
+    return jax.lax.switch(index, [lambda: default] + [run(b) for b in buckets])

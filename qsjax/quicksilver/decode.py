@@ -14,7 +14,7 @@ layers as `forward.quicksilver_window` would at its position, attending to the c
 
 With a batch, only the rows whose token still computes reach a layer's query, attention, output
 projection and MLP: they are gathered into the smallest of 1, 2, 4, ... rows that holds them
-(`lax.switch` on one scalar per layer), and scattered back.
+(`compaction.on_rows`: `lax.switch` on one scalar per layer), and scattered back.
 
 Under `scope=context` generated tokens are never eligible: the plain `model.decode_step` runs them
 over the cache the prompt left (halted keys masked, zeroed or propagated; fused groups' bias).
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from qsjax.kvcache import KVCache
 from qsjax.layers import attend
 from qsjax.quicksilver import fusion, kvskip
-from qsjax.quicksilver.compaction import buckets_for
+from qsjax.quicksilver.compaction import buckets_for, on_rows
 from qsjax.quicksilver.config import QuickSilverConfig
 from qsjax.quicksilver.forward import FusionView, Tokens, amq_bits, halting_decision
 from qsjax.rope import rope_angles
@@ -50,37 +50,11 @@ class DecodeState:
 @dataclasses.dataclass(frozen=True)
 class StepDecisions:
     """This step's decisions, [B] each: the new token's halt layer and width, and whether the
-    previous token was retired by fusion with it (and at which layer; 0 if not)."""
+    previous token was retired by fusion with it."""
 
     halt: jax.Array
     bits: jax.Array
     prev_fused: jax.Array
-    prev_fused_layer: jax.Array
-
-
-def on_batch_rows(fn, rows, default, *args):
-    """fn(*args) on the selected rows of the batch only; `default` elsewhere.
-
-    rows [B] bool; every arg and `default` have a leading batch axis; fn maps n rows to n rows shaped
-    like `default`. The rows are gathered into the smallest of 1, 2, 4, ..., B that holds them (all
-    rows: no gathering); none selected: fn does not run."""
-    B = rows.shape[0]
-    sizes = buckets_for(B, smallest=1, factor=2)
-
-    def run(n):
-        if n == B:
-            return lambda: jnp.where(rows.reshape(B, *[1] * (default.ndim - 1)), fn(*args), default)
-
-        def branch():
-            (idx,) = jnp.nonzero(rows, size=n, fill_value=B)  # padding indices point past the end
-            take = lambda a: a[jnp.minimum(idx, B - 1)]
-            return default.at[idx].set(fn(*jax.tree.map(take, args)), mode="drop")
-
-        return branch
-
-    count = rows.sum()
-    index = jnp.where(count == 0, 0, 1 + jnp.searchsorted(jnp.asarray(sizes), count))
-    return jax.lax.switch(index, [lambda: default] + [run(n) for n in sizes])
 
 
 def quicksilver_decode_step(qs: QuickSilverConfig, module, state: DecodeState, tokens):
@@ -106,7 +80,7 @@ def quicksilver_decode_step(qs: QuickSilverConfig, module, state: DecodeState, t
     )
     k_all, v_all, visible, bias = cache.k, cache.v, cache.visible, cache.bias
     views = []
-    prev_fused, prev_fused_layer = jnp.zeros(B, bool), jnp.zeros(B, jnp.int32)
+    prev_fused = jnp.zeros(B, bool)
     for li, blk in enumerate(module.blocks):
         layer = li + 1
         if qs.amq_layer is not None and layer == qs.amq_layer:
@@ -132,8 +106,8 @@ def quicksilver_decode_step(qs: QuickSilverConfig, module, state: DecodeState, t
             return x + blk.mlp(x, bits)
 
         mask = k_valid & (visible[li] | own)  # [B, S]; the own key is always there for a computing row
-        x = on_batch_rows(run, computing[:, 0], tok.x, tok.x, cos, sin, tok.bits if bits is not None else None,
-                          k_all[li], v_all[li], mask, bias[li])
+        x = on_rows(run, computing[:, 0], tok.x, tok.x, cos, sin, tok.bits if bits is not None else None,
+                    k_all[li], v_all[li], mask, bias[li], buckets=buckets_for(B, smallest=1, factor=2))
 
         can = eligible & computing & (layer < L)
         halt_now, _, _ = halting_decision(qs, module, layer, x, tok.x, can, None, None, None, eligible, positions)
@@ -153,12 +127,11 @@ def quicksilver_decode_step(qs: QuickSilverConfig, module, state: DecodeState, t
             above = (jnp.arange(L) >= layer)[:, None] & fuse[:, 0][None, :]  # [L, B]
             retire = jax.lax.dynamic_slice(visible, (0, 0, i - 1), (L, B, 1)) & ~above[:, :, None]
             visible = jax.lax.dynamic_update_slice(visible, retire, (0, 0, i - 1))
-            prev_fused_layer = jnp.where(fuse[:, 0], layer, prev_fused_layer)
             prev_fused = prev_fused | fuse[:, 0]
         views.append(view)
 
     cache = dataclasses.replace(cache, k=k_all, v=v_all, visible=visible, bias=bias, index=i + 1)
     last = jax.tree.map(lambda *a: jnp.stack(a), *views)
     new_state = DecodeState(cache, last)
-    decisions = StepDecisions(tok.halt[:, 0], tok.bits[:, 0], prev_fused, prev_fused_layer)
+    decisions = StepDecisions(tok.halt[:, 0], tok.bits[:, 0], prev_fused)
     return module.logits(tok.x[:, 0]), new_state, decisions

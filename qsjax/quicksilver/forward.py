@@ -80,7 +80,8 @@ class LayerStats:
 def entropy_of_rows(module, x, rows):
     """Entropy (bits) of the next-token distribution of the selected rows, compacted.  -> [B, T]"""
     B, T, D = x.shape
-    flat = on_rows(lambda h: halting.entropy_bits(module.logits(h)), x.reshape(B * T, D), rows.reshape(-1), (), jnp.float32)
+    flat = on_rows(lambda h: halting.entropy_bits(module.logits(h)), rows.reshape(-1), jnp.zeros(B * T, jnp.float32),
+                   x.reshape(B * T, D))
     return flat.reshape(B, T)
 
 

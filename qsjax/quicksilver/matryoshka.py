@@ -84,8 +84,8 @@ def grouped_matryoshka_linear(x, q: QuantizedWeight, bits, b=None):
     lead, D_out = x.shape[:-1], q.codes.shape[-1]
     flat, widths = x.reshape(-1, x.shape[-1]), bits.reshape(-1)
     # coarse buckets (n, n/4, n/16, ...): this runs inside every compacted layer's own buckets
-    y = sum(on_rows(lambda rows, r=r: rows @ dequantize(q, r, x.dtype), flat, widths == r, (D_out,), x.dtype)
-            for r in WIDTHS)
+    zeros = jnp.zeros((flat.shape[0], D_out), x.dtype)
+    y = sum(on_rows(lambda rows, r=r: rows @ dequantize(q, r, x.dtype), widths == r, zeros, flat) for r in WIDTHS)
     y = y.reshape(*lead, D_out)
     return y if b is None else y + b
 
