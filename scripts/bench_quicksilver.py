@@ -38,6 +38,10 @@ tokens asked for; transformers `generate` with min_new_tokens): time to first to
 `decode_tokens_per_second` is batch x (new tokens - 1) over the call minus a one-token call on the
 same prompts.
 
+Profile (`profile`, see `bench_profile`): where one window's time goes, piece by piece (embedding,
+a plain block, the decision layer's step, a step above it with only the computing tokens, LM head),
+against the whole windows, and the speed-up bound if the layers above the decision layer were free.
+
 `targets` lists the issue's targets with the measured value and whether it is met; nothing is
 asserted. Progress goes to stderr, a table to stdout (stderr with --json -). Compilation is cold
 (no persistent cache) unless --compilation-cache is given.
@@ -78,6 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--skip-hf", action="store_true", help="leave out Hugging Face PyTorch")
     p.add_argument("--skip-generate", action="store_true", help="leave out the generation measurements")
     p.add_argument("--skip-perplexity", action="store_true", help="leave out the perplexity measurements")
+    p.add_argument("--skip-profile", action="store_true", help="leave out the per-piece profile of one window")
     p.add_argument("--hf-all-logits", action="store_true",
                    help="Hugging Face: compute the logits of every position (default: scored positions only)")
     p.add_argument("--compilation-cache", action="store_true",
@@ -103,8 +108,8 @@ def check_args(args) -> None:
         raise UsageError(f"--decode-prompt-tokens must be at least 1, got {args.decode_prompt_tokens}")
     if args.new_tokens < 2:
         raise UsageError(f"--new-tokens must be at least 2 (decode speed is measured past the first), got {args.new_tokens}")
-    if args.skip_perplexity and args.skip_generate:
-        raise UsageError("--skip-perplexity and --skip-generate leave nothing to measure")
+    if args.skip_perplexity and args.skip_generate and args.skip_profile:
+        raise UsageError("--skip-perplexity, --skip-generate and --skip-profile leave nothing to measure")
     if args.json not in (None, "-"):
         if Path(args.json).is_dir():
             raise UsageError(f"--json {args.json} is a directory; give a file name")
@@ -395,6 +400,101 @@ def bench_generation(model, tokenizer, qs, hf_model, stream: np.ndarray, args) -
 
 
 # ----------------------------------------------------------------------------------------------
+# Profile: where one window's time goes
+
+
+def bench_profile(model, qs, stream: np.ndarray, args) -> dict:
+    """One strided window (the second: --max-length tokens, the last --stride scored), dense qsjax
+    against the preset, each piece jitted alone on the real weights and timed (median of 5 x
+    --repeats calls): the embedding, one plain block over the window, the decision layer's step
+    (every token computes), one step above it with the preset's own decisions (only the tokens still
+    computing run: bucketed compaction), and the LM head with the NLL on the scored positions. The
+    sums of the pieces are set against the whole windows timed the same way, and `bound` is the
+    speed-up the preset would reach if the layers above its decision layer cost nothing."""
+    import jax
+    import jax.numpy as jnp
+
+    from qsjax.layers import causal_mask
+    from qsjax.model import block
+    from qsjax.perplexity import Scorer
+    from qsjax.quicksilver.compaction import compaction_buckets
+    from qsjax.quicksilver.evaluate import QuickSilverScorer
+    from qsjax.quicksilver.forward import Tokens, first_decision_layer, layer_step
+    from qsjax.rope import rope_angles
+
+    cfg = model.cfg
+    L, T, offset = cfg.n_layers, args.max_length, args.max_length - args.stride
+    d = first_decision_layer(qs, L)
+    tokens = np.asarray(stream[args.stride:args.stride + T], np.int32)[None]
+    if tokens.shape[1] < T:
+        raise UsageError(f"the profile needs {args.stride + T} tokens of WikiText-103 test")
+    scorer = QuickSilverScorer(model, qs)
+    halt = np.asarray(scorer(tokens, np.array([T], np.int32), offset)[3][0])  # [1, T]: layer after which each stopped
+    positions = jnp.arange(T)[None]
+    cos, sin = rope_angles(cfg, positions)
+    causal = causal_mask(jnp.arange(T), jnp.arange(T), jnp.ones((1, T), bool))
+    valid = jnp.ones((1, T), bool)
+    eligible = (positions < offset) & (positions >= qs.n_sink)
+    ctx = (cos, sin, causal, valid, eligible, positions, positions >= offset)
+
+    def qs_step(layer, active):
+        def f(m, x):
+            tok = Tokens(x=x, active=active, alive=valid, halt=jnp.where(active, L, layer - 1).astype(jnp.int32),
+                         fused=~valid, absorbed=~valid, size=jnp.ones((1, T), jnp.float32), bits=jnp.full((1, T), 8, jnp.int32))
+            return layer_step(qs, m, m.blocks[layer - 1], layer, tok, ctx, compaction_buckets(T))[0].x
+        return f
+
+    pieces = {
+        "embed": lambda m, t: m.embed(t, positions),
+        "plain_block": lambda m, x: block(m.blocks[d - 1], x, cos, sin, causal)[0],
+        "decision_layer_step": qs_step(d, valid),
+        "step_above_decision_layer": qs_step(d + 1, jnp.asarray(halt > d)),
+        "lm_head_and_nll": lambda m, x, t: jax.nn.logsumexp(z := m.logits(x[:, offset:-1]), -1)
+        - jnp.take_along_axis(z, t[:, offset + 1:, None], -1)[..., 0],
+    }
+    x = jax.jit(lambda s, t: model.module(s).embed(t, positions))(model.state, tokens)
+    operands = {"embed": (tokens,), "lm_head_and_nll": (x, tokens)}
+    dense = Scorer(model)
+
+    def timed(f, *a):
+        jax.block_until_ready(f(*a))  # compile and warm up
+        ts = []
+        for _ in range(5 * args.repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*a))
+            ts.append(time.perf_counter() - t0)
+        return median(ts)
+
+    seconds = {}
+    for name, fn in pieces.items():
+        jitted = jax.jit(lambda state, *a, fn=fn: fn(model.module(state), *a))
+        seconds[name] = timed(jitted, scorer.model.state if name.endswith("step") else model.state,
+                              *operands.get(name, (x,)))
+        log(f"[profile] {name}: {seconds[name] * 1e3:.1f} ms")
+    dense(tokens, offset)
+    seconds["window_dense_qsjax"] = timed(lambda: dense(tokens, offset))
+    seconds["window_preset"] = timed(lambda: scorer(tokens, np.array([T], np.int32), offset)[0])
+    above = L - d
+    model_dense = seconds["embed"] + L * seconds["plain_block"] + seconds["lm_head_and_nll"]
+    below = seconds["embed"] + (d - 1) * seconds["plain_block"] + seconds["decision_layer_step"] + seconds["lm_head_and_nll"]
+    model_preset = below + above * seconds["step_above_decision_layer"]
+    return {
+        "window_tokens": T, "scored_tokens": args.stride, "decision_layer": d, "layers_above": above,
+        "tokens_computing_above": int((halt > d).sum()),
+        "seconds": seconds,
+        "sum_of_pieces": {"dense_qsjax": model_dense, "preset": model_preset},
+        "share_of_dense_window": {"embed": seconds["embed"] / model_dense,
+                                  "blocks": L * seconds["plain_block"] / model_dense,
+                                  "lm_head_and_nll": seconds["lm_head_and_nll"] / model_dense},
+        "step_above_vs_plain_block": seconds["step_above_decision_layer"] / seconds["plain_block"],
+        "decision_step_vs_plain_block": seconds["decision_layer_step"] / seconds["plain_block"],
+        "speedup_measured": seconds["window_dense_qsjax"] / seconds["window_preset"],
+        "speedup_from_pieces": model_dense / model_preset,
+        "bound": model_dense / below,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
 # Targets and the table
 
 
@@ -447,6 +547,16 @@ def format_table(report: dict) -> str:
                             f"{fmt(g['decode'][f'batch_{b}'][v]['decode_tokens_per_second'], '9.1f')}"
                             for b in g["decode_batches"])
             lines.append(f"  {v:16} {e['seconds']:8.3f} {fmt(e['speedup_vs_dense_qsjax'], '9.2f')} {cols}")
+    if "profile" in report:
+        pr = report["profile"]
+        sec = pr["seconds"]
+        lines.append(f"profile of one {pr['window_tokens']}-token window ({pr['scored_tokens']} scored; decisions from "
+                     f"layer {pr['decision_layer']}, {pr['tokens_computing_above']} tokens computing in the "
+                     f"{pr['layers_above']} layers above):")
+        for name, v in sec.items():
+            lines.append(f"  {name:28} {v * 1e3:9.1f} ms")
+        lines.append(f"  speed-up measured {pr['speedup_measured']:.3f}x, from the pieces {pr['speedup_from_pieces']:.3f}x, "
+                     f"bound (layers above free) {pr['bound']:.3f}x")
     lines.append("targets:")
     for t in report["targets"]:
         met = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
@@ -476,7 +586,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     cache = str(enable_compilation_cache()) if args.compilation_cache else None
-    data_names = ["wikitext103"] * (not args.skip_generate) + ([] if args.skip_perplexity else args.data)
+    data_names = ["wikitext103"] * (not (args.skip_generate and args.skip_profile)) + ([] if args.skip_perplexity else args.data)
     data_paths = {name: resolve_data(name) for name in dict.fromkeys(data_names)}
 
     model_dir = resolve_model(None)
@@ -543,6 +653,9 @@ def main(argv=None) -> int:
         if len(stream) < needed:
             raise UsageError(f"WikiText-103 test gives {len(stream)} tokens; the prompts need {needed}")
         report["generation"] = bench_generation(model, tokenizer, qs, hf, stream, args)
+
+    if not args.skip_profile:
+        report["profile"] = bench_profile(model, qs, streams["wikitext103"], args)
 
     report["targets"] = targets(report)
     report["seconds_total"] = time.perf_counter() - t_start

@@ -4,9 +4,11 @@
 
 Evaluates the default model (or --model) on WikiText-103 test and the C4 sample with the strided
 protocol (--max-length 2048 --stride 512 by default): dense, then each mechanism and policy alone
-and combined, under both scopes. Writes `sweep.json`, `sweep.csv`, one plot per dataset
-(`frontier_<data>.png`: perplexity increase vs executed-FLOP reduction, one curve per policy) and a
-per-token heatmap of halting layer / fusion / bits for one window (`heatmap_<data>.png`).
+and combined, under both scopes. Writes `sweep.json`, `sweep.csv`, two plots per dataset
+(`frontier_<data>.png`: perplexity increase vs executed-FLOP reduction, one curve per policy;
+`frontier_wallclock_<data>.png`: the same against the wall-clock speed-up of the scoring loop over
+dense qsjax, each variant timed once, compilation excluded) and a per-token heatmap of halting
+layer / fusion / bits for one window (`heatmap_<data>.png`).
 Matplotlib is needed for the plots (`pip install -e ".[plot]"`).
 """
 
@@ -29,49 +31,53 @@ def variants(n_layers: int) -> list[tuple[str, str, QuickSilverConfig]]:
     """(policy curve, label, config) for every point of the sweep."""
     L = n_layers
     out = [("paper", "paper preset", preset("paper", L)), ("fast", "fast preset", preset("fast", L))]
-    for tau in (0.045, 0.1, 0.2, 0.4):  # the paper's rule, every token may halt
+    for tau in (0.045, 0.4):  # the paper's rule, every token may halt
         out.append(("all: drift+entropy", f"tau_d={tau}", QuickSilverConfig(
             scope="all", halt="drift", halt_min_layer=L // 4, halt_drift=tau, halt_entropy=1.15, kv_skip="mask")))
-    for c in (L - 1, L - 2, L - 4):
-        out.append(("all: cut-off", f"c={c}", QuickSilverConfig(scope="all", halt="cutoff", halt_cutoff_layer=c, kv_skip="propagate")))
-    for tau in (0.99, 0.95, 0.9):
-        out.append(("all: fusion", f"tau_f={tau}", QuickSilverConfig(scope="all", fuse_threshold=tau, halt_min_layer=L // 4)))
-    for low, high in ((0.5, 2.0), (1.0, 3.0)):
-        out.append(("all: AMQ", f"{low}/{high}", QuickSilverConfig(scope="all", amq_layer=L // 2 + 1, amq_low=low, amq_high=high)))
+    out.append(("all: cut-off", f"c={L - 2}", QuickSilverConfig(scope="all", halt="cutoff", halt_cutoff_layer=L - 2,
+                                                                kv_skip="propagate")))
+    out.append(("all: fusion", "tau_f=0.9", QuickSilverConfig(scope="all", fuse_threshold=0.9, halt_min_layer=L // 4)))
+    out.append(("all: AMQ", "1.0/3.0", QuickSilverConfig(scope="all", amq_layer=L // 2 + 1, amq_low=1.0, amq_high=3.0)))
     for mode in ("propagate", "mask"):
-        for c in (L - 2, L - 4, L - 5, L - 7, L - 10, L - 14):
-            out.append((f"context: cut-off, {mode}", f"c={c}",
-                        QuickSilverConfig(halt="cutoff", halt_cutoff_layer=c, kv_skip=mode)))
-    for c in (L - 8, L - 14, L // 5):
-        out.append(("context: cut-off, zero", f"c={c}", QuickSilverConfig(halt="cutoff", halt_cutoff_layer=c, kv_skip="zero")))
-    for signal in ("recency", "attention"):
-        for c in (L // 5, L // 2, L - 10):
-            out.append((f"context: select {signal} 50%", f"c={c}", QuickSilverConfig(
-                halt="select", select_signal=signal, halt_cutoff_layer=c, keep_top_k=0.5, kv_skip="mask")))
-    for tau in (0.95, 0.9, 0.8):
-        out.append(("context: fusion", f"tau_f={tau}", QuickSilverConfig(fuse_threshold=tau, halt_min_layer=L // 4)))
-    for c in (L - 5, L - 7):
-        out.append(("context: cut-off + fusion", f"c={c}", QuickSilverConfig(
-            halt="cutoff", halt_cutoff_layer=c, kv_skip="propagate", fuse_threshold=0.9, halt_min_layer=L // 4)))
+        for c in (L - 2, L - 5, L - 7, L - 10):
+            out.append((f"context: cut-off, {mode}", f"c={c}", QuickSilverConfig(halt="cutoff", halt_cutoff_layer=c, kv_skip=mode)))
+    for c in (L - 7, L - 10):  # layer-wise K/V: propagated for 4 layers above the cut-off, masked beyond
+        out.append(("context: cut-off, propagate 4 then mask", f"c={c}", QuickSilverConfig(
+            halt="cutoff", halt_cutoff_layer=c, kv_skip="propagate", kv_propagate_span=4)))
+    out.append(("context: cut-off, zero", f"c={L - 8}", QuickSilverConfig(halt="cutoff", halt_cutoff_layer=L - 8, kv_skip="zero")))
+    for keep, layers in ((0.5, (L // 3, L // 2, 2 * L // 3)), (0.25, (2 * L // 3, 4 * L // 5))):
+        for c in layers:
+            out.append((f"context: select recency {keep:.0%}", f"c={c}", QuickSilverConfig(
+                halt="select", select_signal="recency", halt_cutoff_layer=c, keep_top_k=keep, kv_skip="mask")))
+    out.append(("context: select attention 50%", f"c={L // 2}", QuickSilverConfig(
+        halt="select", select_signal="attention", halt_cutoff_layer=L // 2, keep_top_k=0.5, kv_skip="mask")))
+    out.append(("context: fusion", "tau_f=0.9", QuickSilverConfig(fuse_threshold=0.9, halt_min_layer=L // 4)))
+    out.append(("context: cut-off + fusion", f"c={L - 5}", QuickSilverConfig(
+        halt="cutoff", halt_cutoff_layer=L - 5, kv_skip="mask", fuse_threshold=0.9, halt_min_layer=L // 4)))
+    out.append(("context: AMQ", "1.0/3.0", QuickSilverConfig(amq_layer=L // 2 + 1, amq_low=1.0, amq_high=3.0)))
     return out
 
 
-def plot_frontier(rows: list[dict], data: str, path: Path) -> None:
+def plot_frontier(rows: list[dict], data: str, path: Path, wallclock: bool = False) -> None:
+    """Perplexity increase against executed-FLOP reduction (or, `wallclock`, against the speed-up of
+    the scoring loop over dense qsjax), one curve per policy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    key = "speedup" if wallclock else "flops_reduction"
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for policy in dict.fromkeys(r["policy"] for r in rows if r["data"] == data and r["policy"] != "dense"):
-        pts = sorted((r["flops_reduction"], r["ppl_increase"]) for r in rows if r["data"] == data and r["policy"] == policy)
+        pts = sorted((r[key], r["ppl_increase"]) for r in rows if r["data"] == data and r["policy"] == policy)
         xs, ys = zip(*pts)
-        ax.plot(np.array(xs) * 100, ys, "o-", label=policy, ms=4)
+        ax.plot(xs if wallclock else np.array(xs) * 100, ys, "o-", label=policy, ms=4)
     ax.axhline(0.2, color="grey", ls="--", lw=0.8)
     ax.set_yscale("symlog", linthresh=1.0)
-    ax.set_xlabel("executed FLOPs saved vs dense (% of whole windows)")
+    ax.set_xlabel("wall-clock speed-up vs dense qsjax (scoring loop, x)" if wallclock
+                  else "executed FLOPs saved vs dense (% of whole windows)")
     ax.set_ylabel("perplexity increase (symlog)")
-    ax.set_title(f"QuickSilver frontier, {data}")
+    ax.set_title(f"QuickSilver frontier{' in wall-clock' if wallclock else ''}, {data}")
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -139,7 +145,8 @@ def main(argv=None) -> int:
         windows = strided_windows(len(stream), args.max_length, args.stride)
         dense = evaluate(Scorer(model), stream, windows, progress=False)
         rows.append(dict(data=data, policy="dense", label="dense", perplexity=dense.perplexity, ppl_increase=0.0,
-                         flops_reduction=0.0, seconds=dense.seconds, settings={}))
+                         flops_reduction=0.0, flops_reduction_vs_full_lm_head=None, seconds=dense.seconds, speedup=1.0,
+                         settings={}))
         print(f"{data}: dense ppl {dense.perplexity:.3f} ({dense.seconds:.0f} s)", file=sys.stderr)
         for policy, label, qs in todo:
             t0 = time.perf_counter()
@@ -150,20 +157,27 @@ def main(argv=None) -> int:
                 decisions[data] = dec[-1]
             rows.append(dict(data=data, policy=policy, label=label, perplexity=result.perplexity,
                              ppl_increase=result.perplexity - dense.perplexity,
-                             flops_reduction=stats["executed_flops_reduction"], seconds=result.seconds,
+                             flops_reduction=stats["executed_flops_reduction"],
+                             flops_reduction_vs_full_lm_head=stats["executed_flops_reduction_vs_full_lm_head"],
+                             seconds=result.seconds, speedup=dense.seconds / result.seconds,
                              settings=dataclasses.asdict(qs), stats=stats))
             print(f"{data}: {policy:34} {label:14} ppl {result.perplexity:9.3f} ({result.perplexity - dense.perplexity:+.3f}) "
-                  f"flops {-100 * stats['executed_flops_reduction']:+.1f}%  [{time.perf_counter() - t0:.0f} s]", file=sys.stderr)
+                  f"flops {-100 * stats['executed_flops_reduction']:+.1f}%  {dense.seconds / result.seconds:.2f}x  "
+                  f"[{time.perf_counter() - t0:.0f} s]", file=sys.stderr)
             (out / "sweep.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     with open(out / "sweep.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["data", "policy", "label", "perplexity", "ppl_increase", "flops_reduction", "seconds"])
+        w.writerow(["data", "policy", "label", "perplexity", "ppl_increase", "flops_reduction",
+                    "flops_reduction_vs_full_lm_head", "seconds", "speedup"])
         for r in rows:
+            full = r["flops_reduction_vs_full_lm_head"]
             w.writerow([r["data"], r["policy"], r["label"], f"{r['perplexity']:.4f}", f"{r['ppl_increase']:.4f}",
-                        f"{r['flops_reduction']:.4f}", f"{r['seconds']:.1f}"])
+                        f"{r['flops_reduction']:.4f}", "" if full is None else f"{full:.4f}", f"{r['seconds']:.1f}",
+                        f"{r['speedup']:.3f}"])
     try:
         for data in args.data:
             plot_frontier(rows, data, out / f"frontier_{data}.png")
+            plot_frontier(rows, data, out / f"frontier_wallclock_{data}.png", wallclock=True)
             if data in decisions:
                 plot_heatmap(decisions[data], tokenizer, model.cfg.n_layers, out / f"heatmap_{data}.png")
     except ImportError:

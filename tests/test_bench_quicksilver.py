@@ -28,7 +28,7 @@ def run_script(*args):
     (["--new-tokens", "1"], "--new-tokens must be at least 2"),
     (["--prompt-tokens", "0"], "--prompt-tokens must be at least 1"),
     (["--threads", "0"], "--threads must be at least 1"),
-    (["--skip-perplexity", "--skip-generate"], "leave nothing to measure"),
+    (["--skip-perplexity", "--skip-generate", "--skip-profile"], "leave nothing to measure"),
     (["--json", "/nonexistent-dir/out.json"], "does not exist"),
     (["--data", "penn"], "invalid choice"),
 ])

@@ -21,10 +21,11 @@ def buckets_for(n: int, smallest: int = 64, factor: int = 4) -> tuple[int, ...]:
 
 
 def compaction_buckets(n: int) -> tuple[int, ...]:
-    """Buffer lengths for a window of n tokens: 64 and 128, then every multiple of n / 16 up to n
-    (finer than powers of two where it matters: the 516 computing tokens of a 2,048-token window
-    whose last 512 are scored, plus 4 sinks, take a 640 buffer, not 1,024)."""
-    step = max(1, n // 16)
+    """Buffer lengths for a window of n tokens: 64 and 128, then every multiple of n / 16 (at least
+    64) up to n. Finer than powers of two where it matters: the 516 computing tokens of a 2,048-token
+    window whose last 512 are scored, plus 4 sinks, take a 640 buffer, not 1,024; short windows get
+    few buckets (a 160-token window: 64, 128, 160), since each is one more layer body to compile."""
+    step = max(64, n // 16)
     sizes = {s for s in (64, 128) if s < n} | {min(n, k * step) for k in range(1, 17)} | {n}
     return tuple(sorted(sizes))
 

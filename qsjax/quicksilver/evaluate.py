@@ -44,20 +44,23 @@ class QuickSilverScorer:
 
 
 def compaction_report(qs: QuickSilverConfig, n_layers: int, lengths: list[int]) -> dict:
-    """How the compiled programs are built: one per window shape; inside each, every layer of a
-    segment picks one of the window length's buckets (`lax.switch`), so a program holds at most
-    buckets x segments distinct layer bodies."""
+    """How the compiled programs are built: one per window shape; inside each, the layers below the
+    first decision are one plain scanned block, and every layer of a later segment picks one of the
+    window length's buckets (`lax.switch`), so a program holds at most 1 + buckets x segments
+    distinct layer bodies."""
     from qsjax.quicksilver.compaction import compaction_buckets
-    from qsjax.quicksilver.forward import segments
+    from qsjax.quicksilver.forward import first_decision_layer, segments
 
     on = qs.compact and qs.kv_skip != "zero"
-    n_segments = len(segments(qs, n_layers))
+    start = first_decision_layer(qs, n_layers) - 1 if qs.compact else 0
+    n_segments = len(segments(qs, n_layers, start))
     per_length = {T: list(compaction_buckets(T)) if on else [T] for T in dict.fromkeys(lengths)}
     return {
         "compacted": on,
+        "dense_layers": start,
         "segments": n_segments,
         "buckets": {str(T): b for T, b in per_length.items()},
-        "layer_bodies_per_program": {str(T): len(b) * n_segments for T, b in per_length.items()},
+        "layer_bodies_per_program": {str(T): (start > 0) + len(b) * n_segments for T, b in per_length.items()},
     }
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qsjax.layers import attend, attend_causal, causal_mask
+from qsjax.model import block
 from qsjax.quicksilver import fusion, halting, kvskip
 from qsjax.quicksilver.compaction import compaction_buckets, on_rows
 from qsjax.quicksilver.config import QuickSilverConfig
@@ -159,42 +160,53 @@ def masked_block(blk, tok: Tokens, computing, visible, bias, halted, mode, ctx):
 
 
 def compacted_block(blk, tok: Tokens, computing, visible, bias, halted, mode, ctx, buckets):
-    """The fast path: keys/values for every row (cheap: two narrow projections), then the queries,
-    attention, output projection and MLP only for the computing rows, gathered per sequence into
-    the smallest bucket that holds them (`lax.switch` on one scalar) and scattered back.
+    """The fast path: only the computing rows run the block, gathered per sequence (in slot order)
+    into the smallest bucket that holds them (`lax.switch` on one scalar) and scattered back.
+
+    Under `mask` every visible key belongs to a computing row, so keys and values are projected for
+    the gathered rows only and attention runs among them, by causal query blocks in gathered order
+    (keys/values of rows that did not compute come back zero: nobody may attend to them). Under
+    `propagate` halted rows' keys/values are needed too: they are projected for every row (two
+    narrow projections) and the gathered queries attend over all of them.
     Same results as `masked_block` (q is not returned: None)."""
-    cos, sin = ctx[:2]
-    positions = ctx[5]
-    k, v = blk.kv(tok.x, cos, sin, tok.bits)
+    cos, sin, causal = ctx[:3]
     B, T = computing.shape
-    count = computing.sum(-1).max()
+    own_rows = mode == "mask"
+    k_all, v_all = (None, None) if own_rows else blk.kv(tok.x, cos, sin, tok.bits)
 
-    def run(n):
-        if n == T:  # everyone computes: the plain window pass (causal query blocks, the keys above), no gathering
-            def full(x):
-                q = blk.q(x, cos, sin, tok.bits)
-                x_new = x + blk.attn_out(attend_causal(q, k, v, attention_mask(ctx[2], visible, computing),
-                                                       bias[:, None, :]), tok.bits)
-                return jnp.where(computing[..., None], x_new + blk.mlp(x_new, tok.bits), x)
+    def full(x):  # the full bucket: the plain window pass, nothing gathered
+        q, k, v = blk.qkv(x, cos, sin, tok.bits) if own_rows else (blk.q(x, cos, sin, tok.bits), k_all, v_all)
+        mask = attention_mask(causal, visible, computing)
+        x_new = x + blk.attn_out(attend_causal(q, k, v, mask, bias[:, None, :]), tok.bits)
+        return jnp.where(computing[..., None], x_new + blk.mlp(x_new, tok.bits), x), k, v
 
-            return full
-
+    def gathered(n):
         def branch(x):
-            idx = jax.vmap(lambda m: jnp.nonzero(m, size=n, fill_value=T)[0])(computing)  # [B, n]
+            idx = jax.vmap(lambda m: jnp.nonzero(m, size=n, fill_value=T)[0])(computing)  # [B, n] ascending
             take = lambda a: jnp.take_along_axis(a, jnp.minimum(idx, T - 1).reshape(B, n, *([1] * (a.ndim - 2))), axis=1)
-            xa, bits, pos = take(x), take(tok.bits), take(positions)
-            q = blk.q(xa, take(cos), take(sin), bits)  # [B, n, H, Dh]
-            own = jnp.arange(T)[None, None, :] == idx[:, :, None]  # its own key (see `attention_mask`)
-            mask = (positions[:, None, :] <= pos[:, :, None]) & (visible[:, None, :] | own)  # [B, n, T]
-            xa = xa + blk.attn_out(attend(q, k, v, mask, bias[:, None, :]), bits)
-            xa = xa + blk.mlp(xa, bits)
             rows = jnp.arange(B)[:, None]
-            return x.at[rows, idx].set(xa, mode="drop")
+            xa, bits = take(x), take(tok.bits)
+            if own_rows:
+                q, k, v = blk.qkv(xa, take(cos), take(sin), bits)  # [B, n, H or K, Dh]
+                own = jnp.eye(n, dtype=bool)[None]  # its own key (see `attention_mask`)
+                mask = (idx[:, None, :] <= idx[:, :, None]) & (take(visible)[:, None, :] | own)  # [B, n, n]
+                o = attend_causal(q, k, v, mask, take(bias)[:, None, :])
+                scatter = lambda a: jnp.zeros((B, T, *a.shape[2:]), a.dtype).at[rows, idx].set(a, mode="drop")
+                k, v = scatter(k), scatter(v)
+            else:
+                q = blk.q(xa, take(cos), take(sin), bits)
+                own = jnp.arange(T)[None, None, :] == idx[:, :, None]
+                mask = (jnp.arange(T)[None, None, :] <= idx[:, :, None]) & (visible[:, None, :] | own)  # [B, n, T]
+                o = attend(q, k_all, v_all, mask, bias[:, None, :])
+                k, v = k_all, v_all
+            xa = xa + blk.attn_out(o, bits)
+            xa = xa + blk.mlp(xa, bits)
+            return x.at[rows, idx].set(xa, mode="drop"), k, v
 
         return branch
 
-    index = jnp.searchsorted(jnp.asarray(buckets), count)
-    x = jax.lax.switch(index, [run(n) for n in buckets], tok.x)
+    index = jnp.searchsorted(jnp.asarray(buckets), computing.sum(-1).max())
+    x, k, v = jax.lax.switch(index, [full if n == T else gathered(n) for n in buckets], tok.x)
     return x, None, k, v
 
 
@@ -236,25 +248,67 @@ def layer_step(qs: QuickSilverConfig, module, blk, layer, tok: Tokens, ctx, buck
     return tok, stats, (k, v, visible, bias), view
 
 
-def segments(qs: QuickSilverConfig, n_layers: int) -> list[tuple[int, int]]:
-    """Layer ranges [first, last) that share one weight format (split at l_q for quantization)."""
-    if qs.amq_layer is None or qs.amq_layer == 1:
-        return [(0, n_layers)]
-    return [(0, qs.amq_layer - 1), (qs.amq_layer - 1, n_layers)]
+def first_decision_layer(qs: QuickSilverConfig, n_layers: int) -> int:
+    """The first layer whose step can take or apply a decision (halting and fusion after layers
+    >= l_min, cut-off and selection after layer c, Matryoshka widths from l_q). Every layer below it
+    runs the plain block for every real token."""
+    layers = [n_layers]
+    if qs.halt == "drift" or qs.fuse_threshold is not None:
+        layers.append(qs.halt_min_layer)
+    if qs.halt in ("cutoff", "select"):
+        layers.append(qs.halt_cutoff_layer)
+    if qs.amq_layer is not None:
+        layers.append(qs.amq_layer)
+    return min(layers)
 
 
-def run_segment(qs, module, first: int, last: int, tok: Tokens, ctx, buckets=None):
-    """`lax.scan` over blocks first..last-1 (stacked inside jit; they share one structure)."""
+def segments(qs: QuickSilverConfig, n_layers: int, first: int = 0) -> list[tuple[int, int]]:
+    """Layer ranges [a, b) from `first` on that share one weight format (split at l_q)."""
+    cuts = [first, n_layers]
+    if qs.amq_layer is not None and qs.amq_layer - 1 > first:
+        cuts.insert(1, qs.amq_layer - 1)
+    return list(zip(cuts, cuts[1:]))
+
+
+def scan_layers(module, first: int, last: int, step, carry):
+    """`lax.scan` of step(carry, block, layer) over blocks first..last-1 (layer = 1-based number),
+    their weights stacked inside jit (they share one structure)."""
     blocks = [module.blocks[i] for i in range(first, last)]
     graphdef = nnx.graphdef(blocks[0])
     stacked = jax.tree.map(lambda *w: jnp.stack(w), *[nnx.state(b) for b in blocks])
+    return jax.lax.scan(lambda c, xs: step(c, nnx.merge(graphdef, xs[0]), xs[1]), carry,
+                        (stacked, jnp.arange(first + 1, last + 1)))
 
-    def step(tok, xs):
-        layer_state, layer = xs
-        tok, stats, cache, view = layer_step(qs, module, nnx.merge(graphdef, layer_state), layer, tok, ctx, buckets)
+
+def run_segment(qs, module, first: int, last: int, tok: Tokens, ctx, buckets=None):
+    """Layers first+1..last through `layer_step`."""
+
+    def step(tok, blk, layer):
+        tok, stats, cache, view = layer_step(qs, module, blk, layer, tok, ctx, buckets)
         return tok, (stats, cache, view)
 
-    return jax.lax.scan(step, tok, (stacked, jnp.arange(first + 1, last + 1)))
+    return scan_layers(module, first, last, step, tok)
+
+
+def dense_layers(module, last: int, tok: Tokens, ctx):
+    """Layers 1..last, below the first decision: the plain block on every real token (the fast
+    path's shortcut; the stats, cache entries and views are what `layer_step` would return)."""
+    cos, sin, causal, valid, eligible, positions, needed = ctx
+    mask = causal & valid[:, None, :]
+    L = module.cfg.n_layers
+    zeros = jnp.zeros(valid.shape[0], jnp.int32)
+
+    def step(x, blk, layer):
+        x_new, (k, v) = block(blk, x, cos, sin, mask)
+        x_new = jnp.where(valid[..., None], x_new, x)
+        stats = LayerStats(computing=valid.sum(-1).astype(jnp.int32), pairs=(mask & valid[:, :, None]).sum((-1, -2)).astype(jnp.int32),
+                           entropy_checks=zeros, propagated=zeros, kv_skipped=zeros, selection_pairs=zeros)
+        last_can = (eligible & valid)[:, -1] & (layer < L)
+        view = FusionView(x_new[:, -1], tok.size[:, -1], last_can, jnp.zeros_like(last_can))
+        return x_new, (stats, (k, v, valid, jnp.zeros(valid.shape, jnp.float32)), view)
+
+    x, out = scan_layers(module, 0, last, step, tok.x)
+    return dataclasses.replace(tok, x=x), out
 
 
 def quicksilver_window(qs: QuickSilverConfig, module, tokens, positions, valid, eligible, needed):
@@ -263,8 +317,9 @@ def quicksilver_window(qs: QuickSilverConfig, module, tokens, positions, valid, 
     tokens, positions [B, T]; valid [B, T]: real tokens (not padding, left or right);
     eligible [B, T]: tokens the mechanisms may touch (padding and the first n_sink positions are
     removed here); needed [B, T]: tokens whose own logits will be read (see the module docstring).
-    With `qs.compact`, only the computing rows run (bucketed compaction; the `zero` K/V mode always
-    runs masked: its zero keys need every row).
+    With `qs.compact`, layers below the first decision run as plain blocks and the others only on
+    the computing rows (bucketed compaction; above the first decision the `zero` K/V mode runs
+    masked: its zero keys need every row).
 
     -> final states x [B, T, D] (a halted token's frozen state), Tokens (decisions), LayerStats
     stacked [L, B], cache entries stacked [L, ...], AMQ entropy checks [B], and the last position's
@@ -283,7 +338,11 @@ def quicksilver_window(qs: QuickSilverConfig, module, tokens, positions, valid, 
     )
     outs, amq_checks = [], jnp.zeros(B, jnp.int32)
     buckets = compaction_buckets(T) if qs.compact and qs.kv_skip != "zero" else None
-    for first, last in segments(qs, L):
+    start = first_decision_layer(qs, L) - 1 if qs.compact else 0
+    if start > 0:
+        tok, out = dense_layers(module, start, tok, ctx)
+        outs.append(out)
+    for first, last in segments(qs, L, start):
         if qs.amq_layer is not None and first == qs.amq_layer - 1:
             tok = dataclasses.replace(tok, bits=amq_bits(qs, module, tok.x, eligible))
             amq_checks = eligible.sum(-1).astype(jnp.int32)
