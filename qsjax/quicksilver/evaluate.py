@@ -49,10 +49,10 @@ def compaction_report(qs: QuickSilverConfig, n_layers: int, lengths: list[int]) 
     window length's buckets (`lax.switch`), so a program holds at most 1 + buckets x segments
     distinct layer bodies."""
     from qsjax.quicksilver.compaction import compaction_buckets
-    from qsjax.quicksilver.forward import first_decision_layer, segments
+    from qsjax.quicksilver.forward import dense_prefix, segments
 
     on = qs.compact and qs.kv_skip != "zero"
-    start = first_decision_layer(qs, n_layers) - 1 if qs.compact else 0
+    start = dense_prefix(qs, n_layers)
     n_segments = len(segments(qs, n_layers, start))
     per_length = {T: list(compaction_buckets(T)) if on else [T] for T in dict.fromkeys(lengths)}
     return {

@@ -295,20 +295,24 @@ def dense_layers(module, last: int, tok: Tokens, ctx):
     path's shortcut; the stats, cache entries and views are what `layer_step` would return)."""
     cos, sin, causal, valid, eligible, positions, needed = ctx
     mask = causal & valid[:, None, :]
-    L = module.cfg.n_layers
     zeros = jnp.zeros(valid.shape[0], jnp.int32)
+    stats = LayerStats(computing=valid.sum(-1).astype(jnp.int32), pairs=(mask & valid[:, :, None]).sum((-1, -2)).astype(jnp.int32),
+                       entropy_checks=zeros, propagated=zeros, kv_skipped=zeros, selection_pairs=zeros)
+    absorbable = (eligible & valid)[:, -1]  # every layer here is below the last one
 
     def step(x, blk, layer):
         x_new, (k, v) = block(blk, x, cos, sin, mask)
         x_new = jnp.where(valid[..., None], x_new, x)
-        stats = LayerStats(computing=valid.sum(-1).astype(jnp.int32), pairs=(mask & valid[:, :, None]).sum((-1, -2)).astype(jnp.int32),
-                           entropy_checks=zeros, propagated=zeros, kv_skipped=zeros, selection_pairs=zeros)
-        last_can = (eligible & valid)[:, -1] & (layer < L)
-        view = FusionView(x_new[:, -1], tok.size[:, -1], last_can, jnp.zeros_like(last_can))
+        view = FusionView(x_new[:, -1], tok.size[:, -1], absorbable, jnp.zeros_like(absorbable))
         return x_new, (stats, (k, v, valid, jnp.zeros(valid.shape, jnp.float32)), view)
 
     x, out = scan_layers(module, 0, last, step, tok.x)
     return dataclasses.replace(tok, x=x), out
+
+
+def dense_prefix(qs: QuickSilverConfig, n_layers: int) -> int:
+    """How many layers the fast path runs as plain blocks (none for the masked reference)."""
+    return first_decision_layer(qs, n_layers) - 1 if qs.compact else 0
 
 
 def quicksilver_window(qs: QuickSilverConfig, module, tokens, positions, valid, eligible, needed):
@@ -338,7 +342,7 @@ def quicksilver_window(qs: QuickSilverConfig, module, tokens, positions, valid, 
     )
     outs, amq_checks = [], jnp.zeros(B, jnp.int32)
     buckets = compaction_buckets(T) if qs.compact and qs.kv_skip != "zero" else None
-    start = first_decision_layer(qs, L) - 1 if qs.compact else 0
+    start = dense_prefix(qs, L)
     if start > 0:
         tok, out = dense_layers(module, start, tok, ctx)
         outs.append(out)
