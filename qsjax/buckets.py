@@ -15,3 +15,15 @@ def bucket(n: int, minimum: int = 16, maximum: int | None = None) -> int:
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def prompt_bucket(n: int, context: int) -> int:
+    """The padded length of a prompt batch whose longest prompt has n tokens: a power of two (at
+    least 16), capped at the model's context."""
+    return bucket(n, maximum=max(context, 16))
+
+
+def cache_slots(prompt_slots: int, new_tokens: int) -> int:
+    """KV-cache length for a prompt bucket and the new tokens, rounded up to 128 so that nearby new-token
+    counts share one compiled program."""
+    return round_up(prompt_slots + new_tokens, 128)

@@ -89,9 +89,12 @@ def mesh_from_args(args):
     """The device mesh --mesh asks for (None without it); the batch must split evenly over "data"."""
     if args.mesh is None:
         return None
-    from qsjax.sharding import mesh_from_spec
+    from qsjax.sharding import MeshError, mesh_from_spec
 
-    mesh = mesh_from_spec(args.mesh)
+    try:
+        mesh = mesh_from_spec(args.mesh)
+    except MeshError as e:
+        raise UsageError(str(e)) from None
     data = mesh.shape["data"]
     if args.batch_size % data:
         raise UsageError(

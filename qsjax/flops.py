@@ -14,14 +14,16 @@ FLOPs per element against the 2 D (or 2 Dh) per element of the matmuls next to t
 about 1-3% at the sizes of real models (and of the test, which checks these counts against XLA's
 own count of a compiled forward).
 
-Attention is counted for the (query, key) pairs actually computed. The dense masked path computes
-its scores by blocks of 128 queries (`layers.attend_causal`), block j against keys 0..(j+1) 128 - 1,
-and masks the rest of each block afterwards: a dense window of T tokens costs
-`causal_block_pairs(T)` pairs per row and layer, between T (T + 1) / 2 and T^2.
+One convention for every report (`qsjax.eval`, QuickSilver's accounting, the benchmarks): the work
+a forward *needs*, `needed_flops` for a dense forward: every real token through every layer, the
+causal (query, key) pairs n (n + 1) / 2 of a window of n real tokens, the LM head where logits are
+read. QuickSilver's accounting counts the same for the tokens and pairs its decisions leave, plus
+the mechanisms' own overhead, so the two are comparable.
 
-Counts are per layer so that executed-work accounting (tokens halted before some layer) can pass
-its own `tokens_per_layer` and `attention_pairs_per_layer`; `dense_forward_flops` is the plain
-forward, every token through every layer.
+What a compiled dense forward *executes* is a little more (padding, and masked scores inside the
+causal query blocks of `layers.attend_causal`: block j of 128 queries against keys
+0..(j+1) 128 - 1): `dense_forward_flops` counts that, and is checked against XLA's own count of the
+compiled program (tests/test_flops.py), which checks the per-piece formulas below.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from qsjax.config import ModelConfig
+from qsjax.layers import ATTENTION_BLOCK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +98,17 @@ def forward_flops(
     )
 
 
-def causal_block_pairs(length: int, block: int = 128) -> int:
+def needed_flops(cfg: ModelConfig, window_lengths: Sequence[int], lm_head_positions: int) -> Flops:
+    """What a dense forward needs for windows of these real lengths (the reporting convention):
+    every token through every layer, n (n + 1) / 2 causal pairs per window and layer, the LM head on
+    `lm_head_positions` positions."""
+    L = cfg.n_layers
+    tokens = sum(window_lengths)
+    pairs = sum(n * (n + 1) // 2 for n in window_lengths)
+    return forward_flops(cfg, [tokens] * L, [pairs] * L, lm_head_positions)
+
+
+def causal_block_pairs(length: int, block: int = ATTENTION_BLOCK) -> int:
     """(query, key) pairs scored by `attend_causal` over a window: each block of queries against
     every key up to the block's end (the whole square when length <= block)."""
     if length <= block:

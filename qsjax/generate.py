@@ -18,13 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qsjax.buckets import bucket, round_up
+from qsjax.buckets import cache_slots, prompt_bucket
 from qsjax.cli import ArgumentParser, UsageError, run_cli
 from qsjax.model import Model, decode_step
+from qsjax.programs import Programs
 from qsjax.quicksilver.cli import add_quicksilver_args, quicksilver_from_args
 from qsjax.quicksilver.config import QuickSilverConfig
-from qsjax.quicksilver.decode import quicksilver_decode_step
-from qsjax.quicksilver.generation import prepare, quicksilver_prefill
+from qsjax.quicksilver.generation import prepare, quicksilver_decode, quicksilver_prefill
 from qsjax.sampler import Sampling, dense_prefill, generate
 
 
@@ -48,7 +48,7 @@ class GenerationResult:
 
 class Generator:
     """A model and its tokenizer, with one compiled generation program per (batch, prompt bucket,
-    new-token count, sampling mode)."""
+    new-token count, sampling mode, stream callback)."""
 
     def __init__(self, model: Model, tokenizer, quicksilver: QuickSilverConfig | None = None, mesh=None):
         """`mesh`: a qsjax.sharding mesh to shard the model over (after AMQ quantization, so that the
@@ -62,58 +62,37 @@ class Generator:
         self.tokenizer = tokenizer
         self.eos_ids = tuple(sorted(set(model.cfg.eos_ids) | set(tokenizer.eos_ids)))
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (self.eos_ids or (0,))[0]
-        self._compiled: dict = {}
+        self._programs = Programs(self._generate, static_argnums=(5,))
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         if chat:
             prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
         return self.tokenizer.encode(prompt, add_special_tokens=not chat)
 
-    def _program(self, batch, length, max_new, cache_length, sampling, stream):
-        key = (batch, length, max_new, cache_length, sampling, stream)
-        if key not in self._compiled:
-            f = functools.partial(
-                generate, max_new=max_new, cache_length=cache_length, sampling=sampling,
-                eos_ids=self.eos_ids, pad_id=self.pad_id, on_token=self._on_token if stream else None,
-                prefill_fn=self._prefill_fn(), decode_fn=self._decode_fn(),
-            )
-            fn = jax.jit(lambda state, *args: f(self.model.module(state), *args))
-            knobs = (jnp.float32(1), jnp.float32(1))
-            t0 = time.perf_counter()
-            compiled = fn.lower(
-                self.model.state, jnp.zeros((batch, length), jnp.int32), jnp.zeros(batch, jnp.int32),
-                jax.random.key(0), knobs,
-            ).compile()
-            self._compiled[key] = (compiled, time.perf_counter() - t0)
-            return compiled, self._compiled[key][1]
-        return self._compiled[key][0], 0.0
-
-    def _prefill_fn(self):
+    def _generate(self, state, tokens, start, rng, knobs, static):
+        """The whole generation as one function of the model's state (compiled per `static`)."""
+        max_new, cache_length, sampling, eos_ids, pad_id, stream = static
+        on_token = None if stream is None else (lambda step, toks: stream(int(toks[0])))
         if self.quicksilver is None:
-            return dense_prefill
-        qs = self.quicksilver
+            prefill_fn, decode_fn = dense_prefill, decode_step
+        else:
+            qs = self.quicksilver
 
-        def prefill_fn(module, tokens, start, cache_length):
-            logits, cache, _, stats = quicksilver_prefill(qs, module, tokens, start, cache_length)
-            return logits, cache, stats.computing  # [L, B] tokens computing each layer
+            def prefill_fn(module, tokens, start, cache_length):
+                p = quicksilver_prefill(qs, module, tokens, start, cache_length)
+                return p.logits, p.state, p.stats.computing  # [L, B] tokens computing each layer
 
-        return prefill_fn
+            decode_fn = functools.partial(quicksilver_decode, qs)
+        return generate(self.model.module(state), tokens, start, rng, knobs, max_new=max_new, cache_length=cache_length,
+                        sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, on_token=on_token, prefill_fn=prefill_fn,
+                        decode_fn=decode_fn)
 
     @property
     def programs(self) -> int:
         """Distinct compiled generation programs so far (one per batch, prompt bucket, new-token count,
-        sampling mode); under QuickSilver each switches between its layers' compaction buckets inside."""
-        return len(self._compiled)
-
-    def _decode_fn(self):
-        qs = self.quicksilver
-        if qs is None or qs.scope != "all":  # generated tokens are not eligible: the plain step
-            return decode_step
-        return lambda module, state, tokens: quicksilver_decode_step(qs, module, state, tokens)[:2]
-
-    def _on_token(self, step, tokens):
-        if self._stream is not None:
-            self._stream(int(tokens[0]))
+        sampling mode, stream callback); under QuickSilver each switches between its layers'
+        compaction buckets inside."""
+        return len(self._programs)
 
     def check(self, prompts: list[list[int]], max_new_tokens: int):
         """Raise UsageError for an empty prompt or one that does not fit the context with the new tokens."""
@@ -129,27 +108,28 @@ class Generator:
     def __call__(self, prompts: list[list[int]], *, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
                  seed: int = 0, stream=None) -> GenerationResult:
         """Generate for token-id prompts.  `stream(token_id)` is called as each token of a single
-        prompt is produced."""
+        prompt is produced (a program is compiled for each distinct callback)."""
         self.check(prompts, max_new_tokens)
         cfg = self.model.cfg
         lengths = [len(p) for p in prompts]
-        longest = max(lengths)
-        T = bucket(longest, maximum=max(cfg.max_positions, 16))
-        cache_length = round_up(T + max_new_tokens, 128)
+        T = prompt_bucket(max(lengths), cfg.max_positions)
         batch = np.full((len(prompts), T), self.pad_id, np.int32)
         for row, p in zip(batch, prompts):
             row[T - len(p):] = p  # left padding: every row's next token goes to slot T
         start = np.array([T - n for n in lengths], np.int32)
-        static = dataclasses.replace(sampling, temperature=1.0, top_p=1.0)  # traced values, not part of the program
-        program, compile_s = self._program(len(prompts), T, max_new_tokens, cache_length, static, stream is not None)
+        fixed = dataclasses.replace(sampling, temperature=1.0, top_p=1.0)  # traced values, not part of the program
+        static = (max_new_tokens, cache_slots(T, max_new_tokens), fixed, self.eos_ids, self.pad_id, stream)
+        key = (len(prompts), T, static)
         knobs = (jnp.float32(sampling.temperature), jnp.float32(sampling.top_p))
-        self._stream = stream
+        rng = jax.random.key(seed)
+        spec = self.model.spec
+        compile_s = self._programs.compile(key, self.model.state, spec(batch.shape), spec(start.shape), rng, knobs, static)
         t0 = time.perf_counter()
-        out, _, computing = program(self.model.state, jnp.asarray(batch), jnp.asarray(start), jax.random.key(seed), knobs)
+        out, _, computing = self._programs(key, self.model.state, self.model.place(batch), self.model.place(start), rng,
+                                           knobs)
         out = np.asarray(out)
         seconds = time.perf_counter() - t0
         executed = None if computing is None else float(np.asarray(computing).sum()) / (sum(lengths) * cfg.n_layers)
-        self._stream = None
         ids = []
         for row in out:
             row = row.tolist()
@@ -216,9 +196,12 @@ def main(argv=None) -> int:
     prompts = check_args(args)
     mesh = None
     if args.mesh is not None:
-        from qsjax.sharding import mesh_from_spec
+        from qsjax.sharding import MeshError, mesh_from_spec
 
-        mesh = mesh_from_spec(args.mesh)
+        try:
+            mesh = mesh_from_spec(args.mesh)
+        except MeshError as e:
+            raise UsageError(str(e)) from None
     from qsjax.compilecache import enable_compilation_cache
     from qsjax.params import WeightError, load_model
     from qsjax.tokenizer import StreamDecoder, load_tokenizer

@@ -42,6 +42,16 @@ def silu(x):
     return x * jax.nn.sigmoid(x)
 
 
+def grouped_scores(q, k):
+    """q.k / sqrt(Dh) for grouped key/value heads, in float32.
+    q [B, T, H, Dh], k [B, S, K, Dh] -> [B, K, G, T, S] (query head h = k G + g)"""
+    B, T, H, Dh = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, H // K, Dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    return scores / jnp.sqrt(jnp.float32(Dh))
+
+
 def attend(q, k, v, mask, bias=None):
     """Scaled dot-product attention with grouped key/value heads.
 
@@ -53,15 +63,33 @@ def attend(q, k, v, mask, bias=None):
     """
     B, T, H, Dh = q.shape
     K = k.shape[2]
-    qg = q.reshape(B, T, K, H // K, Dh)  # [B, T, K, G, Dh]
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores / jnp.sqrt(jnp.float32(Dh))  # [B, K, G, T, S]
+    scores = grouped_scores(q, k)  # [B, K, G, T, S]
     if bias is not None:
         scores = scores + bias[:, None, None]
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, K, G, Dh]
     return out.reshape(B, T, H, Dh)
+
+
+def attention(q, k, v, q_slot, k_slot, k_ok, bias=None, *, self_visible: bool = False):
+    """Attention where the mask is a rule on slots (a token's order in its row), never passed in:
+
+        query i may attend key j  iff  k_slot[j] <= q_slot[i]  and  (k_ok[j]  or  (self_visible and k_slot[j] == q_slot[i]))
+
+    q [B, T, H, Dh], k and v [B, S, K, Dh], q_slot [B, T] and k_slot [B, S] int, k_ok [B, S] bool,
+    bias [B, S] float (added to every score of key j) or None.  -> [B, T, H, Dh]
+    Every caller goes through this one function: a full causal window (slots 0..T-1), gathered rows
+    (ascending slots with gaps), decode (T = 1 against the cache)."""
+    mask = k_slot[:, None, :] <= q_slot[:, :, None]
+    visible = k_ok[:, None, :]
+    if self_visible:
+        visible = visible | (k_slot[:, None, :] == q_slot[:, :, None])
+    mask = mask & visible  # [B, T, S]
+    b = None if bias is None else bias[:, None, :]
+    if q.shape[1] == k.shape[1]:  # square: every caller's query slots are its key slots
+        return attend_causal(q, k, v, mask, b)
+    return attend(q, k, v, mask, b)
 
 
 def causal_mask(q_slots, k_slots, k_valid):
@@ -72,7 +100,10 @@ def causal_mask(q_slots, k_slots, k_valid):
     return (k_slots[None, None, :] <= q_slots[None, :, None]) & k_valid[:, None, :]
 
 
-def attend_causal(q, k, v, mask, bias=None, block: int = 128):
+ATTENTION_BLOCK = 128  # queries per block of `attend_causal` (flops.causal_block_pairs counts with it)
+
+
+def attend_causal(q, k, v, mask, bias=None, block: int = ATTENTION_BLOCK):
     """`attend` for a causal window (query slot i = key slot i), by blocks of `block` queries: block
     j only scores keys 0..(j+1) block - 1, since later keys are masked for all its queries anyway.
     Same result as `attend`; about half the work and a far smaller score tensor per step (2.6x

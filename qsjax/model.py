@@ -1,12 +1,20 @@
 """Dense forward passes, compiled as pure functions over the model's split state.
 
     x^0   = embed(tokens, positions)
-    x^l   = block_l(x^(l-1))          l = 1..L  (a `lax.scan` over the stacked blocks)
+    x^l   = block_l(x^(l-1))          l = 1..L
     logits = lm_head(norm(x^L))
+
+Layers are numbered 1..L, as in the papers ("after layer l" = once block l has run); block l is
+`model.blocks[l - 1]`. Full windows run the blocks unrolled when short and as a `lax.scan` over
+stacked weights when long (`scan_blocks`); decode steps are unrolled.
 
 `Model` holds the NNX graph definition and state (`nnx.split` once) and the jitted functions:
 `prefill` (prompt -> last logits and a filled KV cache), `decode_step` (one token per row, the
 cache donated) and `logits` (a whole causal window, e.g. for perplexity).
+
+The seams for extensions: `decode_step` takes an optional per-layer key mask and
+score bias (absent, they compile to nothing), every block takes the `linear` map to apply its
+weights with, and attention is the one function `layers.attention`.
 """
 
 from __future__ import annotations
@@ -18,75 +26,90 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qsjax import blocks
 from qsjax.config import ModelConfig
 from qsjax.kvcache import KVCache
-from qsjax.layers import attend, attend_causal, causal_mask
+from qsjax.layers import attention
 from qsjax.modules import Transformer
 from qsjax.rope import rope_angles
 
-
-def block(blk, x, cos, sin, mask, kv=None, bias=None):
-    """One transformer block.  x [B, T, D] -> x [B, T, D], plus this block's new k, v.
-
-    `kv(k, v)` returns the keys and values to attend over: by default the new ones (a full causal
-    window, attended by query blocks), in decode the cache with the new ones written in.
-    `bias` [B, T, S] is added to the scores.
-    """
-    q, k, v = blk.qkv(x, cos, sin)  # [B, T, H, Dh], [B, T, K, Dh] x 2
-    if kv is None:
-        o = attend_causal(q, k, v, mask, bias)
-    else:
-        keys, values = kv(k, v)  # [B, S, K, Dh] x 2
-        o = attend(q, keys, values, mask, bias)
-    x = x + blk.attn_out(o)
-    x = x + blk.mlp(x)
-    return x, (k, v)
+# Up to this many tokens (batch x length) a full-window pass runs its layers unrolled, each reading
+# its weights in place: on a 2-core CPU 12-25% faster than a scan for 512-1,024 tokens and 6x faster
+# for a 16-token prompt (a scan must first stack every layer's weights, ~0.25 s for 135 M parameters),
+# at 3-4x the compile time. Longer inputs scan over the weights stacked inside jit.
+UNROLL_TOKENS = 1024
 
 
-def scan_blocks(blocks, x, cos, sin, mask):
-    """Run all L blocks over full windows.  x [B, T, D] -> x [B, T, D], k and v [L, B, T, K, Dh]
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where each token of a batch of causal windows sits, [B, T] each (cos, sin [B, T, Dh/2]):
+    what every layer needs besides the states.
 
-    Up to 1,024 tokens (B T) the layers run unrolled, each reading its weights in place: on this CPU
-    that is 12-25% faster than a scan for 512-1,024 tokens and 6x faster for a 16-token prompt (a
-    scan must first stack every layer's weights, ~0.25 s for 135 M parameters), at 3-4x the compile
-    time. Longer inputs `lax.scan` over the weights stacked inside jit: that copy is small next to
-    their compute, and the compile stays short."""
-    if x.shape[0] * x.shape[1] <= 1024:
-        outs = [None] * len(blocks)
-        for l, blk in enumerate(blocks):
-            x, outs[l] = block(blk, x, cos, sin, mask)
+    slots: the order of each token in its row (0..T-1; attention's causal rule); valid: real tokens
+    (not padding); positions: what RoPE and the position embedding see."""
+
+    positions: jax.Array
+    cos: jax.Array
+    sin: jax.Array
+    slots: jax.Array
+    valid: jax.Array
+
+    @classmethod
+    def left_padded(cls, cfg: ModelConfig, start, T: int) -> Layout:
+        """Rows padded on the left: row b's real tokens in slots start[b]..T-1, slot s at position s - start[b]."""
+        slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (start.shape[0], T))
+        return cls.of(cfg, jnp.maximum(slots - start[:, None], 0), slots >= start[:, None])
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, positions, valid) -> Layout:
+        """Rows with the given positions and real tokens [B, T] (e.g. right padding)."""
+        B, T = positions.shape
+        cos, sin = rope_angles(cfg, positions)
+        return cls(positions, cos, sin, jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)), valid)
+
+
+def block(blk, x, w: Layout, linear=blocks.call):
+    """One transformer block over full causal windows.  x [B, T, D] -> x [B, T, D], (k, v [B, T, K, Dh])"""
+    q, k, v = blocks.qkv(blk, x, w.cos, w.sin, linear)  # [B, T, H, Dh], [B, T, K, Dh] x 2
+    o = attention(q, k, v, w.slots, w.slots, w.valid)
+    return blocks.tail(blk, x, o, linear), (k, v)
+
+
+def scan_layers(model: Transformer, first: int, last: int, step, carry):
+    """`lax.scan` of step(carry, block, layer) -> (carry, out) over layers first+1..last (1-based
+    `layer`, traced), their weights stacked inside jit (the blocks must share one structure).
+    -> carry, outs stacked [last - first, ...]"""
+    blks = [model.blocks[i] for i in range(first, last)]
+    graphdef = nnx.graphdef(blks[0])
+    stacked = jax.tree.map(lambda *w: jnp.stack(w), *[nnx.state(b) for b in blks])
+    return jax.lax.scan(lambda c, xs: step(c, nnx.merge(graphdef, xs[0]), xs[1]), carry,
+                        (stacked, jnp.arange(first + 1, last + 1)))
+
+
+def scan_blocks(model: Transformer, x, w: Layout):
+    """All L blocks over full windows, unrolled up to UNROLL_TOKENS tokens, else scanned.
+    x [B, T, D] -> x [B, T, D], k and v [L, B, T, K, Dh]"""
+    if x.shape[0] * x.shape[1] <= UNROLL_TOKENS:
+        outs = []
+        for blk in model.blocks:
+            x, kv = block(blk, x, w)
+            outs.append(kv)
         return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
-    graphdef = nnx.graphdef(blocks[0])
-    stacked = jax.tree.map(lambda *w: jnp.stack(w), *[nnx.state(b) for b in blocks])
-
-    def step(x, layer_state):
-        return block(nnx.merge(graphdef, layer_state), x, cos, sin, mask)
-
-    return jax.lax.scan(step, x, stacked)
-
-
-def _window(model: Transformer, tokens, start):
-    """Embeddings, RoPE angles and causal mask for left-padded windows.
-
-    Row b holds padding in slots 0..start[b]-1; the position of slot s is s - start[b]."""
-    B, T = tokens.shape
-    slots = jnp.arange(T)
-    positions = jnp.maximum(slots[None, :] - start[:, None], 0)  # [B, T]
-    cos, sin = rope_angles(model.cfg, positions)
-    mask = causal_mask(slots, slots, slots[None, :] >= start[:, None])  # [B, T, T]
-    return model.embed(tokens, positions), cos, sin, mask
+    return scan_layers(model, 0, len(model.blocks), lambda x, blk, _: block(blk, x, w), x)
 
 
 def hidden_states(model: Transformer, tokens, start):
     """The last block's output (before the final norm) for every slot of left-padded causal
     windows.  tokens [B, T], start [B] -> x^L [B, T, D]"""
-    x, _ = scan_blocks(model.blocks, *_window(model, tokens, start))
+    w = Layout.left_padded(model.cfg, start, tokens.shape[1])
+    x, _ = scan_blocks(model, blocks.embed(model, tokens, w.positions), w)
     return x
 
 
 def window_logits(model: Transformer, tokens, start):
     """Logits for every slot of left-padded causal windows.  tokens [B, T], start [B] -> [B, T, V]"""
-    return model.logits(hidden_states(model, tokens, start))
+    return blocks.lm_logits(model, hidden_states(model, tokens, start))
 
 
 def prefill(model: Transformer, tokens, start, cache_length: int):
@@ -94,59 +117,43 @@ def prefill(model: Transformer, tokens, start, cache_length: int):
 
     tokens [B, T] (row b's real tokens in slots start[b]..T-1) -> last logits [B, V], KVCache
     with index = T."""
-    B, T = tokens.shape
-    x, (k, v) = scan_blocks(model.blocks, *_window(model, tokens, start))
-    cache = KVCache.empty(model.cfg, B, cache_length, start, k.dtype)
-    cache = dataclasses.replace(
-        cache,
-        k=jax.lax.dynamic_update_slice(cache.k, k, (0, 0, 0, 0, 0)),
-        v=jax.lax.dynamic_update_slice(cache.v, v, (0, 0, 0, 0, 0)),
-        index=jnp.int32(T),
-    )
-    return model.logits(x[:, -1]), cache
+    w = Layout.left_padded(model.cfg, start, tokens.shape[1])
+    x, (k, v) = scan_blocks(model, blocks.embed(model, tokens, w.positions), w)
+    return blocks.lm_logits(model, x[:, -1]), KVCache.from_window(k, v, start, cache_length)
 
 
-def decode_step(model: Transformer, cache: KVCache, tokens):
+def decode_step(model: Transformer, cache: KVCache, tokens, key_mask=None, key_bias=None):
     """One new token per row at slot cache.index.  tokens [B] -> logits [B, V], new cache.
 
+    key_mask [L, B, S] bool: which cached keys each layer may attend to besides the new token's own
+    (None: every real one); key_bias [L, B, S]: added to their scores (None: nothing).
     Layers are unrolled: decoding is dominated by reading weights and the cache, and a scan would
     add a dynamic slice (a copy) of every weight and cache layer per step."""
     B = tokens.shape[0]
-    i = cache.index
-    positions = (i - cache.start)[:, None]  # [B, 1]
+    positions = cache.positions()[:, None]  # [B, 1]
     cos, sin = rope_angles(model.cfg, positions)
-    slots = jnp.arange(cache.length)
-    k_valid = (slots[None, :] >= cache.start[:, None]) & (slots[None, :] <= i)  # [B, S]
-    x = model.embed(tokens[:, None], positions)  # [B, 1, D]
-    k_all, v_all = cache.k, cache.v
-    if cache.visible is not None:  # QuickSilver: the new token is visible everywhere, with no bias
-        visible = jax.lax.dynamic_update_slice(cache.visible, jnp.ones((cache.visible.shape[0], B, 1), bool), (0, 0, i))
-        bias = jax.lax.dynamic_update_slice(cache.bias, jnp.zeros((cache.bias.shape[0], B, 1)), (0, 0, i))
+    x = blocks.embed(model, tokens[:, None], positions)  # [B, 1, D]
+    q_slot = jnp.broadcast_to(cache.index, (B, 1))
+    k_slot, written = cache.slots(), cache.slots_valid()  # [B, S]
     for l, blk in enumerate(model.blocks):
-
-        def write(k, v, l=l):
-            nonlocal k_all, v_all
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None], (l, 0, i, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None], (l, 0, i, 0, 0))
-            return k_all[l], v_all[l]
-
-        if cache.visible is None:
-            x, _ = block(blk, x, cos, sin, k_valid[:, None, :], kv=write)  # mask [B, 1, S]
-        else:
-            x, _ = block(blk, x, cos, sin, (k_valid & visible[l])[:, None, :], kv=write, bias=bias[l][:, None, :])
-    cache = dataclasses.replace(cache, k=k_all, v=v_all, index=i + 1)
-    if cache.visible is not None:
-        cache = dataclasses.replace(cache, visible=visible, bias=bias)
-    return model.logits(x[:, 0]), cache
+        q, k, v = blocks.qkv(blk, x, cos, sin)
+        cache = cache.write(l, k, v)
+        ok = written if key_mask is None else written & key_mask[l]
+        bias = None if key_bias is None else key_bias[l]
+        o = attention(q, cache.k[l], cache.v[l], q_slot, k_slot, ok, bias, self_visible=True)
+        x = blocks.tail(blk, x, o)
+    return blocks.lm_logits(model, x[:, 0]), cache.advance()
 
 
 @dataclasses.dataclass
 class Model:
-    """A loaded model: config, NNX graph definition and state, and its compiled functions."""
+    """A loaded model: config, NNX graph definition and state, its compiled functions, and (when
+    sharded, see `qsjax.sharding.shard_model`) the mesh its inputs are placed on."""
 
     cfg: ModelConfig
     graphdef: nnx.GraphDef
     state: nnx.State
+    mesh: jax.sharding.Mesh | None = None
 
     @classmethod
     def from_module(cls, module: Transformer) -> Model:
@@ -159,6 +166,19 @@ class Model:
 
     def module(self, state=None) -> Transformer:
         return nnx.merge(self.graphdef, self.state if state is None else state)
+
+    def place(self, batch):
+        """An input batch [B, ...] on the model's devices: rows over the mesh's "data" axis when sharded."""
+        from qsjax.sharding import shard_batch
+
+        return jnp.asarray(batch) if self.mesh is None else shard_batch(jnp.asarray(batch), self.mesh)
+
+    def spec(self, shape: tuple, dtype=jnp.int32) -> jax.ShapeDtypeStruct:
+        """The abstract input `place` gives for an array of this shape (to compile ahead of time)."""
+        from qsjax.sharding import batch_sharding
+
+        sharding = None if self.mesh is None else batch_sharding(shape[0], self.mesh)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
     @functools.cached_property
     def _logits(self):
@@ -174,14 +194,17 @@ class Model:
         f = lambda state, cache, tokens: decode_step(self.module(state), cache, tokens)
         return jax.jit(f, donate_argnums=1)
 
+    def _inputs(self, tokens, start):
+        tokens = self.place(jnp.asarray(tokens, jnp.int32))
+        start = jnp.zeros(tokens.shape[0], jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+        return tokens, self.place(start)
+
     def logits(self, tokens, start=None):
         """tokens [B, T] -> logits [B, T, V] of causal windows, left-padded up to slot start[b]."""
-        tokens = jnp.asarray(tokens, jnp.int32)
-        start = jnp.zeros(tokens.shape[0], jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
-        return self._logits(self.state, tokens, start)
+        return self._logits(self.state, *self._inputs(tokens, start))
 
     def prefill(self, tokens, start, cache_length: int):
-        return self._prefill(self.state, jnp.asarray(tokens, jnp.int32), jnp.asarray(start, jnp.int32), cache_length)
+        return self._prefill(self.state, *self._inputs(tokens, start), cache_length)
 
     def decode_step(self, cache: KVCache, tokens):
-        return self._decode(self.state, cache, jnp.asarray(tokens, jnp.int32))
+        return self._decode(self.state, cache, self.place(jnp.asarray(tokens, jnp.int32)))

@@ -12,6 +12,8 @@ Protocols:
   scored, stopping at the window that reaches the end of the stream.
 - disjoint (GPTQ): floor(N / seqlen) windows side by side; each scores all its tokens but the
   first; the tail shorter than seqlen is dropped.
+- tail (long context): windows of max_length tokens ending every stride tokens, each scoring its
+  last stride tokens: every scored token sees max_length - stride tokens of context.
 
 Every window is padded on the right to the longest window (the model is causal, so padding never
 changes the logits of real tokens; padded positions are not scored). Windows run in batches that
@@ -31,9 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from qsjax.flops import Flops, dense_forward_flops
+from qsjax.blocks import lm_logits
+from qsjax.flops import Flops, needed_flops
 from qsjax.model import Model, hidden_states
 from qsjax.modules import Transformer
+from qsjax.programs import Programs
 
 PAD_ID = 0  # fills the right end of a short window; any valid id would do, it is never scored
 
@@ -95,6 +99,15 @@ def disjoint_windows(n_tokens: int, seqlen: int) -> list[Window]:
     return [Window(b, b + seqlen, b + 1) for b in range(0, n_tokens - seqlen + 1, seqlen)]
 
 
+def tail_windows(n_tokens: int, max_length: int, stride: int) -> list[Window]:
+    """Long-context windows: W = max_length tokens ending every `stride` tokens, each scoring only its
+    last `stride` tokens, so that every scored token sees W - stride tokens of context (the first
+    W - stride tokens of the stream are context only; tokens after the last full window are not scored)."""
+    if not 0 < stride < max_length <= n_tokens:
+        raise ValueError(f"need 0 < stride < max_length <= n_tokens (got {stride=}, {max_length=}, {n_tokens=})")
+    return [Window(end - max_length, end, end - stride) for end in range(max_length, n_tokens + 1, stride)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Batch:
     """Windows run together, each padded on the right to `length`; the LM head runs on positions
@@ -150,42 +163,54 @@ def make_batches(windows: list[Window], batch_size: int) -> list[Batch]:
     return batches
 
 
-def token_nll(model: Transformer, tokens, offset: int):
+def nll_of(z, target):
+    """nll_t = logsumexp(z_t) - z_t[target_t].  z [..., V] float32, target [...] int -> [...]"""
+    return jax.nn.logsumexp(z, axis=-1) - jnp.take_along_axis(z, target[..., None], axis=-1)[..., 0]
+
+
+def token_nll(model: Transformer, tokens, lengths, offset: int):
     """Negative log-likelihood of tokens offset+1..T-1 of each row, each from the logits one
     position before it, with the LM head run on those positions only (float32).
 
-    tokens [B, T] -> nll [B, T - 1 - offset]"""
+    tokens [B, T], lengths [B] (unused: right padding never changes a real token's logits)
+    -> nll [B, T - 1 - offset], no by-products (None)"""
     start = jnp.zeros(tokens.shape[0], jnp.int32)  # no left padding
     x = hidden_states(model, tokens, start)[:, offset:-1]  # [B, n, D]
-    z = model.logits(x)  # [B, n, V] float32
-    target = tokens[:, offset + 1 :]  # [B, n]
-    z_target = jnp.take_along_axis(z, target[..., None], axis=-1)[..., 0]  # [B, n]
-    return jax.nn.logsumexp(z, axis=-1) - z_target
+    return nll_of(lm_logits(model, x), tokens[:, offset + 1 :]), None
 
 
 class Scorer:
-    """`token_nll` for one model, jitted once and compiled once per (batch, length, offset)."""
+    """An NLL function of (module, tokens [B, T], lengths [B], offset) -> (nll [B, n], by-products)
+    for one model, compiled once per (batch, length, offset). Dense `token_nll` by default;
+    QuickSilver passes its own (`quicksilver.evaluate`)."""
 
-    def __init__(self, model: Model):
+    def __init__(self, model: Model, nll_fn=token_nll):
         self.model = model
-        f = lambda state, tokens, offset: token_nll(model.module(state), tokens, offset)
-        self._jit = jax.jit(f, static_argnums=2)
-        self._compiled: dict[tuple[int, int, int], jax.stages.Compiled] = {}
+        self._programs = Programs(lambda state, tokens, lengths, offset: nll_fn(model.module(state), tokens, lengths, offset),
+                                  static_argnums=3)
 
     def compile(self, batch: int, length: int, offset: int) -> float:
         """Compile one shape unless already compiled; return the seconds it took."""
-        key = (batch, length, offset)
-        if key in self._compiled:
-            return 0.0
-        t0 = time.perf_counter()
-        spec = jax.ShapeDtypeStruct((batch, length), jnp.int32)
-        self._compiled[key] = self._jit.lower(self.model.state, spec, offset).compile()
-        return time.perf_counter() - t0
+        spec = self.model.spec
+        return self._programs.compile((batch, length, offset), self.model.state, spec((batch, length)), spec((batch,)),
+                                      offset)
 
-    def __call__(self, tokens: np.ndarray, offset: int) -> np.ndarray:
-        """tokens [B, T] -> nll [B, T - 1 - offset] float32"""
+    @property
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """The (batch, length, offset) shapes compiled so far."""
+        return self._programs.keys()
+
+    def score(self, tokens: np.ndarray, lengths: np.ndarray, offset: int):
+        """tokens [B, T], lengths [B] real tokens per row -> nll [B, T - 1 - offset] float32 (NumPy), by-products"""
         self.compile(*tokens.shape, offset)
-        return np.asarray(self._compiled[(*tokens.shape, offset)](self.model.state, tokens))
+        nll, extra = self._programs((*tokens.shape, offset), self.model.state, self.model.place(tokens),
+                                    self.model.place(lengths))
+        return np.asarray(nll), extra
+
+    def __call__(self, tokens: np.ndarray, offset: int, lengths: np.ndarray | None = None) -> np.ndarray:
+        """tokens [B, T] (rows of `lengths` real tokens; default: all real) -> nll [B, T - 1 - offset]"""
+        lengths = np.full(tokens.shape[0], tokens.shape[1], np.int32) if lengths is None else lengths
+        return self.score(np.asarray(tokens, np.int32), np.asarray(lengths, np.int32), offset)[0]
 
 
 @dataclasses.dataclass
@@ -196,7 +221,7 @@ class PerplexityResult:
     forwards: int  # batches run
     seconds: float  # scoring, compilation excluded
     seconds_compile: float
-    flops: Flops  # executed work: padding and every computed LM head position included
+    flops: Flops  # the work the windows need (see qsjax.flops): real tokens, causal pairs, scored positions
     token_nll: np.ndarray  # [N] float32: each stream token's NLL, NaN where not scored
     programs: int = 1  # distinct compiled programs (one per window shape)
 
@@ -228,25 +253,31 @@ class PerplexityResult:
         }
 
 
-def evaluate(
-    scorer: Scorer, stream: np.ndarray, windows: list[Window], batch_size: int = 1, progress: bool = True
-) -> PerplexityResult:
-    """Score `windows` of the token stream [N]: compile every shape first (timed apart), then run."""
+def evaluate(scorer, stream: np.ndarray, windows: list[Window], batch_size: int = 1, progress: bool = True,
+             on_batch=None, desc: str = "perplexity") -> PerplexityResult:
+    """Score `windows` of the token stream [N]: compile every shape first (timed apart), then run.
+
+    `scorer` is a `Scorer` or anything with its interface (`model.cfg`, `compile`, `score`).
+    `on_batch(batch, lengths, by_products) -> Flops` is told of every batch scored and returns the work
+    it took (default: a dense forward's, `flops.needed_flops`)."""
     cfg = scorer.model.cfg
+    if on_batch is None:
+        on_batch = lambda batch, lengths, _: needed_flops(cfg, lengths.tolist(), int(batch.scored().sum()))
     batches = make_batches(windows, batch_size)
     shapes = list(dict.fromkeys(b.key for b in batches))
     seconds_compile = sum(scorer.compile(*key) for key in shapes)
     token_nll_out = np.full(len(stream), np.nan, np.float32)
     nll_sum, tokens_scored, flops = 0.0, 0, Flops()
-    bar = tqdm(total=len(windows), unit="window", file=sys.stderr, disable=not progress, desc="perplexity")
+    bar = tqdm(total=len(windows), unit="window", file=sys.stderr, disable=not progress, desc=desc)
     t0 = time.perf_counter()
     for batch in batches:
-        nll = scorer(batch.tokens(stream), batch.offset)  # [B, n]
+        lengths = np.array([w.length for w in batch.windows], np.int32)
+        nll, extra = scorer.score(batch.tokens(stream), lengths, batch.offset)  # [B, n]
         scored = batch.scored()
         token_nll_out[batch.targets()[scored]] = nll[scored]
         nll_sum += float(nll[scored].astype(np.float64).sum())
         tokens_scored += int(scored.sum())
-        flops += dense_forward_flops(cfg, len(batch.windows), batch.length, len(batch.windows) * batch.n_predicted)
+        flops += on_batch(batch, lengths, extra)
         bar.update(len(batch.windows))
         bar.set_postfix(ppl=f"{math.exp(nll_sum / tokens_scored):.3f}")
     seconds = time.perf_counter() - t0

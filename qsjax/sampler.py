@@ -58,6 +58,21 @@ def dense_prefill(model, tokens, start, cache_length):
     return logits, cache, None
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoopState:
+    """The decode loop's carry: the step about to run, each row's last token [B], what decoding
+    continues from (a KV cache, or a QuickSilver state), which rows are done [B], the new tokens so
+    far [B, max_new], and the random key."""
+
+    step: jax.Array
+    token: jax.Array
+    cache: object
+    done: jax.Array
+    out: jax.Array
+    rng: jax.Array
+
+
 def generate(model, tokens, start, rng, knobs, *, max_new: int, cache_length: int, sampling: Sampling,
              eos_ids: tuple[int, ...], pad_id: int, on_token=None, prefill_fn=dense_prefill, decode_fn=decode_step):
     """Prefill a left-padded batch, then decode up to `max_new` tokens per row.
@@ -67,35 +82,29 @@ def generate(model, tokens, start, rng, knobs, *, max_new: int, cache_length: in
     generated, and what `prefill_fn(model, tokens, start, cache_length) -> (logits, cache, extra)`
     reported (QuickSilver's prompt statistics; None for the dense prefill).
     `decode_fn(model, cache, tokens [B]) -> (logits, cache)` continues from what the prefill left
-    (QuickSilver under scope=all carries more than the cache: its own decode step).
+    (QuickSilver carries more than the cache: its own decode step).
     `on_token(step, tokens [B])`, if given, is called from inside the loop as each step's tokens
     are ready (streaming)."""
     B = tokens.shape[0]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
-    def emit(step, logits, done, out, rng):
+    def emit(s: LoopState, logits) -> LoopState:
         """Pick this step's tokens, record them, and mark rows that produced an EOS as done."""
-        rng, key = jax.random.split(rng)
-        tok = jnp.where(done, pad_id, next_token(logits, key, sampling, *knobs))
-        return tok, out.at[:, step].set(tok), done | jnp.isin(tok, eos), rng
+        rng, key = jax.random.split(s.rng)
+        tok = jnp.where(s.done, pad_id, next_token(logits, key, sampling, *knobs))
+        if on_token is not None:
+            io_callback(on_token, None, s.step, tok, ordered=True)
+        return dataclasses.replace(s, step=s.step + 1, token=tok, out=s.out.at[:, s.step].set(tok),
+                                   done=s.done | jnp.isin(tok, eos), rng=rng)
 
     logits, cache, extra = prefill_fn(model, tokens, start, cache_length)
-    out = jnp.full((B, max_new), pad_id, jnp.int32)
-    tok, out, done, rng = emit(0, logits, jnp.zeros(B, bool), out, rng)
-    if on_token is not None:
-        io_callback(on_token, None, jnp.int32(0), tok, ordered=True)
+    first = LoopState(jnp.int32(0), jnp.full(B, pad_id, jnp.int32), cache, jnp.zeros(B, bool),
+                      jnp.full((B, max_new), pad_id, jnp.int32), rng)
+    state = emit(first, logits)
 
-    def cond(carry):
-        step, _, _, done, _, _ = carry
-        return (step < max_new) & ~jnp.all(done)
+    def body(s: LoopState) -> LoopState:
+        logits, cache = decode_fn(model, s.cache, s.token)
+        return emit(dataclasses.replace(s, cache=cache), logits)
 
-    def body(carry):
-        step, tok, cache, done, out, rng = carry
-        logits, cache = decode_fn(model, cache, tok)
-        tok, out, done, rng = emit(step, logits, done, out, rng)
-        if on_token is not None:
-            io_callback(on_token, None, step, tok, ordered=True)
-        return step + 1, tok, cache, done, out, rng
-
-    step, _, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, cache, done, out, rng))
-    return out, step, extra
+    state = jax.lax.while_loop(lambda s: (s.step < max_new) & ~jnp.all(s.done), body, state)
+    return state.out, state.step, extra

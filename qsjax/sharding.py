@@ -24,11 +24,9 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from qsjax.cli import UsageError
 from qsjax.config import ModelConfig
 
 AXES = ("data", "model")
@@ -113,34 +111,25 @@ def state_shardings(state, cfg: ModelConfig, mesh: Mesh):
 
 
 def shard_model(model, mesh: Mesh):
-    """The model with its parameters placed on `mesh`; its compiled functions (and any function of
-    `model.module(state)` jitted over its state, e.g. the perplexity scorers) then run sharded.
+    """The model with its parameters placed on `mesh` and `model.mesh` set: its compiled functions
+    (and any function of `model.module(state)` jitted over its state, e.g. the perplexity scorers)
+    then run sharded, their inputs placed by `model.place` (rows over "data").
 
     For QuickSilver's AMQ, quantize first (`prepare`), then shard: the int8 codes and scales are
     placed by the same rules (and `prepare` leaves an already quantized model as it is)."""
-    module = model.module()
-    module.mesh = mesh  # read by Transformer.embed: activations keep their batch over "data"
-    graphdef, state = nnx.split(module)
-    state = jax.device_put(state, state_shardings(state, model.cfg, mesh))
-    return dataclasses.replace(model, graphdef=graphdef, state=state)
+    state = jax.device_put(model.state, state_shardings(model.state, model.cfg, mesh))
+    return dataclasses.replace(model, state=state, mesh=mesh)
 
 
-def batch_spec(batch: int, mesh: Mesh) -> P:
+def batch_sharding(batch: int, mesh: Mesh) -> NamedSharding:
     """Rows over "data" when they divide evenly, else replicated (every data group runs them all)."""
-    return P("data") if batch % mesh.shape["data"] == 0 else P()
-
-
-def constrain_batch(x, mesh: Mesh | None):
-    """Inside jit: ask for x [B, ...] to be split by rows over "data".  Inputs may arrive whole
-    (a NumPy batch is copied to every device), so this is what makes the batch data-parallel."""
-    if mesh is None:
-        return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, batch_spec(x.shape[0], mesh)))
+    return NamedSharding(mesh, P("data") if batch % mesh.shape["data"] == 0 else P())
 
 
 def shard_batch(x, mesh: Mesh):
-    """Place an input batch x [B, ...] with its rows over "data" (replicated when B does not divide)."""
-    return jax.device_put(x, NamedSharding(mesh, batch_spec(x.shape[0], mesh)))
+    """Place an input batch x [B, ...] with its rows over "data" (replicated when B does not divide).
+    Inputs placed so are what makes a program data-parallel: XLA propagates their split."""
+    return jax.device_put(x, batch_sharding(x.shape[0], mesh))
 
 
 def make_mesh(data: int = 1, model: int = 1) -> Mesh:
@@ -148,6 +137,10 @@ def make_mesh(data: int = 1, model: int = 1) -> Mesh:
     shardings; jax.make_mesh would otherwise make them Explicit, which needs sharding-aware code)."""
     devices = jax.devices()[: data * model]
     return jax.make_mesh((data, model), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+class MeshError(ValueError):
+    """A --mesh specification that cannot be built here (the command-line tools show it as one line)."""
 
 
 def parse_mesh(spec: str, n_devices: int, n_processes: int = 1) -> tuple[int, int]:
@@ -161,24 +154,24 @@ def parse_mesh(spec: str, n_devices: int, n_processes: int = 1) -> tuple[int, in
     for item in spec.split(","):
         name, eq, value = (s.strip() for s in item.partition("="))
         if not eq or not name:
-            raise UsageError(f"--mesh {spec!r}: expected AXIS=SIZE items separated by commas, {example}")
+            raise MeshError(f"--mesh {spec!r}: expected AXIS=SIZE items separated by commas, {example}")
         if name not in AXES:
-            raise UsageError(f"--mesh {spec!r}: unknown axis {name!r} (the axes are data and model), {example}")
+            raise MeshError(f"--mesh {spec!r}: unknown axis {name!r} (the axes are data and model), {example}")
         if name in sizes:
-            raise UsageError(f"--mesh {spec!r}: axis {name} is given twice")
+            raise MeshError(f"--mesh {spec!r}: axis {name} is given twice")
         if not value.isdigit() or int(value) < 1:
-            raise UsageError(f"--mesh {spec!r}: the size of {name} must be a positive integer, got {value!r}")
+            raise MeshError(f"--mesh {spec!r}: the size of {name} must be a positive integer, got {value!r}")
         sizes[name] = int(value)
     data, model = sizes.get("data", 1), sizes.get("model", 1)
     needed = data * model
     if needed > n_devices:
-        raise UsageError(
+        raise MeshError(
             f"--mesh {spec} needs data * model = {needed} devices but {n_devices} "
             f"{'is' if n_devices == 1 else 'are'} available; on CPU, start the process with "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} to split the host into {needed} devices"
         )
     if n_processes > 1 and needed != n_devices:
-        raise UsageError(
+        raise MeshError(
             f"--mesh {spec} uses {needed} of the {n_devices} devices of {n_processes} processes; with several "
             f"processes the mesh must span every device (data * model = {n_devices})"
         )

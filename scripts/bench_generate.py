@@ -1,102 +1,165 @@
-"""Generation on the real default model: qsjax vs Hugging Face transformers `generate`, same prompt.
+"""Generation on the real default model: dense qsjax, a QuickSilver preset and transformers
+`generate`, time to first token and decode speed, in one run.
 
     python scripts/bench_generate.py --json bench_generate.json
 
-Loads SmolLM2-135M-Instruct in qsjax (float32) and in transformers (the same GGUF, float32), runs
-greedy generation of --new-tokens tokens for the same prompt in both (interleaved, median of
---repeats), and reports the texts, tokens/s, and time to first token (the prompt's prefill plus one
-token). With --quicksilver PRESET, qsjax also runs with that preset (default: fast), side by side.
+Greedy, EOS ignored so every row makes exactly the tokens asked for (transformers: min_new_tokens).
+Time to first token for a --prompt-tokens prompt (default 2,048 tokens of WikiText-103 test), and
+decode speed for --new-tokens new tokens (default 128) at batch 1 and 8 after --decode-prompt-tokens
+prompt tokens (consecutive slices of WikiText-103 test, all the same length, so left padding never
+applies). `tokens_per_second` is batch x new tokens over the whole call (prefill included);
+`decode_tokens_per_second` is batch x (new tokens - 1) over the call minus a one-token call on the
+same prompts. Every case is compiled and warmed up first; then each repeat runs every case and
+variant, the order rotated; medians are reported with ratios from the same run.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
 import time
 
-DEFAULT_PROMPT = "The history of the printing press begins"
+from benchlib import check_json_path, check_positive, fmt, load_hf, log, machine, median, ratio, rotated, write_report
+from qsjax.cli import ArgumentParser, UsageError, run_cli
+
+DECODE_BATCHES = (1, 8)
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(prog="scripts/bench_generate.py", description=__doc__.splitlines()[0])
+    p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE (- for stdout)")
+    p.add_argument("--quicksilver", default="fast", choices=["off", "paper", "fast"], help="preset run beside dense (default fast)")
+    p.add_argument("--prompt-tokens", type=int, default=2048, help="time-to-first-token prompt length (default 2048)")
+    p.add_argument("--new-tokens", type=int, default=128, help="decode: new tokens per row (default 128)")
+    p.add_argument("--decode-prompt-tokens", type=int, default=128, help="decode: prompt length (default 128)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats; medians are reported (default 3)")
+    p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads (default 2)")
+    p.add_argument("--skip-hf", action="store_true", help="leave out transformers")
+    return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    check_positive(args, "prompt_tokens", "decode_prompt_tokens", "repeats", "threads")
+    if args.new_tokens < 2:
+        raise UsageError(f"--new-tokens must be at least 2 (decode speed is measured past the first), got {args.new_tokens}")
+    check_json_path(args.json)
+
+
+def bench(gens: dict, hf_model, tokenizer, stream, args) -> dict:
+    """Time to first token for one long prompt, and decode speed at batch 1 and 8, interleaved."""
+    P, N = args.prompt_tokens, args.new_tokens
+    long_prompt = [stream[:P].tolist()]
+    decode_prompts = {b: [stream[i * args.decode_prompt_tokens:(i + 1) * args.decode_prompt_tokens].tolist()
+                          for i in range(b)] for b in DECODE_BATCHES}
+    cases = [("ttft", long_prompt, 1)]  # (measurement, prompts, new tokens)
+    for b in DECODE_BATCHES:
+        cases += [(f"batch_{b}_first", decode_prompts[b], 1), (f"batch_{b}_generate", decode_prompts[b], N)]
+
+    def run(name, prompts, n):
+        """-> (seconds, seconds_compile, new token ids)"""
+        if name == "hf_dense":
+            import torch
+
+            ids = torch.tensor(prompts)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                        do_sample=False, eos_token_id=None, pad_token_id=tokenizer.pad_id or 0)
+            return time.perf_counter() - t0, 0.0, out[:, len(prompts[0]):].tolist()
+        res = gens[name](prompts, max_new_tokens=n)
+        assert all(len(t) == n for t in res.token_ids), [len(t) for t in res.token_ids]
+        return res.seconds, res.seconds_compile, res.token_ids
+
+    names = list(gens) + (["hf_dense"] if hf_model is not None else [])
+    times = {(c, v): [] for c, _, _ in cases for v in names}
+    compile_s, warm_s, tokens = {}, {}, {}
+    for case, prompts, n in cases:
+        for v in names:
+            t0 = time.perf_counter()
+            _, c, _ = run(v, prompts, n)
+            compile_s[(case, v)], warm_s[(case, v)] = c, time.perf_counter() - t0 - c
+        log(f"[generate] {case}: compiled and warmed up")
+    for r in range(args.repeats):
+        for case, prompts, n in cases:
+            for v in rotated(names, r):
+                s, _, out = run(v, prompts, n)
+                times[(case, v)].append(s)
+                if case == "batch_1_generate":
+                    tokens[v] = out[0]
+        log(f"[generate] repeat {r + 1}/{args.repeats}: " + ", ".join(
+            f"{v} first token {times[('ttft', v)][-1]:.2f} s" for v in names))
+
+    def cell(case, v):
+        return {"seconds": median(times[(case, v)]), "seconds_all": times[(case, v)],
+                "seconds_compile": compile_s[(case, v)], "seconds_warmup": warm_s[(case, v)]}
+
+    ttft = {v: cell("ttft", v) for v in names}
+    for e in ttft.values():
+        e["speedup_vs_dense_qsjax"] = ratio(ttft["dense_qsjax"]["seconds"], e["seconds"])
+        e["speedup_vs_hf"] = ratio(ttft["hf_dense"]["seconds"], e["seconds"]) if "hf_dense" in ttft else None
+    decode = {}
+    for b in DECODE_BATCHES:
+        d = {}
+        for v in names:
+            full, first = cell(f"batch_{b}_generate", v), cell(f"batch_{b}_first", v)
+            d[v] = {**full, "first_token_seconds": first["seconds"], "tokens_per_second": b * N / full["seconds"],
+                    "decode_tokens_per_second": b * (N - 1) / (full["seconds"] - first["seconds"])
+                    if full["seconds"] > first["seconds"] else None}
+        for e in d.values():
+            for key in ("tokens_per_second", "decode_tokens_per_second"):
+                e[f"{key}_vs_dense_qsjax"] = ratio(e[key], d["dense_qsjax"][key])
+                e[f"{key}_vs_hf"] = ratio(e[key], d["hf_dense"][key]) if "hf_dense" in d else None
+        decode[f"batch_{b}"] = d
+    return {"prompt_tokens": P, "new_tokens": N, "decode_prompt_tokens": args.decode_prompt_tokens,
+            "decode_batches": list(DECODE_BATCHES), "time_to_first_token": ttft, "decode": decode,
+            "batch_1_tokens_equal_dense_qsjax": {v: tokens[v] == tokens["dense_qsjax"] for v in names},
+            "batch_1_texts": {v: tokenizer.decode(t) for v, t in tokens.items()}}
+
+
+def format_table(g: dict) -> str:
+    lines = [f"first token of a {g['prompt_tokens']}-token prompt; {g['new_tokens']} new tokens after "
+             f"{g['decode_prompt_tokens']} prompt tokens",
+             f"  {'variant':16} {'TTFT s':>8} {'vs dense':>9} " + " ".join(
+                 f"{f'b{b} tok/s':>9} {f'b{b} dec/s':>9}" for b in g["decode_batches"])]
+    for v, e in g["time_to_first_token"].items():
+        cols = " ".join(f"{g['decode'][f'batch_{b}'][v]['tokens_per_second']:9.1f} "
+                        f"{fmt(g['decode'][f'batch_{b}'][v]['decode_tokens_per_second'], '9.1f')}"
+                        for b in g["decode_batches"])
+        lines.append(f"  {v:16} {e['seconds']:8.3f} {fmt(e['speedup_vs_dense_qsjax'], '9.2f')} {cols}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--prompt-repeat", type=int, default=1, help="repeat the prompt text this many times (long prompts)")
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quicksilver", default="fast", choices=["off", "paper", "fast"])
-    p.add_argument("--json")
-    args = p.parse_args(argv)
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
+    args = parse_args(argv)
+    check_args(args)
+    from qsjax.data import read_text, resolve_data, tokenize
     from qsjax.generate import Generator
     from qsjax.params import load_model
     from qsjax.quicksilver.config import preset
     from qsjax.tokenizer import load_tokenizer
-    from qsjax.weights import gguf_path, resolve_model
+    from qsjax.weights import resolve_model
 
-    torch.set_num_threads(args.threads)
     model_dir = resolve_model(None)
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    prompt = " ".join([args.prompt] * args.prompt_repeat)
-    ids = tokenizer.encode(prompt)
-    gens = {"qsjax": Generator(model, tokenizer)}
+    cfg = model.cfg
+    if args.prompt_tokens + 1 > cfg.max_positions or args.decode_prompt_tokens + args.new_tokens > cfg.max_positions:
+        raise UsageError(f"the prompts and new tokens must fit the model's context ({cfg.max_positions} positions)")
+    stream = tokenize(tokenizer, read_text(resolve_data("wikitext103")))
+    needed = max(args.prompt_tokens, max(DECODE_BATCHES) * args.decode_prompt_tokens)
+    if len(stream) < needed:
+        raise UsageError(f"WikiText-103 test gives {len(stream)} tokens; the prompts need {needed}")
+    gens = {"dense_qsjax": Generator(model, tokenizer)}
     if args.quicksilver != "off":
-        gens[f"qsjax_{args.quicksilver}"] = Generator(model, tokenizer, preset(args.quicksilver, model.cfg.n_layers))
-    gguf = gguf_path(model_dir)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf.name, dtype=torch.float32).eval()
-    n = args.new_tokens
-
-    def run_hf(max_new):
-        with torch.inference_mode():
-            out = hf.generate(torch.tensor([ids]), max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
-                              eos_token_id=None, pad_token_id=2)
-        return out[0, len(ids):].tolist()
-
-    compile_s = {}
-    for name, g in gens.items():  # compile both programs (n tokens, and 1 token for time to first token)
-        g.eos_ids = ()  # generate exactly n tokens, like min_new_tokens in transformers
-        compile_s[name] = g([ids], max_new_tokens=n).seconds_compile + g([ids], max_new_tokens=1).seconds_compile
-    run_hf(2)
-    times: dict[str, list[float]] = {}
-    texts = {}
-    for r in range(args.repeats):
-        for name, g in gens.items():
-            res = g([ids], max_new_tokens=n)
-            times.setdefault(f"{name}_generate", []).append(res.seconds)
-            texts[name] = res.texts[0]
-            times.setdefault(f"{name}_first_token", []).append(g([ids], max_new_tokens=1).seconds)
-        t0 = time.perf_counter()
-        out = run_hf(n)
-        times.setdefault("hf_generate", []).append(time.perf_counter() - t0)
-        texts["hf"] = tokenizer.decode(out)
-        t0 = time.perf_counter()
-        run_hf(1)
-        times.setdefault("hf_first_token", []).append(time.perf_counter() - t0)
-        print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    report = {
-        "prompt_tokens": len(ids), "new_tokens": n, "repeats": args.repeats, "torch_threads": args.threads,
-        "compile_seconds": compile_s, "median_seconds": med, "texts": texts,
-        "tokens_per_second": {k.removesuffix("_generate"): n / v for k, v in med.items() if k.endswith("_generate")},
-        "time_to_first_token": {k.removesuffix("_first_token"): v for k, v in med.items() if k.endswith("_first_token")},
-    }
-    report["ratio_vs_hf"] = {k: med["hf_generate"] / med[f"{k}_generate"] for k in gens}
-    report["ttft_ratio_vs_dense_qsjax"] = {k: med["qsjax_first_token"] / med[f"{k}_first_token"] for k in gens}
-    for k, v in report["tokens_per_second"].items():
-        print(f"{k:14} {v:7.1f} tokens/s   first token {report['time_to_first_token'][k]:.3f} s", file=sys.stderr)
-    text = json.dumps(report, indent=2)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
-    else:
-        print(text)
+        gens[args.quicksilver] = Generator(model, tokenizer, preset(args.quicksilver, cfg.n_layers))
+    for g in gens.values():
+        g.eos_ids = ()  # exactly the tokens asked for, like min_new_tokens in transformers
+    hf = None if args.skip_hf else load_hf(model_dir, args.threads)
+    report = {"command": " ".join(["python", "scripts/bench_generate.py", *(sys.argv[1:] if argv is None else argv)]),
+              "model": model_dir.name, "dtype": "float32", "machine_at_start": machine(), "repeats": args.repeats,
+              "torch_threads": args.threads, **bench(gens, hf, tokenizer, stream, args)}
+    report["load_average_at_end"] = machine()["load_average"]
+    write_report(args.json, report, format_table(report))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -15,6 +15,9 @@ TINY = {
         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=16),
     ),
+    # six layers: room for QuickSilver's shipped structure (plain layers, a decision layer, compacted layers above)
+    "llama-deep": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=6,
+                       tie_word_embeddings=True),
     "llama-bias": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
                        mlp_bias=True, head_dim=16),
 }

@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qsjax.quicksilver.forward import quicksilver_window
+from qsjax.blocks import lm_logits
+from qsjax.model import Layout
 from qsjax.quicksilver.generation import prepare
+from qsjax.quicksilver.window import quicksilver_window
 
 
 _CACHE = {}
@@ -21,16 +23,16 @@ def _compiled(qs, model):
         module = prepared.module(state)
         B, T = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-        x, tok, stats, cache, amq, _ = quicksilver_window(qs, module, tokens, positions, jnp.ones((B, T), bool),
-                                                          eligible, needed)
-        return module.logits(x), tok, stats, cache
+        w = Layout.of(module.cfg, positions, jnp.ones((B, T), bool))
+        out = quicksilver_window(qs, module, tokens, w, eligible, needed)
+        return lm_logits(module, out.x), out.tokens, out.layers.stats, out.layers.cache
 
     _CACHE[key] = prepared, jax.jit(run)
     return _CACHE[key]
 
 
 def run_window(model, qs, tokens, eligible=None, needed=None):
-    """-> logits [B, T, V] (numpy), Tokens, LayerStats, cache entries.  By default every token is
+    """-> logits [B, T, V] (numpy), Tokens, LayerStats [L, B], CacheEntries [L, ...].  By default every token is
     eligible and every token's logits are needed (a scope=all window read in full)."""
     tokens = jnp.asarray(tokens, jnp.int32)
     eligible = jnp.ones(tokens.shape, bool) if eligible is None else jnp.asarray(eligible)

@@ -7,8 +7,8 @@ has already initialised JAX cannot get more devices.
 PLAN_JSON: {"models": {name: directory}, "checks": [[model name, data, model, check], ...],
 "eval_model": directory with a tokenizer and data.txt}. Prints one JSON object on stdout, for each
 check "name data model check" -> {"diff": max |sharded - single device| over the float outputs,
-"same": whether the discrete outputs (decisions, tokens) are equal, "sharded": whether the sharded
-run's result came from several devices, "rows": the mesh axis its batch rows are split over, where
+"same": whether the discrete outputs (greedy tokens, decisions) are equal, "sharded": whether the
+sharded run's result (generate: the model's parameters) lives on several devices, "rows": the mesh axis its batch rows are split over, where
 the result is a device array}; "specs": where each parameter of a quantized, sharded
 model went; "eval": the command line's results with and without --mesh.
 """
@@ -29,7 +29,7 @@ from qsjax import eval as eval_cli
 from qsjax.cli import UsageError
 from qsjax.generate import Generator
 from qsjax.params import load_model
-from qsjax.perplexity import Scorer
+from qsjax.perplexity import Scorer, token_nll
 from qsjax.quicksilver.config import QuickSilverConfig
 from qsjax.quicksilver.evaluate import QuickSilverScorer
 from qsjax.quicksilver.generation import prepare
@@ -75,26 +75,33 @@ def check_logits(name, base, sharded, mesh):
         _reference[name] = base.logits(tokens, start)
     out = sharded.logits(tokens, start)
     placed = sharded.logits(shard_batch(jnp.asarray(tokens), mesh), start)
-    return {"diff": max_diff((_reference[name],) * 2, (out, placed)), "same": True, "sharded": spread(out),
+    greedy = lambda z: np.asarray(jnp.argmax(z, -1))
+    same = np.array_equal(greedy(_reference[name]), greedy(out)) and np.array_equal(greedy(out), greedy(placed))
+    return {"diff": max_diff((_reference[name],) * 2, (out, placed)), "same": same, "sharded": spread(out),
             "rows": rows_axis(out)}
 
 
 def check_scorer(name, base, sharded, mesh):
     tokens, _ = batch(4)
     out = Scorer(sharded)(tokens, 5)
-    return {"diff": max_diff(Scorer(base)(tokens, 5), out), "same": True, "sharded": True}
+    # the function the scorer compiles, on the placed inputs, to see where its result lives
+    nll = jax.jit(lambda s, t: token_nll(sharded.module(s), t, None, 5)[0])(sharded.state, sharded.place(tokens))
+    ref = Scorer(base)(tokens, 5)
+    return {"diff": max_diff((ref, ref), (out, nll)), "same": bool(np.isfinite(out).all()), "sharded": spread(nll),
+            "rows": rows_axis(nll)}
 
 
 def check_decode(name, base, sharded, mesh):
     """Prefill a left-padded batch, then three decode steps fed the same tokens."""
     tokens, start = batch(4)
     (z0, c0), (z1, c1) = base.prefill(tokens, start, 32), sharded.prefill(tokens, start, 32)
-    diffs = [max_diff(z0, z1)]
+    diffs, same = [max_diff(z0, z1)], True
     for _ in range(3):
         nxt = np.asarray(jnp.argmax(z0, -1), np.int32)
+        same &= np.array_equal(nxt, np.asarray(jnp.argmax(z1, -1)))  # the same greedy tokens
         (z0, c0), (z1, c1) = base.decode_step(c0, nxt), sharded.decode_step(c1, nxt)
         diffs.append(max_diff(z0, z1))
-    return {"diff": max(diffs), "same": True, "sharded": spread(c1.k), "rows": rows_axis(c1.k, 1),
+    return {"diff": max(diffs), "same": bool(same), "sharded": spread(c1.k), "rows": rows_axis(c1.k, 1),
             "kv_heads": rows_axis(c1.k, 3)}
 
 
@@ -103,11 +110,13 @@ def check_quicksilver(name, base, sharded, mesh, qs):
     sharded = shard_model(prepare(base, qs), mesh)
     tokens, _ = batch(4)
     lengths = np.array([16, 11, 16, 16], np.int32)
-    nll0, *discrete0 = QuickSilverScorer(base, qs)(tokens, lengths, 8)
-    nll1, *discrete1 = QuickSilverScorer(sharded, qs)(tokens, lengths, 8)
-    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(discrete0), jax.tree.leaves(discrete1)))
-    halted = bool((np.asarray(discrete0[2][0]) < base.cfg.n_layers).any())  # the mechanism did act
-    return {"diff": max_diff(nll0, nll1), "same": same and halted, "sharded": spread(nll1), "rows": rows_axis(nll1)}
+    nll0, out0 = QuickSilverScorer(base, qs).score(tokens, lengths, 8)
+    nll1, out1 = QuickSilverScorer(sharded, qs).score(tokens, lengths, 8)
+    discrete = lambda o: [o.halt, o.fused, o.bits, o.eligible, *jax.tree.leaves(o.stats)]
+    same = all(np.array_equal(a, b) for a, b in zip(discrete(out0), discrete(out1)))
+    halted = bool((np.asarray(out0.halt) < base.cfg.n_layers).any())  # the mechanism did act
+    return {"diff": max_diff(nll0, nll1), "same": same and halted, "sharded": spread(out1.halt),
+            "rows": rows_axis(out1.halt)}
 
 
 def check_generate(name, base, sharded, mesh):
@@ -120,7 +129,8 @@ def check_generate(name, base, sharded, mesh):
     streamed = []
     sharded_gen(prompts[:1], max_new_tokens=5, stream=streamed.append)
     same = sharded_gen(prompts, max_new_tokens=5).token_ids == single and streamed == single[0]
-    return {"diff": 0.0, "same": bool(same), "sharded": True}
+    placed = all(spread(x) for x in jax.tree.leaves(sharded_gen.model.state))
+    return {"diff": 0.0, "same": bool(same), "sharded": placed and sharded_gen.model.mesh is mesh}
 
 
 CHECKS = {"logits": check_logits, "scorer": check_scorer, "decode": check_decode, "generate": check_generate,

@@ -13,11 +13,10 @@ import pytest
 
 from qsjax.config import ModelConfig
 from qsjax.flops import Flops, dense_forward_flops, forward_flops
-from qsjax.layers import causal_mask
-from qsjax.model import Model, block
+from qsjax.blocks import embed, lm_logits
+from qsjax.model import Layout, Model, block
 from qsjax.modules import Transformer
 from qsjax.perplexity import token_nll
-from qsjax.rope import rope_angles
 
 T = 256
 CONFIGS = {
@@ -36,13 +35,11 @@ def make_config(name: str, n_layers: int) -> ModelConfig:
 def unrolled_logits(model: Transformer, tokens):
     """The dense forward with the layers unrolled.  tokens [B, T] -> logits [B, T, V]"""
     B, T = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-    cos, sin = rope_angles(model.cfg, positions)
-    mask = causal_mask(jnp.arange(T), jnp.arange(T), jnp.ones((B, T), bool))
-    x = model.embed(tokens, positions)
+    w = Layout.left_padded(model.cfg, jnp.zeros(B, jnp.int32), T)
+    x = embed(model, tokens, w.positions)
     for blk in model.blocks:
-        x, _ = block(blk, x, cos, sin, mask)
-    return model.logits(x)
+        x, _ = block(blk, x, w)
+    return lm_logits(model, x)
 
 
 def xla_flops(f, model: Model, *args) -> float:
@@ -71,7 +68,7 @@ def test_scoring_forward_matches_xla(name):
     cfg = make_config(name, n_layers=1)
     model = Model.from_module(Transformer(cfg))
     offset = T // 2 - 1
-    counted = xla_flops(lambda s, t, o: token_nll(model.module(s), t, o), model, offset)
+    counted = xla_flops(lambda s, t, o: token_nll(model.module(s), t, None, o)[0], model, offset)
     ours = dense_forward_flops(cfg, batch=1, length=T, lm_head_positions=T - 1 - offset)
     assert ours.total == pytest.approx(counted, rel=0.05)
 

@@ -25,18 +25,18 @@ def test_fused_group_keeps_the_later_token_and_sums_sizes(tiny_models, rng):
     assert (alive == ~fused).all() and not active[fused].any()  # nobody needs them: retired tokens stop
     assert size[alive].sum() == 24  # every token is represented by exactly one surviving group
     assert size[alive].max() > 1
-    visible = np.asarray(cache[2])[:, 0]  # [L, T]: keys visible per layer
+    visible = np.asarray(cache.visible)[:, 0]  # [L, T]: keys visible per layer
     halt = np.asarray(tok.halt)[0]
     for t in np.nonzero(fused)[0]:
         assert not visible[halt[t]:, t].any()  # a retired token's key is gone above its fusion layer
-    bias = np.asarray(cache[3])[-1, 0]
+    bias = np.asarray(cache.bias)[-1, 0]
     np.testing.assert_allclose(bias[alive], np.log(size[alive]), atol=1e-6)
 
     # the same window with every prediction needed: retired tokens compute on for themselves only
     logits, tok2, _, cache2 = run_window(model, qs, tokens)
     np.testing.assert_array_equal(np.asarray(tok2.fused), np.asarray(tok.fused))
     assert (np.asarray(tok2.halt)[0][fused] == 2).all()
-    np.testing.assert_array_equal(np.asarray(cache2[2]), np.asarray(cache[2]))  # still invisible to others
+    np.testing.assert_array_equal(np.asarray(cache2.visible), np.asarray(cache.visible))  # still invisible to others
     for t in np.nonzero(fused)[0][:2]:  # t's prediction is what it was before token t + 1 existed
         alone, _, _, _ = run_window(model, qs, tokens[:, : t + 1])
         np.testing.assert_allclose(logits[0, t], alone[0, t], atol=1e-5)

@@ -10,7 +10,7 @@ import pytest
 from qsjax.config import ModelConfig
 from qsjax.model import Model
 from qsjax.modules import Transformer
-from qsjax.perplexity import Scorer, Window, disjoint_windows, evaluate, make_batches, strided_windows
+from qsjax.perplexity import Scorer, Window, disjoint_windows, evaluate, make_batches, strided_windows, tail_windows
 
 
 def hf_strided_loop(n_tokens, max_length, stride):
@@ -52,6 +52,18 @@ def test_strided_window_shapes():
     assert {w.offset for w in windows[1:]} == {1024 - 512 - 1}
     tail = strided_windows(1000, 512, 256)[-1]  # after [0, 512), [256, 768): shorter, same offset
     assert (tail.begin, tail.end, tail.first_scored, tail.offset) == (512, 1000, 768, 512 - 256 - 1)
+
+
+def test_tail_windows_give_every_scored_token_the_same_context():
+    windows = tail_windows(100, 40, 16)
+    assert [(w.begin, w.end, w.first_scored) for w in windows] == [(0, 40, 24), (16, 56, 40), (32, 72, 56), (48, 88, 72)]
+    scored = [t for w in windows for t in range(w.first_scored, w.end)]
+    assert scored == list(range(24, 88))  # each once, in order, none before max_length - stride
+    assert all(w.length == 40 and w.n_scored == 16 and w.offset == 23 for w in windows)
+    with pytest.raises(ValueError):
+        tail_windows(100, 40, 40)  # no context left
+    with pytest.raises(ValueError):
+        tail_windows(30, 40, 16)  # not one full window
 
 
 def test_disjoint_windows_drop_the_tail():
@@ -161,7 +173,7 @@ def test_each_shape_compiles_once(stream):
     scorer = Scorer(random_model(ARCHS["llama"], seed=1))
     windows = strided_windows(len(stream), 16, 6)
     first = evaluate(scorer, stream, windows, batch_size=4, progress=False)
-    assert set(scorer._compiled) == {(1, 16, 0), (4, 16, 9), (2, 16, 9)}  # first window, batches of 4, the rest
+    assert set(scorer.shapes) == {(1, 16, 0), (4, 16, 9), (2, 16, 9)}  # first window, batches of 4, the rest
     assert first.seconds_compile > 0
     again = evaluate(scorer, stream, windows, batch_size=4, progress=False)
     assert again.seconds_compile == 0 and again.nll_sum == first.nll_sum

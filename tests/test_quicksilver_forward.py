@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from qs_helpers import executed_fraction, run_window
-from qsjax.quicksilver.config import QuickSilverConfig
+from qsjax.quicksilver.config import QuickSilverConfig, preset
 
 T = 24
 
@@ -32,13 +32,19 @@ def test_all_off_is_identical_to_dense(tiny_models, rng):
 
 @pytest.mark.parametrize("name", list(MECHANISMS))
 def test_mechanism_acts(name, tiny_models, rng):
-    """Each setting changes something: fewer token-layers, fused tokens, or narrower weights."""
+    """Each setting does what it is for: halting leaves fewer token-layers, fusion retires tokens,
+    Matryoshka quantization narrows weights, and each only that."""
     model, _ = tiny_models["llama-gqa"]
     tokens = rng.integers(0, 96, (2, T))
     eligible = np.arange(T)[None, :].repeat(2, 0) < 16
     logits, tok, stats, _ = run_window(model, MECHANISMS[name], tokens, eligible)
-    changed = executed_fraction(stats, 2 * T) < 1 or np.asarray(tok.fused).any() or (np.asarray(tok.bits) < 8).any()
-    assert changed
+    fused, narrowed = np.asarray(tok.fused).any(), (np.asarray(tok.bits) < 8).any()
+    if name == "fusion":  # every prediction is read here: retired tokens compute on for themselves
+        assert fused and not narrowed
+    elif name == "amq":
+        assert narrowed and executed_fraction(stats, 2 * T) == 1 and not fused
+    else:  # halting policies
+        assert executed_fraction(stats, 2 * T) < 1 and not fused and not narrowed
     assert not np.asarray(tok.fused)[:, :4].any() and (np.asarray(tok.halt)[:, :4] == 2).all()  # sinks untouched
 
 
@@ -115,8 +121,10 @@ def test_compacted_path_equals_masked_reference(name, arch, tiny_models, rng):
     import jax
     import jax.numpy as jnp
 
-    from qsjax.quicksilver.forward import quicksilver_window
+    from qsjax.blocks import lm_logits
+    from qsjax.model import Layout
     from qsjax.quicksilver.generation import prepare
+    from qsjax.quicksilver.window import quicksilver_window
 
     qs = MECHANISMS.get(name) or QuickSilverConfig(halt="select", halt_cutoff_layer=1, keep_top_k=0.3)
     model, _ = tiny_models[arch]
@@ -129,11 +137,58 @@ def test_compacted_path_equals_masked_reference(name, arch, tiny_models, rng):
     for compact in (False, True):
         setting = dataclasses.replace(qs, compact=compact)
         prepared = prepare(model, setting)
-        x, tok, stats, _, _, _ = jax.jit(lambda s: quicksilver_window(
-            setting, prepared.module(s), tokens, positions, valid, eligible, positions >= 100))(prepared.state)
-        out[compact] = np.asarray(prepared.module().logits(x)), tok, stats
+        w = Layout.of(model.cfg, positions, valid)
+        res = jax.jit(lambda s: quicksilver_window(setting, prepared.module(s), tokens, w, eligible,
+                                                   positions >= 100))(prepared.state)
+        out[compact] = np.asarray(lm_logits(prepared.module(), res.x)), res.tokens, res.layers.stats
     v = np.asarray(valid)
     np.testing.assert_allclose(out[True][0][v], out[False][0][v], atol=1e-5)
     for field in ("halt", "fused", "bits", "active"):
         np.testing.assert_array_equal(np.asarray(getattr(out[True][1], field)), np.asarray(getattr(out[False][1], field)))
     np.testing.assert_array_equal(np.asarray(out[True][2].computing), np.asarray(out[False][2].computing))
+
+
+# settings with the structure the presets ship on a 6-layer model: plain layers below the first
+# decision, a decision layer, compacted layers above (and a Matryoshka segment split)
+DEEP = {
+    "fast": preset("fast", 6),  # cut-off after layer 5: 4 plain layers, the decision layer, 1 compacted
+    "recency-3": QuickSilverConfig(halt="select", select_signal="recency", halt_cutoff_layer=3, keep_top_k=0.25),
+    "attention-2": QuickSilverConfig(halt="select", halt_cutoff_layer=2, keep_top_k=0.4, select_queries=8),
+    "cutoff-propagate-span": QuickSilverConfig(halt="cutoff", halt_cutoff_layer=2, kv_skip="propagate", kv_propagate_span=2),
+    "cutoff-fusion-amq": QuickSilverConfig(halt="cutoff", halt_cutoff_layer=4, fuse_threshold=0.2, halt_min_layer=2,
+                                           amq_layer=3, amq_low=6.54, amq_high=6.56),
+}
+
+
+@pytest.mark.parametrize("name", list(DEEP))
+def test_shipped_structure_equals_masked_reference(name, tiny_models, rng):
+    """On 6 layers, the fast path (dense prefix, decision layer, compacted layers) scores like the
+    masked reference: the same NLL within 1e-5, decisions and per-layer token counts, over right-padded
+    windows whose context (scope=context) is most of the window."""
+    import dataclasses
+
+    import jax
+
+    from qsjax.quicksilver.generation import prepare
+    from qsjax.quicksilver.scoring import quicksilver_nll
+    from qsjax.quicksilver.window import dense_prefix
+
+    model, _ = tiny_models["llama-deep"]
+    T, offset = 64, 47
+    tokens = rng.integers(0, 96, (2, T)).astype(np.int32)
+    lengths = np.array([T, 55], np.int32)
+    out = {}
+    for compact in (False, True):
+        qs = dataclasses.replace(DEEP[name], compact=compact)
+        prepared = prepare(model, qs)
+        out[compact] = jax.jit(lambda s, t, n: quicksilver_nll(qs, prepared.module(s), t, n, offset))(
+            prepared.state, tokens, lengths)
+    assert dense_prefix(DEEP[name], 6) > 0 or name == "attention-2"
+    ref, fast = out[False], out[True]
+    scored = np.arange(offset + 1, T)[None, :] < lengths[:, None]
+    np.testing.assert_allclose(np.asarray(fast.nll)[scored], np.asarray(ref.nll)[scored], atol=1e-5)
+    for field in ("halt", "fused", "bits", "eligible"):
+        np.testing.assert_array_equal(np.asarray(getattr(fast, field)), np.asarray(getattr(ref, field)))
+    np.testing.assert_array_equal(np.asarray(fast.stats.computing), np.asarray(ref.stats.computing))
+    np.testing.assert_array_equal(np.asarray(fast.stats.pairs), np.asarray(ref.stats.pairs))
+    assert np.asarray(ref.stats.computing)[-1].sum() < lengths.sum()  # the setting does act

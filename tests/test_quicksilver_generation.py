@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from qs_helpers import run_window
-from qsjax.model import decode_step
 from qsjax.quicksilver.cli import add_quicksilver_args, quicksilver_from_args
 from qsjax.quicksilver.config import QuickSilverConfig, preset
 from qsjax.quicksilver.generation import prepare, quicksilver_prefill
@@ -44,15 +43,16 @@ def test_prefill_then_decode_equals_one_pass(name, tiny_models, rng):
     halt_full, fused_full, bits_full = (np.asarray(a) for a in (tok_full.halt, tok_full.fused, tok_full.bits))
 
     prepared = prepare(model, qs)
-    logits, state, tok, _ = jax.jit(lambda s, t: quicksilver_prefill(qs, prepared.module(s), t, jnp.zeros(B, jnp.int32), 32))(
+    p = jax.jit(lambda s, t: quicksilver_prefill(qs, prepared.module(s), t, jnp.zeros(B, jnp.int32), 32))(
         prepared.state, jnp.asarray(seq[:, :P]))
+    logits, state, tok = p.logits, p.state, p.tokens
     np.testing.assert_array_equal(np.asarray(tok.halt), halt_full[:, :P])
     np.testing.assert_array_equal(np.asarray(tok.fused)[:, :P - 1], fused_full[:, :P - 1])
     np.testing.assert_allclose(np.asarray(logits), full[:, P - 1], atol=1e-5)
     if qs.scope == "all":
         step = jax.jit(lambda s, c, t: quicksilver_decode_step(qs, prepared.module(s), c, t))
     else:
-        step = jax.jit(lambda s, c, t: decode_step(prepared.module(s), c, t) + (None,))
+        step = jax.jit(lambda s, c, t: c.decode_step(prepared.module(s), t) + (None,))
     for i in range(N - 1):
         logits, state, decided = step(prepared.state, state, jnp.asarray(seq[:, P + i]))
         np.testing.assert_allclose(np.asarray(logits), full[:, P + i], atol=1e-5)
@@ -97,3 +97,36 @@ def test_cli_flag_errors(argv, message):
 
     with pytest.raises(UsageError, match=message):
         parse(*argv)
+
+
+@pytest.mark.parametrize("name", ["fast", "recency", "fusion", "all-drift", "all-fusion-propagate"])
+def test_generator_equals_the_window_pass(name, tiny_models, rng):
+    """`Generator` under QuickSilver (its compiled prefill, decode steps and carried state, with
+    left-padded prompts of different lengths) makes the greedy tokens that one window pass over each
+    prompt + continuation predicts, with the same prompt decisions."""
+    import types
+
+    from qsjax.generate import Generator
+
+    model, _ = tiny_models["llama-deep"]
+    qs = {"fast": preset("fast", 6),
+          "recency": QuickSilverConfig(halt="select", select_signal="recency", halt_cutoff_layer=3, keep_top_k=0.5),
+          "fusion": QuickSilverConfig(fuse_threshold=0.2, halt_min_layer=2),
+          "all-drift": QuickSilverConfig(scope="all", halt="drift", halt_drift=0.9, halt_entropy=6.555),
+          "all-fusion-propagate": SETTINGS["all-fusion-propagate"]}[name]
+    tokenizer = types.SimpleNamespace(eos_ids=(), pad_id=0, decode=lambda ids: "")
+    gen = Generator(model, tokenizer, qs)
+    gen.eos_ids = ()  # exactly N new tokens
+    prompts = [rng.integers(2, 96, 13).tolist(), rng.integers(2, 96, 9).tolist()]
+    N = 6
+    result = gen(prompts, max_new_tokens=N)
+    assert result.prompt_layers_executed is not None
+    for prompt, new in zip(prompts, result.token_ids):
+        P = len(prompt)
+        seq = np.array([prompt + new])
+        positions = np.arange(P + N)[None]
+        eligible = positions < (P + N if qs.scope == "all" else P - 1)
+        logits, _, _, _ = run_window(model, qs, seq, eligible, needed=positions >= P - 1)
+        assert logits[0, P - 1:P + N - 1].argmax(-1).tolist() == new
+    if qs.scope == "context":
+        assert result.prompt_layers_executed < 1  # the prompt's mechanisms did act

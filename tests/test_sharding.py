@@ -15,9 +15,9 @@ from jax.sharding import PartitionSpec as P
 
 from qsjax import eval as eval_cli
 from qsjax import generate as generate_cli
-from qsjax.cli import UsageError, run_cli
+from qsjax.cli import run_cli
 from qsjax.config import ModelConfig
-from qsjax.sharding import logical_axes, parse_mesh, partition_spec
+from qsjax.sharding import MeshError, logical_axes, parse_mesh, partition_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5
@@ -67,7 +67,7 @@ def test_parse_mesh(spec, devices, expected):
     ("data=2", 16, 2, "uses 2 of the 16 devices of 2 processes; with several processes the mesh must span every device"),
 ])
 def test_parse_mesh_errors(spec, devices, processes, message):
-    with pytest.raises(UsageError) as e:
+    with pytest.raises(MeshError) as e:
         parse_mesh(spec, devices, processes)
     assert message in str(e.value) and "\n" not in str(e.value)
 

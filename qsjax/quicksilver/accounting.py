@@ -5,9 +5,8 @@
           + overhead (entropy LM-head projections for halting and for quantization widths,
             K/V projections of halted tokens in propagate mode, importance-selection scores)
 
-Attention is counted for the causal (query, key) pairs actually needed, for QuickSilver and for the
-dense baseline alike, so the two are comparable (the dense path's masked upper triangle is not
-counted here; `qsjax.flops.dense_forward_flops` counts it).
+This is `qsjax.flops`' reporting convention (needed work), applied to the tokens and (query, key)
+pairs the decisions leave, so it compares directly with `flops.needed_flops` of a dense forward.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import dataclasses
 import numpy as np
 
 from qsjax.config import ModelConfig
-from qsjax.flops import Flops, attention_flops, lm_head_flops, mlp_flops, projection_flops
+from qsjax.flops import Flops, attention_flops, forward_flops, lm_head_flops
 
 
 def kv_projection_flops(cfg: ModelConfig, tokens: int) -> int:
@@ -55,12 +54,7 @@ class Accounting:
             projections=kv_projection_flops(cfg, propagated),
             lm_head=lm_head_flops(cfg, checks),
         )
-        needed = Flops(
-            attention=sum(attention_flops(cfg, int(p)) for p in pairs),
-            projections=sum(projection_flops(cfg, int(t)) for t in computing),
-            mlp=sum(mlp_flops(cfg, int(t)) for t in computing),
-            lm_head=lm_head_flops(cfg, lm_head_positions),
-        )
+        needed = forward_flops(cfg, computing.tolist(), pairs.tolist(), lm_head_positions)
         total = needed + overhead
         self.flops += total
         self.overhead += overhead
@@ -94,17 +88,3 @@ class Accounting:
             "bits_histogram": {str(k): v for k, v in sorted(self.bits.items(), reverse=True)},
             "overhead_flops": dataclasses.asdict(self.overhead) | {"total": self.overhead.total},
         }
-
-
-def dense_needed_flops(cfg: ModelConfig, window_lengths, lm_head_positions: int) -> Flops:
-    """What a dense forward needs for windows of these real lengths: every token through every layer,
-    n (n + 1) / 2 causal pairs per window and layer, the LM head on `lm_head_positions`."""
-    tokens = sum(window_lengths)
-    pairs = sum(n * (n + 1) // 2 for n in window_lengths)
-    L = cfg.n_layers
-    return Flops(
-        attention=L * attention_flops(cfg, pairs),
-        projections=L * projection_flops(cfg, tokens),
-        mlp=L * mlp_flops(cfg, tokens),
-        lm_head=lm_head_flops(cfg, lm_head_positions),
-    )

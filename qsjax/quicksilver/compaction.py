@@ -30,12 +30,18 @@ def compaction_buckets(n: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
+def decode_row_buckets(batch: int) -> tuple[int, ...]:
+    """Rows of a decode batch that still compute a layer: 1, 2, 4, ... up to the batch."""
+    return buckets_for(batch, smallest=1, factor=2)
+
+
 def on_rows(fn, rows, default, *args, buckets=None):
     """fn(*args) on the selected rows only, `default` elsewhere.
 
     rows [N] bool; `default` and every arg have a leading axis of N rows; fn maps n rows of the args
     to n rows shaped like `default`. The selected rows are gathered into the smallest bucket that
-    holds them (`buckets`, ascending, the largest N; by default `buckets_for(N)`); in the full bucket
+    holds them (`buckets`, ascending, the largest N; by default `buckets_for(N)`: N, N/4, N/16, ...,
+    coarse, as for Matryoshka widths inside every compacted layer's own buckets); in the full bucket
     nothing is gathered (fn runs on every row and the unselected keep `default`); no row selected:
     fn does not run at all."""
     N = rows.shape[0]

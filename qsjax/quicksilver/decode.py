@@ -1,7 +1,7 @@
 """QuickSilver in decode: one new token per row, with the decisions the window pass makes for it.
 
 Under `scope=all` a generated token is eligible like any other, so each step runs it through the
-layers as `forward.quicksilver_window` would at its position, attending to the cache:
+layers as `window.quicksilver_window` would at its position, attending to the cache:
 
 - halting after each layer (the drift + entropy rule, or the depth cut-off); a halted token's state
   is frozen and its keys/values in the layers above follow `kv_skip` (mask: not visible; zero: zero
@@ -12,12 +12,12 @@ layers as `forward.quicksilver_window` would at its position, attending to the c
   this token existed, which is what the window pass reproduces for a token whose logits are needed;
 - Matryoshka widths from the entropy on entering layer l_q.
 
-With a batch, only the rows whose token still computes reach a layer's query, attention, output
+With a batch, only the rows whose token still computes reach a layer's attention, output
 projection and MLP: they are gathered into the smallest of 1, 2, 4, ... rows that holds them
 (`compaction.on_rows`: `lax.switch` on one scalar per layer), and scattered back.
 
 Under `scope=context` generated tokens are never eligible: the plain `model.decode_step` runs them
-over the cache the prompt left (halted keys masked, zeroed or propagated; fused groups' bias).
+over the cache the prompt left (see `generation`).
 """
 
 from __future__ import annotations
@@ -27,13 +27,16 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from qsjax.kvcache import KVCache
-from qsjax.layers import attend
+from qsjax import blocks
+from qsjax.layers import attention
+from qsjax.model import Layout
 from qsjax.quicksilver import fusion, kvskip
-from qsjax.quicksilver.compaction import buckets_for, on_rows
+from qsjax.quicksilver.cache import QuickSilverCache
+from qsjax.quicksilver.compaction import decode_row_buckets, on_rows
 from qsjax.quicksilver.config import QuickSilverConfig
-from qsjax.quicksilver.forward import FusionView, Tokens, amq_bits, halting_decision
-from qsjax.rope import rope_angles
+from qsjax.quicksilver.layer import amq_bits, halting_decision
+from qsjax.quicksilver.matryoshka import with_widths
+from qsjax.quicksilver.state import Context, FusionView, Tokens
 
 
 @jax.tree_util.register_dataclass
@@ -42,7 +45,7 @@ class DecodeState:
     """The cache (with per-layer visibility and bias) and the last token's fusion view per layer
     ([L, B, ...])."""
 
-    cache: KVCache
+    cache: QuickSilverCache
     last: FusionView
 
 
@@ -62,76 +65,61 @@ def quicksilver_decode_step(qs: QuickSilverConfig, module, state: DecodeState, t
 
     tokens [B] -> logits [B, V] (from the token's final, possibly frozen, state), new DecodeState,
     StepDecisions."""
-    cfg = module.cfg
-    L = cfg.n_layers
-    cache = state.cache
+    if qs.scope != "all" or qs.halt == "select":
+        raise ValueError("the QuickSilver decode step is for scope=all, whose policies decide token by token")
+    L = module.cfg.n_layers
+    qc = state.cache
+    kv, i = qc.kv, qc.kv.index
     B = tokens.shape[0]
-    i = cache.index
-    positions = (i - cache.start)[:, None]  # [B, 1]
-    cos, sin = rope_angles(cfg, positions)
-    slots = jnp.arange(cache.length)
-    k_valid = (slots[None, :] >= cache.start[:, None]) & (slots[None, :] <= i)  # [B, S]
-    own = slots[None, :] == i  # [B, S]: the new token's own slot
-    eligible = (positions >= qs.n_sink) & (qs.scope == "all")  # [B, 1]
+    positions = kv.positions()[:, None]  # [B, 1]
     ones = jnp.ones((B, 1), bool)
-    tok = Tokens(
-        x=module.embed(tokens[:, None], positions), active=ones, alive=ones, halt=jnp.full((B, 1), L, jnp.int32),
-        fused=~ones, absorbed=~ones, size=jnp.ones((B, 1), jnp.float32), bits=jnp.full((B, 1), 8, jnp.int32),
-    )
-    k_all, v_all, visible, bias = cache.k, cache.v, cache.visible, cache.bias
-    views = []
+    w = Layout.of(module.cfg, positions, ones)
+    ctx = Context(dataclasses.replace(w, slots=jnp.broadcast_to(i, (B, 1))), positions >= qs.n_sink, ones)
+    tok = Tokens.start(blocks.embed(module, tokens[:, None], positions), ones, L)
+    k_slot, written = kv.slots(), kv.slots_valid()  # [B, S]: every real key before the new one
     prev_fused = jnp.zeros(B, bool)
+    views = []
     for li, blk in enumerate(module.blocks):
         layer = li + 1
         if qs.amq_layer is not None and layer == qs.amq_layer:
-            tok = dataclasses.replace(tok, bits=amq_bits(qs, module, tok.x, eligible))
-        bits = tok.bits if qs.amq_layer is not None and layer >= qs.amq_layer else None
+            tok = dataclasses.replace(tok, bits=amq_bits(qs, module, tok.x, ctx.eligible))
         computing = tok.active
         halted = tok.alive & ~tok.active
+        linear = with_widths(tok.bits)
 
         # this layer's cache entry for the new slot, as the window pass leaves it
-        vis_new = tok.alive & kvskip.visible_keys(qs.kv_skip, layer, computing, halted, tok.halt, ones,
-                                                  qs.kv_propagate_span)
-        k, v = kvskip.zero_halted(*blk.kv(tok.x, cos, sin, bits), halted, qs.kv_skip)  # [B, 1, K, Dh]
-        k_all = jax.lax.dynamic_update_slice(k_all, k[None], (li, 0, i, 0, 0))
-        v_all = jax.lax.dynamic_update_slice(v_all, v[None], (li, 0, i, 0, 0))
-        visible = jax.lax.dynamic_update_slice(visible, vis_new.T[:, :, None], (li, 0, i))
-        bias = jax.lax.dynamic_update_slice(bias, jnp.where(vis_new | computing, jnp.log(tok.size), 0.0).T[:, :, None],
-                                            (li, 0, i))
+        visible = tok.alive & kvskip.visible_keys(qs.kv_skip, layer, computing, halted, tok.halt, ones, qs.kv_propagate_span)
+        q, k, v = blocks.qkv(blk, tok.x, w.cos, w.sin, linear)  # [B, 1, ...]
+        k, v = kvskip.zero_halted(k, v, halted, qs.kv_skip)
+        qc = qc.write(li, k, v, visible[:, 0], jnp.where(visible | computing, jnp.log(tok.size), 0.0)[:, 0])
 
-        def run(x, cos, sin, bits, keys, values, mask, b, blk=blk):
-            """The block for the computing rows: [n, 1, D] -> [n, 1, D]."""
-            q = blk.q(x, cos, sin, bits)
-            x = x + blk.attn_out(attend(q, keys, values, mask[:, None, :], b[:, None, :]), bits)
-            return x + blk.mlp(x, bits)
+        def run(x, q, q_slot, keys, values, k_slot, ok, bias, bits, blk=blk):
+            """The rest of the block for the computing rows: [n, 1, D] -> [n, 1, D]."""
+            o = attention(q, keys, values, q_slot, k_slot, ok, bias, self_visible=True)
+            return blocks.tail(blk, x, o, with_widths(bits))
 
-        mask = k_valid & (visible[li] | own)  # [B, S]; the own key is always there for a computing row
-        x = on_rows(run, computing[:, 0], tok.x, tok.x, cos, sin, tok.bits if bits is not None else None,
-                    k_all[li], v_all[li], mask, bias[li], buckets=buckets_for(B, smallest=1, factor=2))
+        ok = written & qc.visible[li]  # [B, S]; its own key is always there (self_visible)
+        x = on_rows(run, computing[:, 0], tok.x, tok.x, q, ctx.layout.slots, qc.kv.k[li], qc.kv.v[li], k_slot, ok,
+                    qc.bias[li], tok.bits, buckets=decode_row_buckets(B))
 
-        can = eligible & computing & (layer < L)
-        halt_now, _, _ = halting_decision(qs, module, layer, x, tok.x, can, None, None, None, eligible, positions)
+        can = ctx.eligible & computing & (layer < L)
+        halt_now, _, _ = halting_decision(qs, module, layer, x, tok.x, can, ctx)
         tok = dataclasses.replace(tok, x=x, active=tok.active & ~halt_now, halt=jnp.where(halt_now, layer, tok.halt))
         absorbable = can & ~halt_now
         view = FusionView(tok.x[:, 0], tok.size[:, 0], absorbable[:, 0], jnp.zeros(B, bool))
         if qs.fuse_threshold is not None:
             prev = jax.tree.map(lambda a: a[li], state.last)
             can_absorb = absorbable & ~tok.absorbed & (layer >= qs.halt_min_layer)
-            cand = fusion.candidates(tok.x, prev.x[:, None], can_absorb, prev.absorbable[:, None], qs.fuse_threshold)
+            cand, merged, size = fusion.decide(tok.x, tok.size, can_absorb, prev.x[:, None], prev.size[:, None],
+                                               prev.absorbable[:, None], qs.fuse_threshold)
             fuse = cand & ~prev.candidate[:, None]  # [B, 1]
-            merged, size = fusion.merge(tok.x, prev.x[:, None], tok.size, prev.size[:, None])
             view = dataclasses.replace(view, candidate=cand[:, 0])
             tok = dataclasses.replace(tok, x=jnp.where(fuse[..., None], merged, tok.x), size=jnp.where(fuse, size, tok.size),
                                       absorbed=tok.absorbed | fuse)
-            # the previous token is retired: its keys above this layer vanish
-            above = (jnp.arange(L) >= layer)[:, None] & fuse[:, 0][None, :]  # [L, B]
-            retire = jax.lax.dynamic_slice(visible, (0, 0, i - 1), (L, B, 1)) & ~above[:, :, None]
-            visible = jax.lax.dynamic_update_slice(visible, retire, (0, 0, i - 1))
+            qc = qc.retire_previous(fuse[:, 0], above=layer)  # its keys above this layer vanish
             prev_fused = prev_fused | fuse[:, 0]
         views.append(view)
 
-    cache = dataclasses.replace(cache, k=k_all, v=v_all, visible=visible, bias=bias, index=i + 1)
     last = jax.tree.map(lambda *a: jnp.stack(a), *views)
-    new_state = DecodeState(cache, last)
     decisions = StepDecisions(tok.halt[:, 0], tok.bits[:, 0], prev_fused)
-    return module.logits(tok.x[:, 0]), new_state, decisions
+    return blocks.lm_logits(module, tok.x[:, 0]), DecodeState(qc.advance(), last), decisions

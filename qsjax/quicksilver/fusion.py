@@ -37,6 +37,16 @@ def candidates(h, prev_h, can_fuse, prev_can_fuse, threshold: float):
     return can_fuse & prev_can_fuse & (cosine(prev_h, h) > threshold)
 
 
+def decide(h, size, can_absorb, prev_h, prev_size, prev_can_be_absorbed, threshold: float):
+    """The pairing rule for token t and its predecessor t-1 (over a window, or one decoded token
+    against the previous token's view): whether t is a candidate to absorb t-1, and the merged state
+    and size if it does.  -> candidates [B, T] bool, merged h [B, T, D], size [B, T].
+    The caller fuses candidates whose predecessor is not itself a candidate at this layer."""
+    cand = candidates(h, prev_h, can_absorb, prev_can_be_absorbed, threshold)
+    merged, merged_size = merge(h, prev_h, size, prev_size)
+    return cand, merged, merged_size
+
+
 def merge(h, prev_h, size, prev_size):
     """Size-weighted mean state and summed size of the pair (t-1, t).  -> h [B, T, D], size [B, T]"""
     s = size + prev_size

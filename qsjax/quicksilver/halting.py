@@ -21,6 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qsjax.layers import grouped_scores
+
 
 def drift(h_new, h_old, relative: bool = True):
     """d = ||h_new - h_old|| (/ ||h_old||).  [..., D] -> [...] float32"""
@@ -54,10 +56,8 @@ def attention_received(q, k, queries, keys_visible):
 
     q [B, T, H, Dh], k [B, T, K, Dh], queries [B, T] bool (the voting queries),
     keys_visible [B, T] bool  ->  [B, T] float32.  Computed for all T queries and masked (reference)."""
-    B, T, H, Dh = q.shape
-    K = k.shape[2]
-    qg = q.reshape(B, T, K, H // K, Dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(Dh))
+    T = q.shape[1]
+    scores = grouped_scores(q, k)  # [B, K, G, T, S]
     slots = jnp.arange(T)
     mask = (slots[None, :] <= slots[:, None])[None] & keys_visible[:, None, :]  # [B, T, S]
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)

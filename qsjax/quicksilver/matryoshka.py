@@ -121,6 +121,16 @@ class MatryoshkaLinear(nnx.Module):
         return (grouped_matryoshka_linear if self.grouped else matryoshka_linear)(x, self.weight, bits, b)
 
 
+def with_widths(bits):
+    """The linear map (see `qsjax.blocks`) that applies Matryoshka layers at the tokens' widths
+    bits [...] (one per row of x) and full-precision layers as they are."""
+
+    def linear(module, x):
+        return module(x, bits) if isinstance(module, MatryoshkaLinear) else module(x)
+
+    return linear
+
+
 def quantize_blocks(module, from_layer: int, grouped: bool = True) -> int:
     """Replace, in place, every Linear of blocks[from_layer:] by a MatryoshkaLinear (the float
     weights are dropped).  Returns the bytes of int8 storage (codes + scales) now held."""

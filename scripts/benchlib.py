@@ -1,0 +1,154 @@
+"""What the benchmarks share: argument checks, interleaved timing, medians and ratios, the machine
+they ran on, the JSON report, and transformers (PyTorch) as the reference, driven by qsjax's own
+evaluation loop.
+
+Each benchmark interleaves its variants within every repeat (the order rotated from repeat to
+repeat), reports medians with compilation apart, and writes ratios measured in the same run: on a
+shared 2-core machine only ratios mean something."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from qsjax.cli import UsageError
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def rotated(names, r: int) -> list:
+    """The run order of repeat r: the variants rotated by r places."""
+    names = list(names)
+    k = r % len(names)
+    return names[k:] + names[:k]
+
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def ratio(a, b):
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall-clock seconds of fn() over `repeats` calls, after one untimed call (compile, warm-up)."""
+    import jax
+
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return median(times)
+
+
+def check_positive(args, *names: str, minimum: int = 1) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value < minimum:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+
+
+def check_json_path(path: str | None) -> None:
+    """Refuse a --json location that cannot be written, before any work."""
+    if path in (None, "-"):
+        return
+    if Path(path).is_dir():
+        raise UsageError(f"--json {path} is a directory; give a file name")
+    if not Path(path).parent.is_dir():
+        raise UsageError(f"--json {path}: directory {Path(path).parent} does not exist")
+
+
+def machine() -> dict:
+    """The machine and library versions a report was measured with."""
+    import jax
+
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags |= set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    versions = {"jax": jax.__version__}
+    for name in ("torch", "transformers"):
+        if name in sys.modules:
+            versions[name] = sys.modules[name].__version__
+    return {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "cpu_flags": {f: f in flags for f in CPU_FLAGS}, "device": str(jax.devices()[0]),
+            "load_average": os.getloadavg(), "versions": versions}
+
+
+def write_report(path: str | None, report: dict, table: str) -> None:
+    """The JSON report to `path` (atomically; - for stdout) and the table to stdout (stderr with -)."""
+    from qsjax.eval import write_json_atomic
+
+    if path is not None:
+        write_json_atomic(path, report)
+    print(table, file=sys.stderr if path == "-" else sys.stdout)
+
+
+def load_hf(model_dir: Path, threads: int):
+    """transformers' LlamaForCausalLM from the GGUF in the default model's folder, float32, `threads` threads."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qsjax.weights import gguf_path
+
+    gguf = gguf_path(model_dir)
+    if gguf is None:
+        raise UsageError(f"{model_dir} holds no GGUF file for transformers to load; use --skip-hf")
+    torch.set_num_threads(threads)
+    return AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf.name, dtype=torch.float32).eval()
+
+
+class HFScorer:
+    """transformers' dense NLL with the interface of `qsjax.perplexity.Scorer`, so that the same
+    `perplexity.evaluate` loop drives it (batch 1: one window per forward, no padding). The LM head
+    runs on the scored positions only (`logits_to_keep`) unless `all_logits`; NLL in float32."""
+
+    def __init__(self, hf, cfg, all_logits: bool = False):
+        self.hf = hf
+        self.model = type("Model", (), {"cfg": cfg})
+        takes = "logits_to_keep" in inspect.signature(hf.forward).parameters
+        self.scored_only = takes and not all_logits
+        self.lm_head = "scored only" if self.scored_only else "all positions"
+
+    def compile(self, batch: int, length: int, offset: int) -> float:
+        if batch != 1:
+            raise ValueError("HFScorer scores one window at a time")
+        return 0.0
+
+    def score(self, tokens: np.ndarray, lengths: np.ndarray, offset: int):
+        """tokens [1, T] -> nll [1, T - 1 - offset] (NumPy float32), None"""
+        import torch
+
+        T = int(lengths[0])
+        ids = torch.from_numpy(tokens[:, :T].astype(np.int64))
+        with torch.inference_mode():
+            if self.scored_only:
+                z = self.hf(ids, use_cache=False, logits_to_keep=torch.arange(offset, T - 1)).logits[0]
+            else:
+                z = self.hf(ids, use_cache=False).logits[0, offset:T - 1]
+            z = z.float()
+            nll = torch.logsumexp(z, dim=-1) - z.gather(-1, ids[0, offset + 1:, None])[:, 0]
+        out = np.full((1, tokens.shape[1] - 1 - offset), np.nan, np.float32)
+        out[0, : len(nll)] = nll.numpy()
+        return out, None

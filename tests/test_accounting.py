@@ -1,0 +1,63 @@
+"""Executed-FLOP accounting: QuickSilver's counts use the reporting convention of `qsjax.flops`."""
+
+import dataclasses
+
+import numpy as np
+
+from qsjax.flops import attention_flops, forward_flops, lm_head_flops, needed_flops
+from qsjax.perplexity import strided_windows
+from qsjax.quicksilver.accounting import Accounting, kv_projection_flops
+from qsjax.quicksilver.config import QuickSilverConfig
+from qsjax.quicksilver.evaluate import QuickSilverScorer, evaluate_quicksilver
+from qsjax.quicksilver.state import LayerStats
+
+
+def stats(computing, pairs, checks=0, propagated=0, skipped=0, selection=0):
+    """Per-layer statistics [L, B=1] from per-layer lists."""
+    col = lambda xs: np.asarray(xs, np.int32)[:, None]
+    L = len(computing)
+    return LayerStats(col(computing), col(pairs), col([checks] * L), col([propagated] * L), col([skipped] * L),
+                      col([selection] * L))
+
+
+def test_all_tokens_computing_is_the_dense_convention(tiny_models):
+    cfg = tiny_models["llama-gqa"][0].cfg
+    n, L = 10, cfg.n_layers
+    acct = Accounting(cfg)
+    total = acct.add(stats([n] * L, [n * (n + 1) // 2] * L), n, 4, amq_checks=0, halted=0, fused=0)
+    assert total == needed_flops(cfg, [n], 4) and acct.overhead.total == 0
+    assert acct.to_json()["fraction_token_layers_executed"] == 1.0
+
+
+def test_overhead_is_added_and_reported(tiny_models):
+    cfg = tiny_models["llama-gqa"][0].cfg
+    n, L = 10, cfg.n_layers
+    acct = Accounting(cfg)
+    total = acct.add(stats([n, 6], [55, 21], checks=2, propagated=3, skipped=4, selection=40), n, 4, amq_checks=5,
+                     halted=4, fused=0)
+    overhead = acct.overhead
+    assert overhead.lm_head == lm_head_flops(cfg, 2 * L + 5)
+    assert overhead.projections == kv_projection_flops(cfg, 3 * L)
+    assert overhead.attention == attention_flops(cfg, 40 * L) // 2  # scores only
+    assert total == forward_flops(cfg, [n, 6], [55, 21], 4) + overhead and acct.flops == total
+    report = acct.to_json()
+    assert report["token_layers_executed"] == n + 6 and report["kv_writes_skipped"] == 4 * L
+    assert report["cache_bytes_saved"] == 4 * L * 2 * cfg.n_kv_heads * cfg.head_dim * 4
+
+
+def test_bits_histogram_counts_the_tokens_that_chose_a_width(tiny_models, rng):
+    """Every token that picked a Matryoshka width is in the histogram, and nothing else: the
+    attention sinks and the scored positions keep 8 bits without choosing (they are not eligible)."""
+    model, _ = tiny_models["llama-gqa"]
+    qs = QuickSilverConfig(amq_layer=2, amq_low=6.54, amq_high=6.56)
+    stream = rng.integers(0, 96, 100).astype(np.int32)
+    windows = strided_windows(len(stream), 48, 16)
+    for compact in (False, True):
+        setting = dataclasses.replace(qs, compact=compact)
+        _, report, _ = evaluate_quicksilver(QuickSilverScorer(model, setting), stream, windows, progress=False)
+        hist = report["bits_histogram"]
+        eligible = sum(max(0, w.offset - setting.n_sink) for w in windows)  # scope=context: positions n_sink..offset-1
+        assert sum(hist.values()) == eligible
+        assert hist["4"] + hist["2"] > 0  # widths were chosen
+        amq_checks = report["overhead_flops"]["lm_head"] // lm_head_flops(model.cfg, 1)
+        assert amq_checks == eligible  # one entropy projection per token that chose

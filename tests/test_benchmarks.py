@@ -1,0 +1,53 @@
+"""The benchmark scripts without a benchmark: bad arguments exit with status 2 and one `error:` line
+before any model is loaded, and the run order rotates between repeats."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+
+
+def run_script(name, *args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=120, check=False)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize(("script", "args", "message"), [
+    ("bench_quicksilver.py", ["--repeats", "0"], "--repeats must be at least 1"),
+    ("bench_quicksilver.py", ["--stride", "0"], "--stride must be in 1..--max-length"),
+    ("bench_quicksilver.py", ["--max-length", "1024", "--stride", "2048"], "--stride must be in 1..--max-length"),
+    ("bench_quicksilver.py", ["--max-eval-tokens", "1"], "--max-eval-tokens must be at least 2"),
+    ("bench_quicksilver.py", ["--threads", "0"], "--threads must be at least 1"),
+    ("bench_quicksilver.py", ["--json", "/nonexistent-dir/out.json"], "does not exist"),
+    ("bench_quicksilver.py", ["--data", "penn"], "invalid choice"),
+    ("bench_generate.py", ["--new-tokens", "1"], "--new-tokens must be at least 2"),
+    ("bench_generate.py", ["--prompt-tokens", "0"], "--prompt-tokens must be at least 1"),
+    ("bench_generate.py", ["--json", "/nonexistent-dir/out.json"], "does not exist"),
+    ("profile_quicksilver.py", ["--stride", "2048"], "--stride must be in 1..--max-length - 1"),
+    ("profile_quicksilver.py", ["--repeats", "0"], "--repeats must be at least 1"),
+])
+def test_argument_errors(script, args, message):
+    status, stdout, stderr = run_script(script, *args)
+    assert status == 2, stderr
+    assert stdout == ""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
+
+
+def test_rotated_order():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from benchlib import rotated
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    names = ["a", "b", "c", "d"]
+    assert rotated(names, 0) == names
+    assert rotated(names, 1) == ["b", "c", "d", "a"]
+    assert rotated(names, 5) == ["b", "c", "d", "a"]
