@@ -16,6 +16,7 @@ import contextlib
 import os
 import signal
 import sys
+import tempfile
 import threading
 
 
@@ -114,3 +115,48 @@ def exit_on_interrupt(on_interrupt=None):
         os.close(write_fd)  # the watcher's read returns b""
         watcher.join()
         os.close(read_fd)
+
+
+def check_output_file(flag: str, path: str) -> None:
+    """Before any slow work: `path` (not "-") must be a file we can create or replace, so that a
+    long run never ends unable to write its results.  A symlink is checked (and later written)
+    through to its target."""
+    if path == "-":
+        return
+    target = os.path.realpath(path)
+    if os.path.isdir(target):
+        raise UsageError(f"{flag} {path} is a directory; give a file name")
+    parent = os.path.dirname(target)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: directory {os.path.dirname(path) or '.'} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(target)}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write in {parent} ({e.strerror or e})") from None
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        raise UsageError(f"{flag} {path}: the file is not writable")
+
+
+def write_file_atomic(path: str, text: str) -> None:
+    """Write `text` to a temporary file beside `path`'s target, then rename it into place: never a
+    half-written file.  The file gets the mode an ordinary write would give it (an existing file's
+    mode, else 0666 less the umask), and a symlink stays a symlink (its target is replaced)."""
+    target = os.path.realpath(path)
+    if os.path.exists(target):
+        mode = os.stat(target).st_mode & 0o7777
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -131,7 +131,7 @@ def remove_stale_siblings(path: Path, kinds=("partial", "old", "fetch")) -> None
     for kind in kinds:
         for stale in path.parent.glob(f".{path.name}.{kind}-*"):
             pid = stale.name.rsplit(f".{kind}-", 1)[1].split("-")[0]
-            if not (pid.isdigit() and len(stale.name.rsplit("-", 1)[1]) == 8 and pid_alive(int(pid))):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(stale, ignore_errors=True)
 
 
