@@ -42,6 +42,10 @@ from qsjax.gguf_import import (
 )
 
 MANIFEST = "qsjax-manifest.json"
+
+
+class OutputError(OSError):
+    """The output directory cannot be written (read-only, full disk, not a directory)."""
 CHUNK = 1 << 20
 
 
@@ -169,16 +173,20 @@ def replace_dir(src: Path, dst: Path) -> None:
 def write_dir_atomically(out_dir: Path, write) -> Path:
     """`write(tmp)` fills a fresh hidden sibling directory, which then replaces `out_dir`; on any
     error or interrupt the temporary directory is removed and `out_dir` is left as it was."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_siblings(out_dir)
     partial = temp_sibling(out_dir, "partial")
-    partial.mkdir()
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_siblings(out_dir)
+        partial.mkdir()
+    except OSError as e:
+        raise OutputError(f"cannot write {out_dir}: {e.strerror or e}") from None
     try:
         write(partial)
         replace_dir(partial, out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    except (OSError, SafetensorError) as e:  # a full disk, a file system gone read-only
+        raise OutputError(f"cannot write {out_dir}: {getattr(e, 'strerror', None) or e}") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # gone already after a successful rename
     return out_dir
 
 
@@ -187,7 +195,7 @@ def convert_gguf(gguf_path, out_dir, *, overwrite: bool = False, progress: bool 
 
     Raises FileNotFoundError (no such file), FileExistsError (`out_dir` not empty and not
     `overwrite`, or not a safe place), GGUFError (unreadable, truncated or unsupported file) or
-    OSError (cannot write). On error nothing is left behind.
+    OutputError (cannot write). On error or interrupt nothing is left behind.
     """
     gguf_path, out_dir = Path(gguf_path).resolve(), Path(out_dir).resolve()
     if gguf_path.is_dir():
@@ -207,10 +215,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         out = convert_gguf(args.gguf, args.out_dir, overwrite=args.force, progress=not args.quiet)
-    except (GGUFError, FileNotFoundError, FileExistsError) as error:
+    except (GGUFError, FileNotFoundError, FileExistsError, OutputError) as error:
         raise UsageError(str(error)) from None
-    except (OSError, SafetensorError) as error:  # a read-only directory, a full disk
-        raise UsageError(f"cannot write {args.out_dir}: {getattr(error, 'strerror', None) or error}") from None
     print(out)
     return 0
 
