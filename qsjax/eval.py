@@ -33,7 +33,15 @@ import sys
 import time
 from pathlib import Path
 
-from qsjax.cli import ArgumentParser, UsageError, check_output_file, exit_on_interrupt, run_cli, write_file_atomic
+from qsjax.cli import (
+    ArgumentParser,
+    UsageError,
+    check_output_file,
+    exit_on_interrupt,
+    quiet_broken_pipe,
+    run_cli,
+    write_file_atomic,
+)
 from qsjax.quicksilver.cli import add_quicksilver_args, check_quicksilver_args, quicksilver_from_args
 
 PROTOCOLS = ("strided", "disjoint")
@@ -220,14 +228,21 @@ def main(argv=None) -> int:
     with exit_on_interrupt(lambda signum: sys.stderr.write("\n")):
         report = evaluate_model(args, model_dir, data_path, text, tokenizer, qs, mesh)
     # the table first: if the report cannot be written after all, the results are still shown
-    print(format_table(report), file=sys.stderr if args.json == "-" else sys.stdout, flush=True)
+    try:
+        print(format_table(report), file=sys.stderr if args.json == "-" else sys.stdout, flush=True)
+        closed = False
+    except BrokenPipeError:  # `| head`: the report is still written
+        closed = True
     if args.json is not None:
         try:
             write_json_atomic(args.json, report)
         except OSError as e:
-            raise UsageError(f"--json {args.json}: cannot write the report ({e.strerror or e}); "
-                             "the results are in the table above") from None
-    return 0
+            if isinstance(e, BrokenPipeError):
+                closed = True
+            else:
+                raise UsageError(f"--json {args.json}: cannot write the report ({e.strerror or e}); "
+                                 "the results are in the table above") from None
+    return quiet_broken_pipe() if closed else 0
 
 
 def evaluate_model(args, model_dir, data_path, text, tokenizer, qs, mesh) -> dict:

@@ -1,7 +1,10 @@
 """Text generation: `python -m qsjax.generate "PROMPT"`.
 
 stdout carries the continuation (streamed token by token for a single prompt); stderr carries
-progress and one closing line with token counts, compile seconds and speed.
+progress and one closing line with token counts, compile seconds and speed. Bad input is one
+`error:` line (status 2), checked before the model loads where the arguments suffice. Ctrl-C stops
+within moments, even inside the compiled decode loop: the text so far stays, the closing line
+counts it, status 130 (see qsjax.cli).
 
 `--mesh data=2,model=4` shards the model over devices (see qsjax.sharding); prompts split over
 "data" when their number is a multiple of it, otherwise every data group runs all of them.
@@ -167,7 +170,8 @@ def parse_args(argv=None):
     p = ArgumentParser(prog="python -m qsjax.generate", description=__doc__.splitlines()[0])
     p.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file)")
     p.add_argument("--model", help="a Hugging Face model directory or a known model name (default: smollm2-135m-instruct)")
-    p.add_argument("--prompts-file", help="a UTF-8 text file with one prompt per line, run as one batch")
+    p.add_argument("--prompts-file", help="a UTF-8 text file with one prompt per line (blank lines skipped), run as "
+                   "one batch")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)

@@ -258,18 +258,24 @@ def test_interrupt_streamed_generation(long_tiny, signum):
 
 
 def test_interrupt_eval_writes_nothing(long_tiny, tmp_path):
-    command = [sys.executable, "-m", "qsjax.eval", "--model", str(long_tiny), "--data", "wikitext103",
-               "--max-length", "4096", "--stride", "64", "--json", str(tmp_path / "r.json")]  # fmt: skip
+    data = tmp_path / "data.txt"
+    data.write_text("\n\n".join(SENTENCES * 1000))
+    (tmp_path / "out").mkdir()
+    command = [sys.executable, "-m", "qsjax.eval", "--model", str(long_tiny), "--data", str(data),
+               "--max-length", "1024", "--stride", "8", "--json", str(tmp_path / "out" / "r.json")]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env())
     os.set_blocking(proc.stderr.fileno(), False)
     err, t0 = b"", time.time()
-    while b"windows" not in err and time.time() - t0 < 120:  # the progress bar has started
+    while b"window" not in err and time.time() - t0 < 120:  # the progress bar has started
         err += proc.stderr.read() or b""
         time.sleep(0.05)
+    assert proc.poll() is None, err
+    t0 = time.time()
     proc.send_signal(signal.SIGINT)
     out, rest = proc.communicate(timeout=30)
+    assert time.time() - t0 < 3, "did not stop within moments"
     assert proc.returncode == 130 and b"Traceback" not in err + rest and (err + rest).strip().endswith(b"interrupted")
-    assert listing(tmp_path) == []
+    assert listing(tmp_path / "out") == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ CHOICES = {"scope": SCOPES, "halt": HALT_POLICIES, "kv_skip": KV_MODES, "select_
 def add_quicksilver_args(parser) -> None:
     group = parser.add_argument_group("QuickSilver (off unless a preset or a mechanism flag is given)")
     group.add_argument("--quicksilver", default="off", choices=["off", "paper", "fast"],
-                       help="preset: paper = the paper's rule and thresholds on every token; fast = qsjax's calibrated setting")
+                       help="preset: paper = the paper's rule on every token, at qsjax's reading of its thresholds (see the "
+                       "README); fast = qsjax's calibrated setting")
     for flag, (field, kind) in FLAGS.items():
         metavar = None if field in CHOICES else {int: "N", float: "X"}[kind]
         group.add_argument(flag, dest=f"qs_{field}", type=kind, default=None, choices=CHOICES.get(field),
