@@ -21,6 +21,7 @@ from pathlib import Path
 
 from qsjax.cli import ArgumentParser, UsageError, run_cli
 from qsjax.convert import (
+    MANIFEST,
     GGUFError,
     convert_gguf,
     file_sha256,
@@ -116,7 +117,8 @@ def problems(name: str, target: Path, *, checksums: bool = False) -> list[str]:
     if found is not None:
         gguf_file = Path(KNOWN_MODELS[name].member).name
         return found + ([] if (target / gguf_file).is_file() else [f"{gguf_file} missing"])
-    return [f"{f} missing" for f in MODEL_FILES if not (target / f).is_file()]
+    missing = [f"{f} missing" for f in MODEL_FILES if not (target / f).is_file()]
+    return missing + ([f"{MANIFEST} missing (no checksums to verify against)"] if checksums else [])
 
 
 def status(name: str) -> str:
