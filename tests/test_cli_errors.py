@@ -379,3 +379,18 @@ def test_eval_out_of_the_box(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["tokens_total"] == 1024 and Path(report["data_path"]).name == "wikitext103_test.txt.gz"
+
+
+@pytest.mark.slow
+def test_eval_out_of_the_box_default_model(default_model_dir, tmp_path):
+    """The issue's command, `python -m qsjax.eval --data wikitext103 --max-eval-tokens 1024`, from a
+    directory with no ../shared and no $QSJAX_DATA."""
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    extra = {k: v for k, v in env().items() if k != "QSJAX_DATA"}
+    proc = subprocess.run([sys.executable, "-m", "qsjax.eval", "--data", "wikitext103", "--max-eval-tokens", "1024",
+                           "--json", "-", "--no-progress"], capture_output=True, text=True, env=extra, cwd=work,
+                          timeout=600, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["tokens_scored"] == 1023 and abs(report["perplexity"] - 14.0851) < 0.01
