@@ -138,7 +138,8 @@ def check_writable(directory: Path) -> None:
         probe.rmdir()
     except OSError as e:
         where = "$QSJAX_WEIGHTS" if os.environ.get("QSJAX_WEIGHTS") else "the weights directory"
-        raise FetchError(f"{where} {directory} is not a writable directory ({e.strerror or e}); set QSJAX_WEIGHTS "
+        why = "it is a file" if directory.is_file() else e.strerror or str(e)
+        raise FetchError(f"{where} {directory} is not a writable directory ({why}); set QSJAX_WEIGHTS "
                          "to a directory you can write") from None
 
 
