@@ -58,8 +58,8 @@ def quiet_broken_pipe() -> int:
 
 def run_cli(main, argv=None):
     """Run `main(argv)` and exit with its return value (see the module docstring)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         status = main(argv)
         sys.stdout.flush()
@@ -71,6 +71,9 @@ def run_cli(main, argv=None):
         sys.exit(exit_status(interrupt))
     except BrokenPipeError:
         sys.exit(quiet_broken_pipe())
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     sys.exit(status or 0)
 
 
