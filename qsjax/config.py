@@ -11,7 +11,11 @@ import json
 from pathlib import Path
 
 
-class UnsupportedConfig(ValueError):
+class ConfigError(ValueError):
+    """A config.json cannot be used: not JSON, not an object, a field missing or out of range."""
+
+
+class UnsupportedConfig(ConfigError):
     """A config.json asks for something qsjax does not implement."""
 
 
@@ -61,9 +65,32 @@ class ModelConfig:
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:
+    """The config.json of a model directory; a ConfigError names the file and the field at fault."""
     path = Path(model_dir) / "config.json"
-    with open(path, encoding="utf-8") as f:
-        return ModelConfig.from_hf(json.load(f))
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{path} must hold a JSON object, not a {type(hf).__name__}")
+    try:
+        return ModelConfig.from_hf(hf)
+    except KeyError as e:
+        raise ConfigError(f"{path} has no {e.args[0]!r} field") from None
+    except ConfigError as e:
+        raise type(e)(f"{path}: {e}") from None
+    except (TypeError, ValueError) as e:  # a field of the wrong type, e.g. a string where a number belongs
+        raise ConfigError(f"{path}: a field has the wrong type ({e})") from None
+
+
+def _positive(hf: dict, *keys: str) -> None:
+    """Raise unless each of `keys` that is present is a positive integer."""
+    for key in keys:
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"config field {key}={value!r} must be a positive integer")
 
 
 def _eos_ids(hf: dict) -> tuple[int, ...]:
@@ -85,6 +112,7 @@ def _gpt2_config(hf: dict) -> ModelConfig:
     _require(hf, "scale_attn_by_inverse_layer_idx", (False,))
     _require(hf, "add_cross_attention", (False,))
     _require(hf, "tie_word_embeddings", (True,))
+    _positive(hf, "vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions")
     d = hf["n_embd"]
     return ModelConfig(
         arch="gpt2",
@@ -125,6 +153,8 @@ def _llama_rope(hf: dict) -> tuple[float, RopeScaling | None]:
 def _llama_config(hf: dict) -> ModelConfig:
     _require(hf, "hidden_act", ("silu",))
     _require(hf, "pretraining_tp", (1,))
+    _positive(hf, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "intermediate_size", "max_position_embeddings")
     d, n_heads = hf["hidden_size"], hf["num_attention_heads"]
     n_kv = hf.get("num_key_value_heads") or n_heads
     if n_heads % n_kv:

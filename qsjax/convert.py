@@ -2,330 +2,50 @@
 
     python -m qsjax.convert MODEL.gguf OUT_DIR [--force]
 
-The directory holds what `transformers.LlamaForCausalLM.from_pretrained` reads:
+The directory holds what `transformers.LlamaForCausalLM.from_pretrained` reads (the tensors, config
+and tokenizer come from qsjax.gguf_import):
 
     config.json             a LlamaConfig, rebuilt from the GGUF metadata
     generation_config.json  the bos / eos / pad token ids
     model.safetensors       every tensor dequantized to float32, under Hugging Face names
     tokenizer.json          the byte-level BPE tokenizer described by the metadata
     tokenizer_config.json   special tokens, add_bos_token and the chat template
+    qsjax-manifest.json     the size and SHA-256 of each file above, to verify the directory later
 
-Three things differ between the two layouts:
-
-- GGUF lists a tensor's dimensions innermost first; read in numpy order they already are
-  Hugging Face's `[out_features, in_features]`.
-- llama.cpp permutes the rows of q_proj and k_proj so that its interleaved RoPE matches the
-  half-split ("rotate_half") RoPE of Hugging Face Llama; `unpermute_rows` undoes that.
-- Tied embeddings: llama.cpp writes no `output.weight` when the LM head is the embedding matrix.
-
-The output is written into a temporary directory next to OUT_DIR and renamed into place at the
-end, so a failed conversion leaves nothing behind.
+The output is written into a hidden temporary directory next to OUT_DIR and renamed into place at
+the end, so a failed or interrupted conversion (Ctrl-C, SIGTERM) leaves nothing behind; a later run
+removes what a killed one left. The input is never deleted: OUT_DIR may not contain the GGUF file
+or the current directory, and --force replaces only a directory that holds a model (config.json).
 """
 
-import argparse
+import hashlib
 import json
 import os
-import re
 import shutil
-import sys
 import uuid
 from pathlib import Path
 
-import gguf
-import numpy as np
-from gguf import GGMLQuantizationType as GGMLType
+from safetensors import SafetensorError
 from safetensors.numpy import save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-from tqdm import tqdm
 
-from qsjax.cli import UsageError, run_cli
+from qsjax.cli import ArgumentParser, UsageError, run_cli
+from qsjax.gguf_import import (
+    GGUFError,
+    build_tokenizer,
+    convert_tensors,
+    generation_config,
+    llama_config,
+    open_gguf,
+    read_metadata,
+    tokenizer_config,
+)
 
-# Tensor types we dequantize, all with `gguf.quants.dequantize`. The K-quants are the usual
-# llama.cpp mixes (Q4_K_M uses Q4_K and Q6_K); the IQ* and ternary types are left out.
-SUPPORTED_TYPES = (
-    GGMLType.F32, GGMLType.F16, GGMLType.BF16,
-    GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
-    GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K,
-)  # fmt: skip
-
-# GGUF tensor name -> Hugging Face name, outside the transformer blocks.
-GLOBAL_TENSORS = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-
-# `blk.N.<module>` -> `model.layers.N.<module>`, for weights and biases alike.
-BLOCK_MODULES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-
-BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-
-CONTROL_TOKEN = 3  # llama.cpp token types: 1 normal, 3 control (special), 4 user-defined
-USER_DEFINED_TOKEN = 4
+MANIFEST = "qsjax-manifest.json"
 
 
-class GGUFError(ValueError):
-    """The GGUF file cannot be converted: unreadable, truncated, or describing something unsupported."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Tensors
-
-
-def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's Q/K row permutation (from its convert script); kept here for the tests.
-
-    Within each head it interleaves the two halves of the rows: [x0..x(h/2-1), y0..y(h/2-1)]
-    becomes [x0, y0, x1, y1, ...], turning half-split RoPE pairs into adjacent pairs.
-    """
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of `permute_rows`: adjacent row pairs of each head back to two halves.
-
-    `w` is `[n_head * head_dim, ...]` (a q_proj/k_proj weight or bias).
-    """
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def hf_tensor_name(gguf_name: str) -> str:
-    """The Hugging Face name of a GGUF tensor; raises GGUFError for a name we do not know."""
-    if gguf_name in GLOBAL_TENSORS:
-        return GLOBAL_TENSORS[gguf_name]
-    match = BLOCK_TENSOR.fullmatch(gguf_name)
-    if match and match.group(2) in BLOCK_MODULES:
-        layer, module, kind = match.groups()
-        return f"model.layers.{layer}.{BLOCK_MODULES[module]}.{kind}"
-    if gguf_name == "rope_freqs.weight":
-        # Llama 3.1-style RoPE scaling: llama.cpp stores the frequency factors, but the parameters
-        # Hugging Face's config needs to recompute them are not in the file.
-        raise GGUFError("tensor 'rope_freqs.weight' (Llama 3.1 RoPE scaling) is not supported")
-    raise GGUFError(f"unknown GGUF tensor {gguf_name!r}: not part of a Llama model")
-
-
-def tensor_to_float32(tensor) -> np.ndarray:
-    """Dequantize a GGUF `ReaderTensor` to float32 in numpy order, e.g. `[out_features, in_features]`."""
-    qtype = GGMLType(tensor.tensor_type)
-    if qtype not in SUPPORTED_TYPES:
-        supported = ", ".join(t.name for t in SUPPORTED_TYPES)
-        raise GGUFError(f"tensor {tensor.name!r} has type {qtype.name}, which is not supported ({supported})")
-    if tensor.data.nbytes != tensor.n_bytes:
-        raise GGUFError(
-            f"tensor {tensor.name!r} has {tensor.data.nbytes} bytes instead of {tensor.n_bytes}: the file is truncated"
-        )
-    shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
-    return gguf.quants.dequantize(tensor.data, qtype).astype(np.float32).reshape(shape)
-
-
-def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Every Hugging Face tensor a Llama with this config has, with its shape."""
-    d, ff, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    q_out = config["num_attention_heads"] * config["head_dim"]
-    kv_out = config["num_key_value_heads"] * config["head_dim"]
-    shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
-    if not config["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (vocab, d)
-    linears = {
-        "self_attn.q_proj": (q_out, d),
-        "self_attn.k_proj": (kv_out, d),
-        "self_attn.v_proj": (kv_out, d),
-        "self_attn.o_proj": (d, q_out),
-        "mlp.gate_proj": (ff, d),
-        "mlp.up_proj": (ff, d),
-        "mlp.down_proj": (d, ff),
-    }
-    for i in range(config["num_hidden_layers"]):
-        prefix = f"model.layers.{i}"
-        shapes[f"{prefix}.input_layernorm.weight"] = (d,)
-        shapes[f"{prefix}.post_attention_layernorm.weight"] = (d,)
-        for module, shape in linears.items():
-            shapes[f"{prefix}.{module}.weight"] = shape
-            has_bias = config["attention_bias"] if module.startswith("self_attn") else config["mlp_bias"]
-            if has_bias:
-                shapes[f"{prefix}.{module}.bias"] = shape[:1]
-    return shapes
-
-
-def check_shapes(tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]]) -> None:
-    """Raise GGUFError unless `tensors` has exactly the expected names and shapes."""
-    missing = sorted(expected.keys() - tensors.keys())
-    unexpected = sorted(tensors.keys() - expected.keys())
-    if missing or unexpected:
-        raise GGUFError(f"tensors do not match the metadata: missing {missing}, unexpected {unexpected}")
-    for name, shape in expected.items():
-        if tensors[name].shape != shape:
-            raise GGUFError(f"tensor {name} has shape {tensors[name].shape}, expected {shape}")
-
-
-def convert_tensors(reader: gguf.GGUFReader, config: dict, *, progress: bool = True) -> dict[str, np.ndarray]:
-    """All tensors of the file as float32 arrays under Hugging Face names, Q/K rows un-permuted."""
-    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
-    tensors = {}
-    for tensor in tqdm(reader.tensors, desc="converting", unit="tensor", disable=not progress, file=sys.stderr):
-        name = hf_tensor_name(tensor.name)
-        if name in tensors:
-            raise GGUFError(f"tensor {tensor.name!r} appears twice")
-        value = tensor_to_float32(tensor)
-        module = name.split(".")[-2]
-        if module in heads:
-            value = unpermute_rows(value, heads[module])
-        tensors[name] = value
-    check_shapes(tensors, expected_shapes(config))
-    return tensors
-
-
-# ---------------------------------------------------------------------------------------------
-# Metadata: config and tokenizer
-
-
-def open_gguf(path: Path) -> gguf.GGUFReader:
-    """Open a GGUF file, turning any parse failure into a GGUFError."""
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as error:  # the reader raises ValueError, IndexError, ... on a damaged file
-        raise GGUFError(f"cannot read {path}: not a valid GGUF file, or truncated ({error})") from error
-
-
-def read_metadata(reader: gguf.GGUFReader) -> dict:
-    """The key/value metadata of a GGUF file as plain Python values (str, int, float, bool, list)."""
-    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
-
-
-def metadata_value(meta: dict, key: str):
-    """`meta[key]`, raising a GGUFError that names a missing key."""
-    if key not in meta:
-        raise GGUFError(f"the GGUF metadata has no {key!r}")
-    return meta[key]
-
-
-def float32_value(x: float) -> float:
-    """A float32 metadata value as its shortest decimal (9.999999747378752e-06 -> 1e-05)."""
-    return float(str(np.float32(x)))
-
-
-def llama_config(meta: dict, tensor_names: list[str]) -> dict:
-    """A Hugging Face LlamaConfig (as a dict) from the `llama.*` and `tokenizer.ggml.*` metadata."""
-    architecture = metadata_value(meta, "general.architecture")
-    if architecture != "llama":
-        raise GGUFError(f"GGUF architecture {architecture!r} is not supported (only 'llama')")
-    hidden = metadata_value(meta, "llama.embedding_length")
-    n_head = metadata_value(meta, "llama.attention.head_count")
-    head_dim = meta.get("llama.attention.key_length", hidden // n_head)
-    if meta.get("llama.rope.dimension_count", head_dim) != head_dim:
-        raise GGUFError("partial RoPE (llama.rope.dimension_count != head_dim) is not supported")
-    if meta.get("llama.rope.scaling.type", "none") != "none":
-        raise GGUFError(f"RoPE scaling {meta['llama.rope.scaling.type']!r} is not supported")
-    tokens = metadata_value(meta, "tokenizer.ggml.tokens")
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": metadata_value(meta, "llama.feed_forward_length"),
-        "num_hidden_layers": metadata_value(meta, "llama.block_count"),
-        "num_attention_heads": n_head,
-        "num_key_value_heads": meta.get("llama.attention.head_count_kv", n_head),
-        "head_dim": head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": float32_value(metadata_value(meta, "llama.attention.layer_norm_rms_epsilon")),
-        "rope_theta": float32_value(meta.get("llama.rope.freq_base", 10000.0)),
-        "rope_scaling": None,
-        "max_position_embeddings": metadata_value(meta, "llama.context_length"),
-        "vocab_size": meta.get("llama.vocab_size", len(tokens)),
-        # llama.cpp writes the output projection only when it is not the embedding matrix
-        "tie_word_embeddings": "output.weight" not in tensor_names,
-        "attention_bias": any(name.endswith("attn_q.bias") for name in tensor_names),
-        "mlp_bias": any(name.endswith("ffn_up.bias") for name in tensor_names),
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
-        "torch_dtype": "float32",
-    }
-
-
-def generation_config(config: dict) -> dict:
-    """generation_config.json: the special token ids."""
-    return {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
-
-
-def byte_level_pre_tokenizer(pre: str):
-    """The pre-tokenizer llama.cpp uses for `tokenizer.ggml.pre == pre` (byte-level BPE only)."""
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in ("gpt-2", "default"):
-        return byte_level
-    if pre == "smollm":  # SmolLM2: every digit is its own pre-token, then GPT-2's split
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    raise GGUFError(f"tokenizer pre-tokenizer {pre!r} is not supported (supported: smollm, gpt-2, default)")
-
-
-def special_token(meta: dict, kind: str) -> str | None:
-    """The text of the bos / eos / unknown / padding token, or None if the file names none."""
-    token_id = meta.get(f"tokenizer.ggml.{kind}_token_id")
-    return None if token_id is None else meta["tokenizer.ggml.tokens"][token_id]
-
-
-def tokens_of_type(tokens: list[str], token_types: list[int], kind: int, *, special: bool) -> list[AddedToken]:
-    """The vocabulary entries of one llama.cpp token type, as added tokens matched whole in text."""
-    return [
-        AddedToken(token, special=special, normalized=False)
-        for token, token_type in zip(tokens, token_types)
-        if token_type == kind
-    ]
-
-
-def build_tokenizer(meta: dict) -> Tokenizer:
-    """A `tokenizers.Tokenizer` equivalent to the byte-level BPE described by the metadata."""
-    model = metadata_value(meta, "tokenizer.ggml.model")
-    if model != "gpt2":
-        raise GGUFError(f"tokenizer model {model!r} is not supported (only 'gpt2', byte-level BPE)")
-    tokens = metadata_value(meta, "tokenizer.ggml.tokens")
-    merges = [tuple(merge.split(" ")) for merge in metadata_value(meta, "tokenizer.ggml.merges")]
-    tokenizer = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges))
-    tokenizer.pre_tokenizer = byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
-    tokenizer.decoder = decoders.ByteLevel()
-    token_types = meta.get("tokenizer.ggml.token_type", [])
-    tokenizer.add_special_tokens(tokens_of_type(tokens, token_types, CONTROL_TOKEN, special=True))
-    tokenizer.add_tokens(tokens_of_type(tokens, token_types, USER_DEFINED_TOKEN, special=False))
-    bos = special_token(meta, "bos")
-    if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))]
-        )
-    else:
-        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    return tokenizer
-
-
-def tokenizer_config(meta: dict, max_length: int) -> dict:
-    """tokenizer_config.json: special tokens, whether to add BOS, and the chat template."""
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": special_token(meta, "bos"),
-        "eos_token": special_token(meta, "eos"),
-        "unk_token": special_token(meta, "unknown"),
-        "pad_token": special_token(meta, "padding"),
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": max_length,
-    }
-    if "tokenizer.chat_template" in meta:
-        config["chat_template"] = meta["tokenizer.chat_template"]
-    return config
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing the directory
+class OutputError(OSError):
+    """The output directory cannot be written (read-only, full disk, not a directory)."""
+CHUNK = 1 << 20
 
 
 def write_json(path: Path, value: dict) -> None:
@@ -345,14 +65,95 @@ def write_model_dir(gguf_path: Path, out_dir: Path, *, progress: bool = True) ->
     tokenizer.save(str(out_dir / "tokenizer.json"))
     write_json(out_dir / "generation_config.json", generation_config(config))
     write_json(out_dir / "tokenizer_config.json", tokenizer_config(meta, config["max_position_embeddings"]))
+    write_manifest(out_dir)
 
 
-def check_destination(out_dir: Path, overwrite: bool) -> None:
-    """Refuse a destination that is a file, or a non-empty directory unless `overwrite`."""
+# ---------------------------------------------------------------------------------------------
+# The manifest: what a complete directory holds
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(model_dir: Path) -> None:
+    """Record the size and SHA-256 of every file in `model_dir` (but the manifest itself)."""
+    files = sorted(p for p in model_dir.iterdir() if p.is_file() and p.name != MANIFEST)
+    entries = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
+    write_json(model_dir / MANIFEST, {"files": entries})
+
+
+def manifest_problems(model_dir: Path, *, checksums: bool = False) -> list[str] | None:
+    """What is wrong with `model_dir` by its manifest ([] if nothing; None without a manifest):
+    missing files and files of the wrong size (or, with `checksums`, the wrong SHA-256)."""
+    try:
+        entries = json.loads((model_dir / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return [f"{MANIFEST} unreadable"]
+    problems = []
+    for name, entry in entries.items():
+        path = model_dir / name
+        if not path.is_file():
+            problems.append(f"{name} missing")
+        elif path.stat().st_size != entry["size"]:
+            problems.append(f"{name} has {path.stat().st_size} bytes, not {entry['size']}")
+        elif checksums and file_sha256(path) != entry["sha256"]:
+            problems.append(f"{name} is corrupt (SHA-256 mismatch)")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Replacing the output directory safely
+
+
+def temp_sibling(path: Path, kind: str) -> Path:
+    """A hidden sibling of `path` named after this process, so that later runs can tell a stale one."""
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_siblings(path: Path, kinds=("partial", "old", "fetch")) -> None:
+    """Remove hidden temporary siblings of `path` left by a killed run (whose process is gone)."""
+    if not path.parent.is_dir():
+        return
+    for kind in kinds:
+        for stale in path.parent.glob(f".{path.name}.{kind}-*"):
+            pid = stale.name.rsplit(f".{kind}-", 1)[1].split("-")[0]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def check_destination(gguf_path: Path, out_dir: Path, overwrite: bool) -> None:
+    """Refuse a destination that is a file, that holds the input or the current directory, or that
+    is not empty (unless `overwrite`, and then only a model directory)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--force) to replace it")
+    if out_dir == gguf_path.parent or out_dir in gguf_path.parents:
+        raise FileExistsError(f"output directory {out_dir} contains the input {gguf_path}; choose another directory")
+    cwd = Path.cwd().resolve()
+    if out_dir == cwd or out_dir in cwd.parents:
+        raise FileExistsError(f"output directory {out_dir} contains the current directory; choose another directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--force) to replace it")
+        if not (out_dir / "config.json").is_file():
+            raise FileExistsError(f"{out_dir} is not empty and holds no model (no config.json); --force replaces "
+                                  "only a model directory, so choose another directory")
 
 
 def replace_dir(src: Path, dst: Path) -> None:
@@ -360,7 +161,7 @@ def replace_dir(src: Path, dst: Path) -> None:
     if dst.is_dir() and not any(dst.iterdir()):
         dst.rmdir()
     if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+        old = temp_sibling(dst, "old")
         os.replace(dst, old)
         os.replace(src, dst)
         shutil.rmtree(old)
@@ -370,16 +171,21 @@ def replace_dir(src: Path, dst: Path) -> None:
 
 def write_dir_atomically(out_dir: Path, write) -> Path:
     """`write(tmp)` fills a fresh hidden sibling directory, which then replaces `out_dir`; on any
-    error the temporary directory is removed and `out_dir` is left as it was."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
-    partial.mkdir()
+    error or interrupt the temporary directory is removed and `out_dir` is left as it was."""
+    partial = temp_sibling(out_dir, "partial")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_siblings(out_dir)
+        partial.mkdir()
+    except OSError as e:
+        raise OutputError(f"cannot write {out_dir}: {e.strerror or e}") from None
     try:
         write(partial)
         replace_dir(partial, out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    except (OSError, SafetensorError) as e:  # a full disk, a file system gone read-only
+        raise OutputError(f"cannot write {out_dir}: {getattr(e, 'strerror', None) or e}") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # gone already after a successful rename
     return out_dir
 
 
@@ -387,27 +193,29 @@ def convert_gguf(gguf_path, out_dir, *, overwrite: bool = False, progress: bool 
     """Convert a Llama GGUF file into a Hugging Face model directory `out_dir`; returns its path.
 
     Raises FileNotFoundError (no such file), FileExistsError (`out_dir` not empty and not
-    `overwrite`) or GGUFError (unreadable, truncated or unsupported file). On error nothing is
-    left behind.
+    `overwrite`, or not a safe place), GGUFError (unreadable, truncated or unsupported file) or
+    OutputError (cannot write). On error or interrupt nothing is left behind.
     """
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    gguf_path, out_dir = Path(gguf_path).resolve(), Path(out_dir).resolve()
+    if gguf_path.is_dir():
+        raise FileNotFoundError(f"{gguf_path} is a directory; give the .gguf file")
     if not gguf_path.is_file():
         raise FileNotFoundError(f"no such GGUF file: {gguf_path}")
-    check_destination(out_dir, overwrite)
+    check_destination(gguf_path, out_dir, overwrite)
     return write_dir_atomically(out_dir, lambda tmp: write_model_dir(gguf_path, tmp, progress=progress))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qsjax.convert", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m qsjax.convert", description=__doc__.splitlines()[0])
     parser.add_argument("gguf", help="a llama.cpp GGUF file of a Llama model")
     parser.add_argument("out_dir", help="the Hugging Face model directory to write")
-    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it is not empty")
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it is a model directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         out = convert_gguf(args.gguf, args.out_dir, overwrite=args.force, progress=not args.quiet)
-    except (GGUFError, FileNotFoundError, FileExistsError) as error:
-        raise UsageError(str(error)) from error
+    except (GGUFError, FileNotFoundError, FileExistsError, OutputError) as error:
+        raise UsageError(str(error)) from None
     print(out)
     return 0
 

@@ -9,7 +9,9 @@ c4). The whole text is tokenized once, cut to --max-eval-tokens, and scored unde
 `disjoint` (GPTQ's side-by-side windows of --seqlen tokens).
 
 stderr carries a progress bar; the closing table goes to stdout (to stderr when --json - puts the
-JSON on stdout). --json FILE writes the report, atomically (never a half-written file). Every window
+JSON on stdout). --json FILE writes the report, atomically (never a half-written file), after the
+table; that FILE can be written is checked before anything loads, and should the write still fail
+the table has been printed. Ctrl-C stops the run at once (status 130) and writes nothing. Every window
 shape is compiled before the clock starts: `seconds` is scoring only, `seconds_compile` the
 compilation (mostly a disk read when the persistent compilation cache already holds it). `flops`
 counts the matmuls executed (qsjax.flops), padding included, in all and per scored token.
@@ -27,14 +29,20 @@ smaller batch, when it does not divide, runs whole on every data group (same num
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from qsjax.cli import ArgumentParser, UsageError, run_cli
-from qsjax.quicksilver.cli import add_quicksilver_args, quicksilver_from_args
+from qsjax.cli import (
+    ArgumentParser,
+    UsageError,
+    check_output_file,
+    exit_on_interrupt,
+    quiet_broken_pipe,
+    run_cli,
+    write_file_atomic,
+)
+from qsjax.quicksilver.cli import add_quicksilver_args, check_quicksilver_args, quicksilver_from_args
 
 PROTOCOLS = ("strided", "disjoint")
 
@@ -83,6 +91,7 @@ def check_args(args) -> None:
         )
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+    check_quicksilver_args(args)
 
 
 def mesh_from_args(args):
@@ -147,20 +156,12 @@ def make_report(args, model_dir: Path, data_path: Path, n_tokens: int, result) -
 
 
 def write_json_atomic(path: str, report: dict) -> None:
-    """Write to a temporary file beside `path`, then rename it into place: never a half-written file."""
+    """The report as JSON to `path` (never a half-written file, see qsjax.cli.write_file_atomic), or stdout for "-"."""
     text = json.dumps(report, indent=2) + "\n"
     if path == "-":
         sys.stdout.write(text)
-        return
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    else:
+        write_file_atomic(path, text)
 
 
 def programs_line(report: dict) -> str:
@@ -208,47 +209,61 @@ def format_table(report: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_args(args)
+    if args.json is not None:
+        check_output_file("--json", args.json)
     mesh = mesh_from_args(args)
-    from qsjax.data import read_text, resolve_data, tokenize
+    from qsjax.data import read_text, resolve_data
 
     data_path = resolve_data(args.data)
     text = read_text(data_path)
-    if args.json not in (None, "-"):
-        if Path(args.json).is_dir():
-            raise UsageError(f"--json {args.json} is a directory; give a file name")
-        if not Path(args.json).parent.is_dir():
-            raise UsageError(f"--json {args.json}: directory {Path(args.json).parent} does not exist")
 
     from qsjax.compilecache import enable_compilation_cache
-    from qsjax.config import UnsupportedConfig
-    from qsjax.params import WeightError, load_model
-    from qsjax.perplexity import Scorer, evaluate
-    from qsjax.tokenizer import load_tokenizer
+    from qsjax.load import load_tokenizer_checked, read_config
     from qsjax.weights import resolve_model
 
-    enable_compilation_cache()
     model_dir = resolve_model(args.model)
-    t0 = time.perf_counter()
+    cfg = read_config(args.model, model_dir)
+    check_context(args, cfg)
+    qs = quicksilver_from_args(args, cfg.n_layers)
+    tokenizer = load_tokenizer_checked(args.model, model_dir)
+    enable_compilation_cache()
+    # from here to the report nothing is written: Ctrl-C ends the run at once, even inside XLA
+    with exit_on_interrupt(lambda signum: sys.stderr.write("\n")):
+        report = evaluate_model(args, model_dir, data_path, text, tokenizer, qs, mesh)
+    # the table first: if the report cannot be written after all, the results are still shown
     try:
-        model = load_model(model_dir, args.dtype)
-        tokenizer = load_tokenizer(model_dir)
-    except (WeightError, UnsupportedConfig, ValueError, KeyError, OSError) as e:
-        raise UsageError(f"--model {model_dir}: {e}") from None
-    seconds_load = time.perf_counter() - t0
-    check_context(args, model.cfg)
+        print(format_table(report), file=sys.stderr if args.json == "-" else sys.stdout, flush=True)
+        closed = False
+    except BrokenPipeError:  # `| head`: the report is still written
+        closed = True
+    if args.json is not None:
+        try:
+            write_json_atomic(args.json, report)
+        except OSError as e:
+            if isinstance(e, BrokenPipeError):
+                closed = True
+            else:
+                raise UsageError(f"--json {args.json}: cannot write the report ({e.strerror or e}); "
+                                 "the results are in the table above") from None
+    return quiet_broken_pipe() if closed else 0
 
+
+def evaluate_model(args, model_dir, data_path, text, tokenizer, qs, mesh) -> dict:
+    """Load the weights, tokenize, score: the report."""
+    from qsjax.data import tokenize
+    from qsjax.load import check_vocabulary, load_model_checked
+    from qsjax.perplexity import Scorer, evaluate
+
+    t0 = time.perf_counter()
+    model = load_model_checked(args.model, model_dir, args.dtype)
+    seconds_load = time.perf_counter() - t0
     t0 = time.perf_counter()
     stream = tokenize(tokenizer, text, args.max_eval_tokens)
     seconds_tokenize = time.perf_counter() - t0
     if len(stream) < 2:
         raise UsageError(f"{data_path} gives {len(stream)} token(s); at least 2 are needed")
-    if stream.max() >= model.cfg.vocab_size:
-        raise UsageError(
-            f"the tokenizer gives id {stream.max()}, outside the model's vocabulary ({model.cfg.vocab_size})"
-        )
+    check_vocabulary([stream.tolist()], model.cfg.vocab_size)
     windows = make_windows(args, len(stream))
-
-    qs = quicksilver_from_args(args, model.cfg.n_layers)
     if mesh is not None:
         from qsjax.quicksilver.generation import prepare
         from qsjax.sharding import shard_model
@@ -270,10 +285,7 @@ def main(argv=None) -> int:
     report.update(seconds_load=seconds_load, seconds_tokenize=seconds_tokenize)
     if mesh is not None:
         report["mesh"] = dict(mesh.shape)
-    if args.json is not None:
-        write_json_atomic(args.json, report)
-    print(format_table(report), file=sys.stderr if args.json == "-" else sys.stdout)
-    return 0
+    return report
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """Text generation: `python -m qsjax.generate "PROMPT"`.
 
 stdout carries the continuation (streamed token by token for a single prompt); stderr carries
-progress and one closing line with token counts, compile seconds and speed.
+progress and one closing line with token counts, compile seconds and speed. Bad input is one
+`error:` line (status 2), checked before the model loads where the arguments suffice. Ctrl-C stops
+within moments, even inside the compiled decode loop: the text so far stays, the closing line
+counts it, status 130 (see qsjax.cli).
 
 `--mesh data=2,model=4` shards the model over devices (see qsjax.sharding); prompts split over
 "data" when their number is a multiple of it, otherwise every data group runs all of them.
@@ -11,18 +14,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import os
 import sys
+import threading
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from qsjax.buckets import cache_slots, prompt_bucket
-from qsjax.cli import ArgumentParser, UsageError, run_cli
+from qsjax.cli import ArgumentParser, UsageError, exit_on_interrupt, quiet_broken_pipe, run_cli
 from qsjax.model import Model, decode_step
 from qsjax.programs import Programs
-from qsjax.quicksilver.cli import add_quicksilver_args, quicksilver_from_args
+from qsjax.quicksilver.cli import add_quicksilver_args, check_quicksilver_args, quicksilver_from_args
 from qsjax.quicksilver.config import QuickSilverConfig
 from qsjax.quicksilver.generation import prepare, quicksilver_decode, quicksilver_prefill
 from qsjax.sampler import Sampling, dense_prefill, generate
@@ -143,7 +150,8 @@ def parse_args(argv=None):
     p = ArgumentParser(prog="python -m qsjax.generate", description=__doc__.splitlines()[0])
     p.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file)")
     p.add_argument("--model", help="a Hugging Face model directory or a known model name (default: smollm2-135m-instruct)")
-    p.add_argument("--prompts-file", help="a UTF-8 text file with one prompt per line, run as one batch")
+    p.add_argument("--prompts-file", help="a UTF-8 text file with one prompt per line (blank lines skipped), run as "
+                   "one batch")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -162,33 +170,70 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+SEED_RANGE = (-(2**63), 2**63 - 1)
+
+
+def read_prompts_file(path: str) -> list[str]:
+    """One prompt per line; blank (empty or whitespace-only) lines are skipped."""
+    from qsjax.data import decode_utf8
+
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"--prompts-file {path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"--prompts-file {path} is a directory; give a text file with one prompt per line") from None
+    except OSError as e:
+        raise UsageError(f"--prompts-file {path}: cannot read it ({e.strerror or e})") from None
+    prompts = [line for line in decode_utf8(data, f"--prompts-file {path}").split("\n") if line.strip()]
+    if not prompts:
+        raise UsageError(f"--prompts-file {path} has no prompts (one per line)")
+    return prompts
+
+
 def check_args(args) -> list[str]:
-    """Validate the options; return the prompts."""
+    """Validate the options that need neither the model nor its config; return the prompts.
+
+    A prompt must hold a non-whitespace character (a whitespace-only prompt is refused; in
+    --prompts-file such lines are skipped as blank); a leading UTF-8 byte-order mark is dropped."""
     if args.max_new_tokens <= 0:
         raise UsageError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"--temperature must be a number >= 0, got {args.temperature}")
+    if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_k < 0:
         raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
+    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        raise UsageError(f"--seed must be a 64-bit integer ({SEED_RANGE[0]} to {SEED_RANGE[1]}), got {args.seed}")
+    check_quicksilver_args(args)
     if (args.prompt is None) == (args.prompts_file is None):
         raise UsageError("give a prompt or --prompts-file (exactly one of them)")
     if args.prompts_file is None:
-        prompts = [args.prompt]
+        prompts = [args.prompt.removeprefix("\ufeff")]
     else:
-        try:
-            with open(args.prompts_file, encoding="utf-8") as f:
-                prompts = [line.rstrip("\r\n") for line in f if line.strip()]
-        except FileNotFoundError:
-            raise UsageError(f"--prompts-file {args.prompts_file}: no such file") from None
-        except UnicodeDecodeError as e:
-            raise UsageError(f"--prompts-file {args.prompts_file} is not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
-        if not prompts:
-            raise UsageError(f"--prompts-file {args.prompts_file} has no prompts (one per line)")
-    if any(not p for p in prompts):
-        raise UsageError("empty prompt: give at least one character of text")
+        prompts = read_prompts_file(args.prompts_file)
+    if any(not p.strip() for p in prompts):
+        raise UsageError("empty prompt: give at least one non-whitespace character of text")
     return prompts
+
+
+class Output:
+    """stdout for the streamed text: one writer at a time (the token callback, or the interrupt
+    watcher), and a closed pipe (`| head`) ends the process quietly."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.new_tokens = 0
+
+    def write(self, text: str, *, count: int = 0) -> None:
+        with self.lock:
+            self.new_tokens += count
+            try:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            except BrokenPipeError:  # from inside a compiled program's callback: no exception may escape
+                os._exit(quiet_broken_pipe())
 
 
 def main(argv=None) -> int:
@@ -203,37 +248,46 @@ def main(argv=None) -> int:
         except MeshError as e:
             raise UsageError(str(e)) from None
     from qsjax.compilecache import enable_compilation_cache
-    from qsjax.params import WeightError, load_model
-    from qsjax.tokenizer import StreamDecoder, load_tokenizer
+    from qsjax.load import check_vocabulary, load_model_checked, load_tokenizer_checked, model_label, read_config
+    from qsjax.tokenizer import StreamDecoder
     from qsjax.weights import resolve_model
 
-    enable_compilation_cache()
     model_dir = resolve_model(args.model)
-    try:
-        model = load_model(model_dir, args.dtype)
-    except (WeightError, ValueError, KeyError, OSError) as e:
-        raise UsageError(f"--model {model_dir}: {e}") from None
-    gen = Generator(model, load_tokenizer(model_dir), quicksilver_from_args(args, model.cfg.n_layers), mesh)
+    qs = quicksilver_from_args(args, read_config(args.model, model_dir).n_layers)
+    tokenizer = load_tokenizer_checked(args.model, model_dir)
+    if args.chat:
+        try:
+            tokenizer.apply_chat_template([{"role": "user", "content": prompts[0]}])
+        except ValueError as e:
+            raise UsageError(f"--chat: {model_label(args.model, model_dir)}: {e}") from None
+    enable_compilation_cache()
+    model = load_model_checked(args.model, model_dir, args.dtype)
+    gen = Generator(model, tokenizer, qs, mesh)
     sampling = Sampling(args.do_sample and args.temperature > 0, args.temperature, args.top_k, args.top_p)
     ids = [gen.encode(p, args.chat) for p in prompts]
-    decoder = StreamDecoder(gen.tokenizer)
+    check_vocabulary(ids, model.cfg.vocab_size)
+    gen.check(ids, args.max_new_tokens)
+    decoder, out = StreamDecoder(gen.tokenizer), Output()
 
     def write_token(token_id):
         if token_id not in gen.eos_ids:
-            sys.stdout.write(decoder.push(token_id))
-            sys.stdout.flush()
+            out.write(decoder.push(token_id), count=1)
+
+    def on_interrupt(signum):
+        """Ctrl-C: what was streamed so far is final; end its line and say how far it got."""
+        if len(prompts) == 1:
+            out.write(decoder.flush() + "\n")
+        print(f"prompt tokens {sum(map(len, ids))}, new tokens {out.new_tokens} (stopped by the interrupt)",
+              file=sys.stderr)
 
     stream = write_token if len(prompts) == 1 else None
-
-    gen.check(ids, args.max_new_tokens)
     print(f"generating with {model_dir.name} ({model.cfg.arch}, {model.cfg.n_layers} layers) ...", file=sys.stderr)
-    result = gen(ids, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, stream=stream)
+    with exit_on_interrupt(on_interrupt):
+        result = gen(ids, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, stream=stream)
     if stream is not None:
-        sys.stdout.write(decoder.flush() + "\n")
+        out.write(decoder.flush() + "\n")
     else:
-        for i, text in enumerate(result.texts):
-            sys.stdout.write(("" if i == 0 else "\n----\n") + text)
-        sys.stdout.write("\n")
+        out.write("\n----\n".join(result.texts) + "\n")
     qs = "" if result.prompt_layers_executed is None else (
         f", quicksilver: {100 * result.prompt_layers_executed:.1f}% of prompt token-layers executed")
     print(

@@ -74,7 +74,14 @@ def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
     """All tensors of `model.safetensors` or of the shards named in `model.safetensors.index.json`."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            weight_map = None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise WeightError(f"{index} is not a safetensors index (a JSON object whose \"weight_map\" maps "
+                              "tensor names to file names)")
+        files = sorted(set(weight_map.values()))
     elif (model_dir / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
@@ -124,9 +131,21 @@ def map_checkpoint(cfg: ModelConfig, tensors: dict, expected: dict) -> dict:
         filled[path] = jnp.asarray(array.T if transpose else array, expected_flat[path].dtype)
     missing = [p for p in expected_flat if p not in filled]
     if missing:
-        p = missing[0]
-        raise WeightError(f"missing key for parameter {p} (expected shape {expected_flat[p].shape}; {len(missing)} missing in all)")
+        key, shape = checkpoint_key(cfg, missing[0], tuple(expected_flat[missing[0]].shape))
+        raise WeightError(f"the checkpoint has no tensor {key} (shape {shape}); {len(missing)} missing in all")
     return nnx.traversals.unflatten_mapping({_path_tuple(p): a for p, a in filled.items()})
+
+
+def checkpoint_key(cfg: ModelConfig, path: str, shape: tuple) -> tuple[str, tuple]:
+    """The Hugging Face checkpoint name and shape of parameter `path` (for messages)."""
+    rules, prefix = (GPT2_KEYS, "transformer.") if cfg.arch == "gpt2" else (LLAMA_KEYS, "model.")
+    layer = re.search(r"blocks\.(\d+)\.", path)
+    generic = path.replace(f"blocks.{layer.group(1)}.", "blocks.{layer}.") if layer else path
+    for pattern, rule_path, transpose in rules:
+        if rule_path == generic:
+            key = pattern.replace(r"(\d+)", layer.group(1) if layer else "").replace("\\", "")
+            return ("" if key.startswith("lm_head") else prefix) + key, shape[::-1] if transpose else shape
+    return path, shape
 
 
 def _path_tuple(path: str) -> tuple:

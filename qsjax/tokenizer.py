@@ -51,14 +51,18 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render `[{"role": ..., "content": ...}, ...]` into the prompt text the model was tuned on."""
         if self.chat_template is None:
-            raise ValueError("this model has no chat template (no chat_template in tokenizer_config.json)")
-        return render_chat_template(
-            self.chat_template,
-            messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+            raise ValueError("this model has no chat template (no chat_template in tokenizer_config.json, "
+                             "no chat_template.jinja); drop --chat")
+        try:
+            return render_chat_template(
+                self.chat_template,
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except Exception as e:  # a syntax error, an undefined name, raise_exception(...), a non-string template
+            raise ValueError(f"the model's chat template cannot be rendered ({type(e).__name__}: {e}); drop --chat") from None
 
 
 def render_chat_template(template: str, messages: list[dict], **variables) -> str:
@@ -80,7 +84,18 @@ def render_chat_template(template: str, messages: list[dict], **variables) -> st
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """A JSON object file ({} if there is none); ValueError naming the file if it is malformed."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, not a {type(value).__name__}")
+    return value
 
 
 def token_text(value) -> str | None:

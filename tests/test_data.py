@@ -6,7 +6,7 @@ import json
 import pytest
 
 from qsjax.cli import UsageError
-from qsjax.data import DATASETS, DataError, read_text, resolve_data, tokenize
+from qsjax.data import DATASETS, SHIPPED, SHIPPED_DIR, DataError, read_text, resolve_data, tokenize
 
 DOCS = ["First document.\nWith two lines.", "Second — ünïcode", " third "]
 
@@ -75,13 +75,50 @@ def test_errors_are_usage_errors(tmp_path):
 
 
 def test_named_data_sets(tmp_path, monkeypatch):
+    """A name reads $QSJAX_DATA's copy when it has one, else the copy shipped in the package,
+    whose SHA-256 is checked."""
     (tmp_path / "wikitext103").mkdir()
     (tmp_path / "wikitext103" / "test.txt").write_text("wiki", encoding="utf-8")
     monkeypatch.setenv("QSJAX_DATA", str(tmp_path))
     assert resolve_data("wikitext103") == tmp_path / DATASETS["wikitext103"]
-    monkeypatch.setattr("qsjax.data.project_root", lambda: tmp_path / "nowhere" / "root")
-    with pytest.raises(DataError, match="set QSJAX_DATA"):
-        resolve_data("c4")
+    shipped = resolve_data("c4")
+    assert shipped == SHIPPED_DIR / SHIPPED["c4"][0] and shipped.is_file()
+    monkeypatch.delenv("QSJAX_DATA")
+    wiki = read_text(resolve_data("wikitext103"))
+    assert wiki.startswith("\n\n = Robert Boulter = \n") and len(wiki) > 1_000_000
+
+
+def test_shipped_data_checksum(tmp_path, monkeypatch):
+    corrupt = tmp_path / SHIPPED["wikitext103"][0]
+    corrupt.write_bytes(gzip.compress(b"not wikitext"))
+    monkeypatch.setattr("qsjax.data.SHIPPED_DIR", tmp_path)
+    with pytest.raises(DataError, match="corrupt"):
+        read_text(resolve_data("wikitext103"))
+
+
+def test_bom_crlf_and_error_offsets(tmp_path):
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfone\r\ntwo")
+    assert read_text(bom) == "one\ntwo"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "a"}\n' * 3000 + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"byte 42013, line 3001"):
+        read_text(bad)
+
+
+@pytest.mark.parametrize("name", ["doc.json", "doc.json.gz"])
+def test_json_document_refused(tmp_path, name):
+    (tmp_path / name).write_text('{"text": "a"}', encoding="utf-8")
+    with pytest.raises(DataError, match="jsonl"):
+        resolve_data(str(tmp_path / name))
+
+
+def test_corrupt_gzip_stream(tmp_path):
+    data = gzip.compress(b'{"text": "hello"}\n' * 1000)
+    path = tmp_path / "d.jsonl.gz"
+    path.write_bytes(data[:20] + bytes(b ^ 0x55 for b in data[20:60]) + data[60:])
+    with pytest.raises(DataError, match="cannot read"):
+        read_text(path)
 
 
 class FakeTokenizer:

