@@ -25,7 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-QUERY_BLOCK = 512  # measured on a 2-core AVX-512 CPU, SmolLM2 shapes (scripts/bench_attention.py)
+QUERY_BLOCK = 256  # measured on a 2-core AVX-512 CPU, SmolLM2 shapes (scripts/bench_attention.py)
 KEY_BLOCK = 512
 DIRECT_MAX = 512 * 1024  # T x S up to this: one block, no loop (decode, short prompts)
 _NO_Q = jnp.iinfo(jnp.int32).min  # slot of a padding query row: sees nothing
@@ -45,8 +45,6 @@ def attention(q, k, v, q_slot, k_slot, k_ok, bias=None, *, self_visible=False):
     blockwise loops above. Slots need not be ascending for correctness; ascending slots (every caller)
     let the key loop stop early."""
     T, S = q.shape[1], k.shape[1]
-    if bias is None:
-        bias = jnp.zeros(k_slot.shape, jnp.float32)
     if T * S <= DIRECT_MAX:
         fn = _direct
     else:
@@ -65,10 +63,14 @@ def _mask(q_slot, k_slot, k_ok, self_visible):
 
 def _update(carry, qb, kb, vb, mask, bias):
     """One online-softmax step.  qb [B, K, G, Tq, Dh] (pre-scaled), kb, vb [B, K, Sk, Dh],
-    mask [B, Tq, Sk], bias [B, Sk]; carry (m, l [B, K, G, Tq], acc [B, K, G, Tq, Dh]) in float32."""
+    mask [B, Tq, Sk] or None (all visible), bias [B, Sk] or None;
+    carry (m, l [B, K, G, Tq], acc [B, K, G, Tq, Dh]) in float32."""
     m, l, acc = carry
     s = jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32)  # [B, K, G, Tq, Sk]
-    s = jnp.where(mask[:, None, None], s + bias[:, None, None, None, :], -jnp.inf)
+    if bias is not None:
+        s = s + bias[:, None, None, None, :]
+    if mask is not None:
+        s = jnp.where(mask[:, None, None], s, -jnp.inf)
     m_new = jnp.maximum(m, s.max(-1))  # >= m, finite (m starts at the most negative float)
     p = jnp.exp(s - m_new[..., None])  # 0 where masked
     alpha = jnp.exp(m - m_new)
@@ -125,7 +127,7 @@ def _blockwise(q, k, v, q_slot, k_slot, k_ok, bias, self_visible, bq, bk):
     q_slot = jnp.pad(q_slot.astype(jnp.int32), ((0, 0), (0, pad_t)), constant_values=_NO_Q)
     k_slot = jnp.pad(k_slot.astype(jnp.int32), ((0, 0), (0, pad_s)), constant_values=_NO_K)
     k_ok = jnp.pad(k_ok, ((0, 0), (0, pad_s)))
-    bias = jnp.pad(bias.astype(jnp.float32), ((0, 0), (0, pad_s)))
+    bias = None if bias is None else jnp.pad(bias.astype(jnp.float32), ((0, 0), (0, pad_s)))
     k_first = k_slot.reshape(B, nk, bk).min(axis=(0, 2))  # [nk] smallest slot of each key block
 
     qblocks = qh.reshape(B, K, G, nq, bq, Dh).transpose(3, 0, 1, 2, 4, 5)  # [nq, B, K, G, bq, Dh]
@@ -139,8 +141,11 @@ def _blockwise(q, k, v, q_slot, k_slot, k_ok, bias, self_visible, bq, bk):
         def key_block(j, carry):
             sl = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, j * bk, bk, axis)
             mask = _mask(qs, sl(k_slot, 1), sl(k_ok, 1), self_visible)  # [B, bq, bk]
-            step = lambda c: _update(c, qb, sl(kh, 2), sl(vh, 2), mask, sl(bias, 1))
-            return jax.lax.cond(mask.any(), step, lambda c: c, carry)
+            kb, vb, bb = sl(kh, 2), sl(vh, 2), None if bias is None else sl(bias, 1)
+            skip = lambda c: c  # nothing visible: not computed at all
+            partial = lambda c: _update(c, qb, kb, vb, mask, bb)
+            full = lambda c: _update(c, qb, kb, vb, None, bb)  # all visible: no select
+            return jax.lax.switch(mask.any().astype(jnp.int32) + mask.all(), (skip, partial, full), carry)
 
         return _finish(jax.lax.fori_loop(0, end, key_block, _init(B, K, G, bq, Dh)))
 
@@ -158,7 +163,7 @@ def _on_plain_causal(q, k, v, q_slot, k_slot, k_ok, bias, fallback, implementati
     plain = jnp.all(q_slot == ar) & jnp.all(k_slot == ar)
 
     def library(q, k, v, q_slot, k_slot, k_ok, bias):
-        key_bias = jnp.where(k_ok, bias, jnp.finfo(jnp.float32).min / 2)[:, None, None, :]  # [B, 1, 1, S]
+        key_bias = jnp.where(k_ok, 0.0 if bias is None else bias, jnp.finfo(jnp.float32).min / 2)[:, None, None, :]  # [B, 1, 1, S]
         o = jax.nn.dot_product_attention(q, k, v, bias=key_bias.astype(q.dtype), is_causal=True,
                                          implementation=implementation)
         seen = jnp.cumsum(k_ok, axis=1) > 0  # [B, T]: some ok key at a slot <= i

@@ -41,8 +41,9 @@ def path(request, monkeypatch):
 
 
 def check(q, k, v, q_slot, k_slot, k_ok, bias=None, self_visible=False):
-    got = attention(q, k, v, q_slot, k_slot, k_ok, bias, self_visible=self_visible)
-    want, mask = reference(q, k, v, q_slot, k_slot, k_ok, bias, self_visible)
+    # a fresh jit per call: the block-size globals are read when tracing
+    got = jax.jit(lambda *a: attention(*a, self_visible=self_visible))(q, k, v, q_slot, k_slot, k_ok, bias)
+    want, mask = jax.jit(reference, static_argnums=7)(q, k, v, q_slot, k_slot, k_ok, bias, self_visible)
     assert got.shape == q.shape and got.dtype == q.dtype
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     return got, mask
@@ -53,7 +54,7 @@ def causal_slots(B, T, start):
     return slots, slots, slots >= jnp.asarray(start)[:, None]
 
 
-@pytest.mark.parametrize("T", [1, 7, 16, 48, 61])
+@pytest.mark.parametrize("T", [1, 16, 61])
 @pytest.mark.parametrize("H,K", [(4, 4), (6, 2), (4, 1)])  # MHA, GQA, MQA
 def test_causal_window(path, T, H, K):
     q, k, v = qkv(1, T, T, H, K)
