@@ -39,8 +39,8 @@ def attention(q, k, v, q_slot, k_slot, k_ok, bias=None, *, self_visible=False):
     scores = q.k / sqrt(Dh) + bias[j]; softmax over the visible keys in float32; -> [B, T, H, Dh] in q's dtype.
     A query with no visible key returns zeros.
 
-    Dispatch (static, on shapes and backend): on GPU a plain causal window (checked at run time) goes
-    to `jax.nn.dot_product_attention` (cuDNN flash attention); when T x S <= DIRECT_MAX (decode with
+    Dispatch (static, on shapes, dtype and backend): on GPU, a left-padded causal window without bias
+    (checked at run time) goes to `jax.nn.dot_product_attention` (cuDNN flash attention); when T x S <= DIRECT_MAX (decode with
     T = 1, short prompts) all keys form one block, since the loops only cost there; otherwise the
     blockwise loops above. Slots need not be ascending for correctness; ascending slots (every caller)
     let the key loop stop early."""
@@ -49,8 +49,10 @@ def attention(q, k, v, q_slot, k_slot, k_ok, bias=None, *, self_visible=False):
         fn = _direct
     else:
         fn = lambda *a: _blockwise(*a, QUERY_BLOCK, KEY_BLOCK)
-    if jax.default_backend() == "gpu" and T == S and not self_visible:
-        return _on_plain_causal(q, k, v, q_slot, k_slot, k_ok, bias, fn, "cudnn")
+    Dh = q.shape[-1]
+    if (jax.default_backend() == "gpu" and T == S and bias is None and not self_visible and Dh % 8 == 0
+            and Dh <= 128 and q.dtype in (jnp.bfloat16, jnp.float16)):  # what cuDNN flash attention takes
+        return _on_plain_causal(q, k, v, q_slot, k_slot, k_ok, fn, "cudnn")
     return fn(q, k, v, q_slot, k_slot, k_ok, bias, self_visible)
 
 
@@ -154,19 +156,24 @@ def _blockwise(q, k, v, q_slot, k_slot, k_ok, bias, self_visible, bq, bk):
     return _heads_last(out, q.dtype)
 
 
-def _on_plain_causal(q, k, v, q_slot, k_slot, k_ok, bias, fallback, implementation):
-    """When q_slot = k_slot = arange(T) in every row (checked at run time; a scalar `lax.cond`, so
-    only one branch runs), `jax.nn.dot_product_attention` with is_causal=True and k_ok folded into
-    the per-key bias; queries with no visible key are then zeroed. Otherwise `fallback`."""
+def _on_plain_causal(q, k, v, q_slot, k_slot, k_ok, fallback, implementation):
+    """`jax.nn.dot_product_attention` (is_causal) for left-padded causal windows: q_slot = k_slot =
+    arange(T) and k_ok = (slot >= start) in every row, checked at run time by a scalar `lax.cond` (only
+    one branch runs); otherwise `fallback`. cuDNN takes right padding (per-row lengths) but no left
+    padding, so each row is rotated left by its start, real tokens first (their causal order is
+    unchanged), and rotated back; padding queries see no key and are set to zero."""
     B, T = q_slot.shape
-    ar = jnp.arange(T, dtype=jnp.int32)
-    plain = jnp.all(q_slot == ar) & jnp.all(k_slot == ar)
+    ar = jnp.arange(T, dtype=jnp.int32)[None]  # [1, T]
+    n = k_ok.sum(1).astype(jnp.int32)  # [B] real tokens per row
+    start = (T - n)[:, None]  # [B, 1]
+    plain = jnp.all(q_slot == ar) & jnp.all(k_slot == ar) & jnp.all(k_ok == (ar >= start))
 
-    def library(q, k, v, q_slot, k_slot, k_ok, bias):
-        key_bias = jnp.where(k_ok, 0.0 if bias is None else bias, jnp.finfo(jnp.float32).min / 2)[:, None, None, :]  # [B, 1, 1, S]
-        o = jax.nn.dot_product_attention(q, k, v, bias=key_bias.astype(q.dtype), is_causal=True,
-                                         implementation=implementation)
-        seen = jnp.cumsum(k_ok, axis=1) > 0  # [B, T]: some ok key at a slot <= i
-        return jnp.where(seen[:, :, None, None], o, 0).astype(q.dtype)
+    def library(q, k, v):
+        rows = lambda x, idx: jnp.take_along_axis(x, idx[:, :, None, None], axis=1)
+        fwd = (ar + start) % T  # [B, T]: rotated index -> slot
+        o = jax.nn.dot_product_attention(rows(q, fwd), rows(k, fwd), rows(v, fwd), is_causal=True, query_seq_lengths=n,
+                                         key_value_seq_lengths=n, implementation=implementation)
+        o = rows(o, (ar - start) % T)  # back to slots
+        return jnp.where(k_ok[:, :, None, None], o, 0).astype(q.dtype)
 
-    return jax.lax.cond(plain, library, lambda *a: fallback(*a, False), q, k, v, q_slot, k_slot, k_ok, bias)
+    return jax.lax.cond(plain, library, lambda q, k, v: fallback(q, k, v, q_slot, k_slot, k_ok, None, False), q, k, v)

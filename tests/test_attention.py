@@ -136,15 +136,20 @@ def test_bfloat16_inputs(path):
 
 
 def test_library_path_plumbing():
-    """The GPU branch (jax.nn.dot_product_attention, is_causal, k_ok as a per-key bias) run with
-    implementation="xla": same results as the reference for plain causal windows with left padding,
-    and the fallback for other slots."""
+    """The GPU branch (jax.nn.dot_product_attention, is_causal, left padding rotated into right
+    padding) run with implementation="xla": it matches the reference on left-padded causal windows,
+    and other slot patterns go to the fallback."""
     T = 24
-    q, k, v = qkv(2, T, T, 6, 2)
-    bias = jnp.asarray(np.random.default_rng(7).normal(size=(2, T)), jnp.float32)
-    for slots in [causal_slots(2, T, [0, 9]), (causal_slots(2, T, [0, 0])[0] * 2,) * 2 + (jnp.ones((2, T), bool),)]:
-        got = A._on_plain_causal(q, k, v, *slots, bias, A._direct, "xla")
-        np.testing.assert_allclose(got, reference(q, k, v, *slots, bias)[0], atol=1e-5, rtol=1e-5)
+    q, k, v = qkv(3, T, T, 6, 2)
+    nan = lambda *a: jnp.full(q.shape, jnp.nan)  # a fallback that would fail the comparison
+    lib = lambda fallback: jax.jit(lambda *a: A._on_plain_causal(*a, fallback, "xla"))
+    plain = causal_slots(3, T, [0, 9, 23])
+    np.testing.assert_allclose(lib(nan)(q, k, v, *plain), reference(q, k, v, *plain)[0], atol=1e-5, rtol=1e-5)
+    holes = (plain[0], plain[1], plain[2].at[0, 5].set(False))  # not left padding: the library would see key 5
+    twice = (plain[0] * 2 + 1, plain[1] * 2, jnp.ones((3, T), bool))  # not arange
+    for slots in [holes, twice]:
+        np.testing.assert_allclose(lib(A._direct)(q, k, v, *slots), reference(q, k, v, *slots)[0], atol=1e-5, rtol=1e-5)
+        assert jnp.isnan(lib(nan)(q, k, v, *slots)).all()  # the fallback ran
 
 
 def test_memory_is_linear_in_length():
