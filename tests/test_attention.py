@@ -153,13 +153,13 @@ def test_library_path_plumbing():
 
 
 def test_memory_is_linear_in_length():
-    """8,192 tokens, SmolLM2's heads: compiled temporaries stay O(T x block), far below one T x T
-    float32 score matrix (256 MiB per head; 2.3 GiB for 9 heads). Bound: 64 MiB, i.e. 1/4 of a single
-    head's T x T. Inputs/outputs here are 18 MiB (q) + 2 x 6 MiB (k, v)."""
+    """8,192 tokens, SmolLM2's heads (B=1, H=9, K=3, Dh=64): the compiled temporaries stay O(T x
+    block), far below the T x T float32 scores (2.25 GiB for 9 heads, 256 MiB for one). Bound: 96 MiB,
+    i.e. five [T, H, Dh] float32 copies (18 MiB each) plus score blocks of 256 x 512 per head (4.5 MiB
+    in all); measured 53 MiB (the old masked attend_causal: 1.5 GiB)."""
     B, T, H, K, Dh = 1, 8192, 9, 3, 64
     f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
     args = (f32(B, T, H, Dh), f32(B, T, K, Dh), f32(B, T, K, Dh), i32(B, T), i32(B, T), jax.ShapeDtypeStruct((B, T), jnp.bool_))
     mem = jax.jit(attention).lower(*args).compile().memory_analysis()
-    tt = T * T * 4
-    assert mem.temp_size_in_bytes < tt // 4, mem.temp_size_in_bytes
+    assert mem.temp_size_in_bytes < 96 * 2**20, mem.temp_size_in_bytes
