@@ -6,7 +6,12 @@ layers.attend_causal vs PyTorch scaled_dot_product_attention(is_causal=True).
 
 B=1, H=9 query heads, K=3 key/value heads, Dh=64, float32, random inputs. Variants are interleaved
 within each repeat; medians are reported, compile time apart. GFLOP/s count the causal half only:
-2 * 2 * B * H * Dh * T (T + 1) / 2.
+2 * 2 * B * H * Dh * T (T + 1) / 2. Run from the repository root with PYTHONPATH=. (or an installed qsjax).
+
+Measured 2026-11-28 (AMD EPYC, 2 cores, avx512f + avx512_bf16, no AMX; load 3-6 from other jobs):
+T = 2,048: attention 0.104 s (47 GFLOP/s), 1.97x attend_causal, 0.84x torch sdpa;
+T = 8,192: attention 1.33 s (58 GFLOP/s), 2.48x attend_causal, 0.85x torch sdpa; compile 1.1 s vs 2.6-10 s.
+On a quieter stretch of the same machine, 2,048 tokens: 54-89 GFLOP/s, 1.2x torch sdpa.
 """
 
 from __future__ import annotations
