@@ -60,6 +60,16 @@ def attention(q, k, v, q_slot, k_slot, k_ok, bias=None, *, self_visible=False):
     return fn(q, k, v, q_slot, k_slot, k_ok, bias, self_visible)
 
 
+def causal_pairs_executed(T: int) -> int:
+    """(query, key) pairs scored per row for a full causal window of T real tokens (slots 0..T-1):
+    the whole square on the direct path, else every (query block, key block) up to the block that
+    holds the query block's last slot, block padding included.  (`flops.dense_forward_flops`)"""
+    if T * T <= DIRECT_MAX:
+        return T * T
+    bq, bk = min(QUERY_BLOCK, T), min(KEY_BLOCK, T)
+    return sum(bq * bk * ((min(T, (i + 1) * bq) - 1) // bk + 1) for i in range(-(-T // bq)))
+
+
 def _mask(q_slot, k_slot, k_ok, self_visible):
     """[B, Tq], [B, Sk], [B, Sk] -> [B, Tq, Sk] bool: which keys each query sees."""
     qs, ks = q_slot[:, :, None], k_slot[:, None, :]

@@ -20,10 +20,10 @@ causal (query, key) pairs n (n + 1) / 2 of a window of n real tokens, the LM hea
 read. QuickSilver's accounting counts the same for the tokens and pairs its decisions leave, plus
 the mechanisms' own overhead, so the two are comparable.
 
-What a compiled dense forward *executes* is a little more (padding, and masked scores inside the
-causal query blocks of `layers.attend_causal`: block j of 128 queries against keys
-0..(j+1) 128 - 1): `dense_forward_flops` counts that, and is checked against XLA's own count of the
-compiled program (tests/test_flops.py), which checks the per-piece formulas below.
+What a compiled dense forward *executes* is a little more (padding, and the masked scores inside the
+(query block, key block) pairs of `qsjax.attention` that straddle the diagonal):
+`dense_forward_flops` counts that, and is checked against XLA's own count of the compiled program
+(tests/test_flops.py), which checks the per-piece formulas below.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from qsjax.config import ModelConfig
-from qsjax.layers import ATTENTION_BLOCK
+from qsjax.attention import causal_pairs_executed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,17 +108,9 @@ def needed_flops(cfg: ModelConfig, window_lengths: Sequence[int], lm_head_positi
     return forward_flops(cfg, [tokens] * L, [pairs] * L, lm_head_positions)
 
 
-def causal_block_pairs(length: int, block: int = ATTENTION_BLOCK) -> int:
-    """(query, key) pairs scored by `attend_causal` over a window: each block of queries against
-    every key up to the block's end (the whole square when length <= block)."""
-    if length <= block:
-        return length * length
-    return sum((min(length, s + block) - s) * min(length, s + block) for s in range(0, length, block))
-
-
 def dense_forward_flops(cfg: ModelConfig, batch: int, length: int, lm_head_positions: int) -> Flops:
     """A dense forward of `batch` windows of `length` tokens (padding included: it is computed),
-    attention by causal query blocks, and the LM head on `lm_head_positions` positions in all."""
+    attention as `qsjax.attention` executes it, and the LM head on `lm_head_positions` positions in all."""
     tokens = batch * length
-    pairs = batch * causal_block_pairs(length)
+    pairs = batch * causal_pairs_executed(length)
     return forward_flops(cfg, [tokens] * cfg.n_layers, [pairs] * cfg.n_layers, lm_head_positions)

@@ -29,7 +29,7 @@ from flax import nnx
 from qsjax import blocks
 from qsjax.config import ModelConfig
 from qsjax.kvcache import KVCache
-from qsjax.layers import attention
+from qsjax.attention import attention
 from qsjax.modules import Transformer
 from qsjax.rope import rope_angles
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from qsjax import blocks
-from qsjax.layers import attention
+from qsjax.attention import attention
 from qsjax.model import Layout
 from qsjax.quicksilver import fusion, kvskip
 from qsjax.quicksilver.cache import QuickSilverCache

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from qsjax import blocks
-from qsjax.layers import attention
+from qsjax.attention import attention
 from qsjax.quicksilver import fusion, halting, kvskip
 from qsjax.quicksilver.compaction import on_rows
 from qsjax.quicksilver.config import QuickSilverConfig
