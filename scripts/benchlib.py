@@ -152,3 +152,31 @@ class HFScorer:
         out = np.full((1, tokens.shape[1] - 1 - offset), np.nan, np.float32)
         out[0, : len(nll)] = nll.numpy()
         return out, None
+
+
+def masked_attention(q, k, v, q_slot, k_slot, k_ok, bias=None, *, self_visible=False):
+    """The attention qsjax used before `qsjax.attention` (the baseline of the attention benchmarks):
+    a stored [B, T, S] mask and, for a square window, blocks of 128 queries each scoring the keys up
+    to its end with a full score tensor (masked scores set to the most negative float)."""
+    import jax
+    import jax.numpy as jnp
+
+    from qsjax.layers import grouped_scores
+
+    mask = (k_slot[:, None, :] <= q_slot[:, :, None]) & (
+        k_ok[:, None, :] | (self_visible & (k_slot[:, None, :] == q_slot[:, :, None])))
+
+    def attend(q, k, v, mask, bias):
+        B, T, H, Dh = q.shape
+        scores = grouped_scores(q, k)  # [B, K, G, T, S]
+        if bias is not None:
+            scores = scores + bias[:, None, None, None, :]
+        probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min), axis=-1)
+        return jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v).reshape(B, T, H, Dh)
+
+    T, S = q.shape[1], k.shape[1]
+    if T != S or T <= 128:
+        return attend(q, k, v, mask, bias)
+    outs = [attend(q[:, s:s + 128], k[:, :s + 128], v[:, :s + 128], mask[:, s:s + 128, :s + 128],
+                   None if bias is None else bias[:, :s + 128]) for s in range(0, T, 128)]
+    return jnp.concatenate(outs, axis=1)
