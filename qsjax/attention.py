@@ -48,16 +48,22 @@ def attention(q, k, v, q_slot, k_slot, k_ok, bias=None, *, self_visible=False):
     1.3-1.9x faster for decode (T = 1, S = 2,048-8,192), 1.2x at T = S = 256, equal at 512, and 2.1x
     slower at 1,024 (the loops skip the upper triangle). Otherwise the blockwise loops above. Slots
     need not be ascending for correctness; ascending slots (every caller) let the key loop stop early."""
-    T, S = q.shape[1], k.shape[1]
-    if T * S <= DIRECT_MAX:
-        fn = _direct
-    else:
-        fn = lambda *a: _blockwise(*a, QUERY_BLOCK, KEY_BLOCK)
-    Dh = q.shape[-1]
+    T, S, Dh = q.shape[1], k.shape[1], q.shape[-1]
     if (jax.default_backend() == "gpu" and T == S and bias is None and not self_visible and Dh % 8 == 0
             and Dh <= 128 and q.dtype in (jnp.bfloat16, jnp.float16)):  # what cuDNN flash attention takes
-        return _on_plain_causal(q, k, v, q_slot, k_slot, k_ok, fn, "cudnn")
-    return fn(q, k, v, q_slot, k_slot, k_ok, bias, self_visible)
+        fallback = lambda q, k, v, *slots: attention_heads_major(q, _heads(k), _heads(v), *slots)
+        return _on_plain_causal(q, k, v, q_slot, k_slot, k_ok, fallback, "cudnn")
+    return attention_heads_major(q, _heads(k), _heads(v), q_slot, k_slot, k_ok, bias, self_visible=self_visible)
+
+
+def attention_heads_major(q, kh, vh, q_slot, k_slot, k_ok, bias=None, *, self_visible=False):
+    """`attention` with the keys and values stored heads-major, kh, vh [B, K, S, Dh]: the KV cache's
+    layout, so that a decode step reads a layer's cache as it lies (no transpose, i.e. no copy, of the
+    whole cache at every step)."""
+    T, S = q.shape[1], kh.shape[2]
+    if T * S <= DIRECT_MAX:
+        return _direct(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible)
+    return _blockwise(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, QUERY_BLOCK, KEY_BLOCK)
 
 
 def causal_pairs_executed(T: int) -> int:
@@ -105,12 +111,15 @@ def _finish(carry):
     return jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
 
 
-def _heads_first(q, k, v):
-    """q [B, T, H, Dh] -> [B, K, G, T, Dh] scaled by 1/sqrt(Dh); k, v [B, S, K, Dh] -> [B, K, S, Dh]."""
+def _heads(k):
+    """[B, S, K, Dh] -> [B, K, S, Dh]"""
+    return k.transpose(0, 2, 1, 3)
+
+
+def _queries(q, K: int):
+    """q [B, T, H, Dh] -> [B, K, G, T, Dh] scaled by 1/sqrt(Dh) (query head h = k G + g)."""
     B, T, H, Dh = q.shape
-    K = k.shape[2]
-    qh = (q * jnp.asarray(Dh**-0.5, q.dtype)).reshape(B, T, K, H // K, Dh).transpose(0, 2, 3, 1, 4)
-    return qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    return (q * jnp.asarray(Dh**-0.5, q.dtype)).reshape(B, T, K, H // K, Dh).transpose(0, 2, 3, 1, 4)
 
 
 def _heads_last(o, dtype):
@@ -119,23 +128,23 @@ def _heads_last(o, dtype):
     return o.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, Dh).astype(dtype)
 
 
-def _direct(q, k, v, q_slot, k_slot, k_ok, bias, self_visible):
+def _direct(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible):
     """All keys as one block: one [B, H, T, S] score tensor, no loop (small T x S)."""
     B, T, H, Dh = q.shape
-    qh, kh, vh = _heads_first(q, k, v)
-    carry = _update(_init(B, k.shape[2], qh.shape[2], T, Dh), qh, kh, vh, _mask(q_slot, k_slot, k_ok, self_visible), bias)
+    qh = _queries(q, kh.shape[1])
+    carry = _update(_init(B, kh.shape[1], qh.shape[2], T, Dh), qh, kh, vh, _mask(q_slot, k_slot, k_ok, self_visible), bias)
     return _heads_last(_finish(carry), q.dtype)
 
 
-def _blockwise(q, k, v, q_slot, k_slot, k_ok, bias, self_visible, bq, bk):
+def _blockwise(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, bq, bk):
     """Query blocks of bq (a `lax.map`), each scanning key blocks of bk (a `fori_loop` with a
     dynamic end); T and S are padded up to the block sizes with rows that see / are seen by nothing."""
     B, T, H, Dh = q.shape
-    S, K = k.shape[1], k.shape[2]
+    K, S = kh.shape[1], kh.shape[2]
     bq, bk = min(bq, T), min(bk, S)
     nq, nk = -(-T // bq), -(-S // bk)
     pad_t, pad_s = nq * bq - T, nk * bk - S
-    qh, kh, vh = _heads_first(q, k, v)  # [B, K, G, T, Dh], [B, K, S, Dh] x 2
+    qh = _queries(q, K)  # [B, K, G, T, Dh]
     G = qh.shape[2]
     qh = jnp.pad(qh, ((0, 0),) * 3 + ((0, pad_t), (0, 0)))
     kh = jnp.pad(kh, ((0, 0),) * 2 + ((0, pad_s), (0, 0)))
@@ -175,7 +184,8 @@ def _on_plain_causal(q, k, v, q_slot, k_slot, k_ok, fallback, implementation):
     arange(T) and k_ok = (slot >= start) in every row, checked at run time by a scalar `lax.cond` (only
     one branch runs); otherwise `fallback`. cuDNN takes right padding (per-row lengths) but no left
     padding, so each row is rotated left by its start, real tokens first (their causal order is
-    unchanged), and rotated back; padding queries see no key and are set to zero."""
+    unchanged), and rotated back; padding queries see no key and are set to zero.
+    `fallback(q, k, v, q_slot, k_slot, k_ok)` takes token-major keys and values like `attention`."""
     B, T = q_slot.shape
     ar = jnp.arange(T, dtype=jnp.int32)[None]  # [1, T]
     n = k_ok.sum(1).astype(jnp.int32)  # [B] real tokens per row
@@ -190,4 +200,4 @@ def _on_plain_causal(q, k, v, q_slot, k_slot, k_ok, fallback, implementation):
         o = rows(o, (ar - start) % T)  # back to slots
         return jnp.where(k_ok[:, :, None, None], o, 0).astype(q.dtype)
 
-    return jax.lax.cond(plain, library, lambda q, k, v: fallback(q, k, v, q_slot, k_slot, k_ok, None, False), q, k, v)
+    return jax.lax.cond(plain, library, lambda q, k, v: fallback(q, k, v, q_slot, k_slot, k_ok), q, k, v)

@@ -2,11 +2,14 @@
 
     python -m qsjax.eval --data wikitext103 --max-eval-tokens 8192
     python -m qsjax.eval --data c4 --protocol disjoint --seqlen 2048 --json result.json
+    python -m qsjax.eval --protocol tail --max-length 8192 --stride 512 --max-eval-tokens 20480
 
 --data takes a .txt, .jsonl or .jsonl.gz file (see qsjax.data) or a data set name (wikitext103,
 c4). The whole text is tokenized once, cut to --max-eval-tokens, and scored under one protocol
-(see qsjax.perplexity): `strided` (Hugging Face's sliding window, --max-length and --stride) or
-`disjoint` (GPTQ's side-by-side windows of --seqlen tokens).
+(see qsjax.perplexity): `strided` (Hugging Face's sliding window, --max-length and --stride),
+`disjoint` (GPTQ's side-by-side windows of --seqlen tokens) or `tail` (long context: windows of
+--max-length tokens every --stride tokens, each scoring its last --stride, so that every scored token
+sees --max-length minus --stride tokens of context).
 
 stderr carries a progress bar; the closing table goes to stdout (to stderr when --json - puts the
 JSON on stdout). --json FILE writes the report, atomically (never a half-written file), after the
@@ -44,7 +47,7 @@ from qsjax.cli import (
 )
 from qsjax.quicksilver.cli import add_quicksilver_args, check_quicksilver_args, quicksilver_from_args
 
-PROTOCOLS = ("strided", "disjoint")
+PROTOCOLS = ("strided", "disjoint", "tail")
 
 
 def parse_args(argv=None):
@@ -58,8 +61,9 @@ def parse_args(argv=None):
         help="a .txt, .jsonl or .jsonl.gz file, or wikitext103 or c4 (default: wikitext103)",
     )
     p.add_argument("--protocol", default="strided", choices=PROTOCOLS)
-    p.add_argument("--max-length", type=int, default=1024, help="strided: window length (default 1024)")
-    p.add_argument("--stride", type=int, default=512, help="strided: step between windows (default 512)")
+    p.add_argument("--max-length", type=int, default=1024, help="strided, tail: window length (default 1024)")
+    p.add_argument("--stride", type=int, default=512,
+                   help="strided, tail: step between windows; tail: the tokens each window scores (default 512)")
     p.add_argument("--seqlen", type=int, default=2048, help="disjoint: window length (default 2048)")
     p.add_argument("--max-eval-tokens", type=int, help="keep only the first N tokens of the stream")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
@@ -78,11 +82,14 @@ def parse_args(argv=None):
 
 def check_args(args) -> None:
     """Checks that need neither the model nor the data."""
-    if args.protocol == "strided":
+    if args.protocol in ("strided", "tail"):
         if args.max_length < 2:
             raise UsageError(f"--max-length must be at least 2, got {args.max_length}")
         if not 0 < args.stride <= args.max_length:
             raise UsageError(f"--stride must be in 1..--max-length ({args.max_length}), got {args.stride}")
+        if args.protocol == "tail" and args.stride == args.max_length:
+            raise UsageError(f"--protocol tail needs --stride below --max-length ({args.max_length}): "
+                             "the rest of each window is the scored tokens' context")
     elif args.seqlen < 2:
         raise UsageError(f"--seqlen must be at least 2, got {args.seqlen}")
     if args.max_eval_tokens is not None and args.max_eval_tokens <= 1:
@@ -115,24 +122,28 @@ def mesh_from_args(args):
 
 def protocol_params(args) -> dict:
     """The protocol's name and parameters, as reported."""
-    if args.protocol == "strided":
-        return {"name": "strided", "max_length": args.max_length, "stride": args.stride}
+    if args.protocol in ("strided", "tail"):
+        return {"name": args.protocol, "max_length": args.max_length, "stride": args.stride}
     return {"name": "disjoint", "seqlen": args.seqlen}
 
 
 def check_context(args, cfg) -> None:
     """The window must fit in the model's context."""
-    length, flag = (args.max_length, "--max-length") if args.protocol == "strided" else (args.seqlen, "--seqlen")
+    length, flag = (args.seqlen, "--seqlen") if args.protocol == "disjoint" else (args.max_length, "--max-length")
     if length > cfg.max_positions:
         raise UsageError(f"{flag} {length} is longer than the model's context ({cfg.max_positions} positions)")
 
 
 def make_windows(args, n_tokens: int):
     """The protocol's windows over a stream of n_tokens."""
-    from qsjax.perplexity import disjoint_windows, strided_windows
+    from qsjax.perplexity import disjoint_windows, strided_windows, tail_windows
 
     if args.protocol == "strided":
         return strided_windows(n_tokens, args.max_length, args.stride)
+    if args.protocol == "tail":
+        if args.max_length > n_tokens:
+            raise UsageError(f"--max-length {args.max_length} is longer than the token stream ({n_tokens} tokens)")
+        return tail_windows(n_tokens, args.max_length, args.stride)
     if args.seqlen > n_tokens:
         raise UsageError(f"--seqlen {args.seqlen} is longer than the token stream ({n_tokens} tokens)")
     return disjoint_windows(n_tokens, args.seqlen)

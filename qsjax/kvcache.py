@@ -1,9 +1,13 @@
 """A functional, preallocated key/value cache.
 
-One buffer per K and V of static shape [L, B, S, K, Dh]; every step returns a new cache (under jit
-with donation the update happens in place). Prompts are left-padded so that every row writes its
-next token at the same slot `index`; `start[b]` is the first slot holding a real token of row b,
-and the position of slot s in row b is s - start[b].
+One buffer per layer for K and for V, each [B, K, S, Dh]: heads-major, so that a decode step's
+attention reads a layer's keys as they lie (a token-major [B, S, K, Dh] cache was transposed, a copy
+of the whole layer, at every step), and one buffer per layer, so that a step writes and reads a
+layer without slicing it out of a stacked [L, ...] array (layers may later hold different numbers
+of slots). Every step returns a new cache (under jit with donation the update happens in place).
+Prompts are left-padded so that every row writes its next token at the same slot `index`;
+`start[b]` is the first slot holding a real token of row b, and the position of slot s in row b is
+s - start[b].
 """
 
 from __future__ import annotations
@@ -19,26 +23,29 @@ from qsjax.config import ModelConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    k: jax.Array  # [L, B, S, K, Dh]
-    v: jax.Array  # [L, B, S, K, Dh]
+    k: tuple[jax.Array, ...]  # L x [B, K, S, Dh]
+    v: tuple[jax.Array, ...]  # L x [B, K, S, Dh]
     start: jax.Array  # [B] int32, first real slot of each row
     index: jax.Array  # [] int32, next slot to write
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, length: int, start, dtype=jnp.float32) -> KVCache:
-        shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.asarray(start, jnp.int32), jnp.int32(0))
+        shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+        return cls(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)), jnp.asarray(start, jnp.int32),
+                   jnp.int32(0))
 
     @classmethod
     def from_window(cls, k, v, start, length: int) -> KVCache:
         """A cache of `length` slots holding a prefilled window's keys and values in its first T slots.
-        k, v [L, B, T, K, Dh], start [B]"""
-        pad = [(0, 0), (0, 0), (0, length - k.shape[2]), (0, 0), (0, 0)]
-        return cls(jnp.pad(k, pad), jnp.pad(v, pad), jnp.asarray(start, jnp.int32), jnp.int32(k.shape[2]))
+        k, v [L, B, T, K, Dh] (as a window pass stacks them), start [B]"""
+        pad = [(0, 0), (0, 0), (0, length - k.shape[2]), (0, 0)]
+        layers = lambda a: tuple(jnp.pad(a[l].transpose(0, 2, 1, 3), pad) for l in range(a.shape[0]))
+        return cls(layers(k), layers(v), jnp.asarray(start, jnp.int32), jnp.int32(k.shape[2]))
 
     @property
     def length(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[2]
 
     def slots(self):
         """Slot numbers of the cache, per row.  -> [B, S] int32"""
@@ -54,10 +61,11 @@ class KVCache:
         return self.index - self.start
 
     def write(self, layer: int, k, v) -> KVCache:
-        """This layer's key and value of the tokens at slot `index`.  k, v [B, 1, K, Dh]"""
-        at = (layer, 0, self.index, 0, 0)
-        return dataclasses.replace(self, k=jax.lax.dynamic_update_slice(self.k, k[None], at),
-                                   v=jax.lax.dynamic_update_slice(self.v, v[None], at))
+        """Layer `layer`'s (0-based) key and value of the tokens at slot `index`.  k, v [B, 1, K, Dh]"""
+        at = (0, 0, self.index, 0)
+        put = lambda buffers, x: tuple(jax.lax.dynamic_update_slice(b, x.transpose(0, 2, 1, 3), at) if i == layer else b
+                                       for i, b in enumerate(buffers))
+        return dataclasses.replace(self, k=put(self.k, k), v=put(self.v, v))
 
     def advance(self) -> KVCache:
         return dataclasses.replace(self, index=self.index + 1)

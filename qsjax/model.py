@@ -29,7 +29,7 @@ from flax import nnx
 from qsjax import blocks
 from qsjax.config import ModelConfig
 from qsjax.kvcache import KVCache
-from qsjax.attention import attention
+from qsjax.attention import attention, attention_heads_major
 from qsjax.modules import Transformer
 from qsjax.rope import rope_angles
 
@@ -140,7 +140,7 @@ def decode_step(model: Transformer, cache: KVCache, tokens, key_mask=None, key_b
         cache = cache.write(l, k, v)
         ok = written if key_mask is None else written & key_mask[l]
         bias = None if key_bias is None else key_bias[l]
-        o = attention(q, cache.k[l], cache.v[l], q_slot, k_slot, ok, bias, self_visible=True)
+        o = attention_heads_major(q, cache.k[l], cache.v[l], q_slot, k_slot, ok, bias, self_visible=True)
         x = blocks.tail(blk, x, o)
     return blocks.lm_logits(model, x[:, 0]), cache.advance()
 

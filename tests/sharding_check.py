@@ -101,8 +101,8 @@ def check_decode(name, base, sharded, mesh):
         same &= np.array_equal(nxt, np.asarray(jnp.argmax(z1, -1)))  # the same greedy tokens
         (z0, c0), (z1, c1) = base.decode_step(c0, nxt), sharded.decode_step(c1, nxt)
         diffs.append(max_diff(z0, z1))
-    return {"diff": max(diffs), "same": bool(same), "sharded": spread(c1.k), "rows": rows_axis(c1.k, 1),
-            "kv_heads": rows_axis(c1.k, 3)}
+    return {"diff": max(diffs), "same": bool(same), "sharded": spread(c1.k[0]), "rows": rows_axis(c1.k[0], 0),
+            "kv_heads": rows_axis(c1.k[0], 1)}
 
 
 def check_quicksilver(name, base, sharded, mesh, qs):

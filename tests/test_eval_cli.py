@@ -96,6 +96,30 @@ def test_disjoint_json_on_stdout(tiny_gpt2):
     assert "perplexity" in proc.stderr  # the table moves to stderr
 
 
+def test_tail_protocol_scores_the_last_stride_of_each_window(tiny_gpt2):
+    """--protocol tail: windows of --max-length every --stride tokens, each scoring its last --stride
+    tokens, every one of them with --max-length - --stride tokens of context; the NLL equals the
+    direct computation from full logits of each window."""
+    from qsjax.params import load_model
+    from qsjax.tokenizer import load_tokenizer
+
+    proc = run_eval("--model", tiny_gpt2, "--data", tiny_gpt2 / "data.txt", "--protocol", "tail", "--max-length", 40,
+                    "--stride", 8, "--max-eval-tokens", 100, "--batch-size", 3, "--json", "-", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["protocol"] == {"name": "tail", "max_length": 40, "stride": 8}
+    assert report["windows"] == 8 and report["tokens_scored"] == 64  # windows ending at 40, 48, ..., 96
+    model = load_model(tiny_gpt2)
+    ids = np.asarray(load_tokenizer(tiny_gpt2).encode(TEXT), np.int32)[:100]
+    total = 0.0
+    for end in range(40, 101, 8):
+        logits = np.asarray(model.logits(ids[None, end - 40:end]), np.float64)[0]
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        total -= sum(logp[t - 1 - (end - 40), ids[t]] for t in range(end - 8, end))
+    assert report["nll_mean"] == pytest.approx(total / 64, rel=1e-5)
+
+
 def error_cases(model: Path, tmp: Path):
     (tmp / "empty.txt").write_text("\n \n", encoding="utf-8")
     (tmp / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
@@ -114,6 +138,8 @@ def error_cases(model: Path, tmp: Path):
         "stride 0": (["--data", data, "--max-length", 16, "--stride", 0], "--stride"),
         "max-length > context": (["--data", data, "--max-length", 128, "--stride", 64], "longer than the model's context"),
         "seqlen > stream": (["--data", data, "--protocol", "disjoint", "--seqlen", 60, "--max-eval-tokens", 50], "longer than the token stream"),
+        "tail without context": (["--data", data, "--protocol", "tail", "--max-length", 16, "--stride", 16], "needs --stride below"),
+        "tail > stream": (["--data", data, "--protocol", "tail", "--max-length", 60, "--stride", 8, "--max-eval-tokens", 50], "longer than the token stream"),
         "not a number": (["--data", data, "--stride", "half"], "invalid int value"),
         "max-eval-tokens 1": (["--data", data, "--max-eval-tokens", 1], "--max-eval-tokens"),
         "model dir missing": (["--data", data, "--model", tmp / "nowhere"], "no such directory"),

@@ -26,7 +26,8 @@ def test_cache_shape_and_validity(tiny_models):
     model, _ = tiny_models["llama-gqa"]
     cfg = model.cfg
     cache = KVCache.empty(cfg, batch=2, length=8, start=[0, 3])
-    assert cache.k.shape == (cfg.n_layers, 2, 8, cfg.n_kv_heads, cfg.head_dim)
+    assert len(cache.k) == len(cache.v) == cfg.n_layers  # one buffer per layer, heads-major
+    assert cache.k[0].shape == (2, cfg.n_kv_heads, 8, cfg.head_dim)
     assert not cache.slots_valid().any()  # nothing written yet
     _, cache = model.prefill(np.ones((2, 5), np.int32), np.array([0, 3]), 8)
     valid = np.asarray(cache.slots_valid())
@@ -42,4 +43,4 @@ def test_decode_is_donated_and_does_not_recompile(tiny_models):
     old = cache
     _, cache = model.decode_step(cache, np.array([2]))
     assert model._decode._cache_size() == before
-    assert old.k.is_deleted()  # the input cache buffer was donated to the step
+    assert all(k.is_deleted() for k in old.k)  # the input cache buffers were donated to the step

@@ -85,7 +85,9 @@ OFF = QuickSilverConfig()
 
 
 def preset(name: str, n_layers: int) -> QuickSilverConfig:
-    """`paper`: the paper's rule and thresholds on every token; `fast`: qsjax's calibrated setting
+    """`paper`: the paper's rule (drift + entropy halting, zero K/V, fusion, Matryoshka widths) on every
+    token, at qsjax's reading of its thresholds (the abstract gives none: tau_drift, tau_H, l_min = L/4,
+    tau_fuse, l_q = L/2 + 1 and the width thresholds are ours); `fast`: qsjax's calibrated setting
     (context tokens only)."""
     if name == "paper":
         return QuickSilverConfig(

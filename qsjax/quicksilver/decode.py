@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from qsjax import blocks
-from qsjax.attention import attention
+from qsjax.attention import attention_heads_major
 from qsjax.model import Layout
 from qsjax.quicksilver import fusion, kvskip
 from qsjax.quicksilver.cache import QuickSilverCache
@@ -95,7 +95,7 @@ def quicksilver_decode_step(qs: QuickSilverConfig, module, state: DecodeState, t
 
         def run(x, q, q_slot, keys, values, k_slot, ok, bias, bits, blk=blk):
             """The rest of the block for the computing rows: [n, 1, D] -> [n, 1, D]."""
-            o = attention(q, keys, values, q_slot, k_slot, ok, bias, self_visible=True)
+            o = attention_heads_major(q, keys, values, q_slot, k_slot, ok, bias, self_visible=True)
             return blocks.tail(blk, x, o, with_widths(bits))
 
         ok = written & qc.visible[li]  # [B, S]; its own key is always there (self_visible)
