@@ -175,7 +175,8 @@ def parse_lengths(text: str) -> list[int]:
     try:
         lengths = [int(x) for x in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, e.g. 1024,2048; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts (e.g. 1024,2048), got {text!r}") \
+            from None
     if min(lengths) < 1:
         raise argparse.ArgumentTypeError(f"lengths must be positive, got {text!r}")
     return sorted(set(lengths))
@@ -183,7 +184,8 @@ def parse_lengths(text: str) -> list[int]:
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="python -m qsjax.passkey", description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="a Hugging Face model directory or a known model name (default: smollm2-135m-instruct)")
+    p.add_argument("--model",
+                   help="a Hugging Face model directory or a known model name (default: smollm2-135m-instruct)")
     p.add_argument("--lengths", type=parse_lengths, default=[1024, 2048, 4096, 8192],
                    help="comma-separated sequence lengths in tokens, prompt + answer (default 1024,2048,4096,8192)")
     p.add_argument("--depths", type=int, default=5, help="N needle depths evenly spaced from 0%% to 100%% (1: 50%%; "
@@ -266,8 +268,8 @@ def plot_png(report: dict) -> bytes:
 
     s = report["settings"]
     runs = [("dense", report["dense"]), (s["label"], report)] if "dense" in report else [(s["label"], report)]
-    fig, axes = plt.subplots(1, len(runs), figsize=(1.2 + 1.1 * len(s["depths"]) * len(runs), 0.6 + 0.5 * len(s["lengths"])),
-                             squeeze=False)
+    size = (1.2 + 1.1 * len(s["depths"]) * len(runs), 0.6 + 0.5 * len(s["lengths"]))
+    fig, axes = plt.subplots(1, len(runs), figsize=size, squeeze=False)
     for ax, (name, run) in zip(axes[0], runs):
         g = grid(run)
         acc = np.array([[g[n, d]["accuracy"] for d in s["depths"]] for n in s["lengths"]])
@@ -286,7 +288,7 @@ def plot_png(report: dict) -> bytes:
 
 
 def settings(args, model_dir, haystack_path, cfg, qs) -> dict:
-    label = "dense" if qs is None else (f"quicksilver {args.quicksilver}" if args.quicksilver != "off" else "quicksilver")
+    label = "dense" if qs is None else "quicksilver" + (f" {args.quicksilver}" if args.quicksilver != "off" else "")
     return dict(
         model=args.model or model_dir.name, model_dir=str(model_dir), context=cfg.max_positions, dtype=args.dtype,
         lengths=args.lengths, depths=depth_fractions(args.depths), trials=args.trials, seed=args.seed,
