@@ -142,9 +142,9 @@ def check_output_file(flag: str, path: str) -> None:
         raise UsageError(f"{flag} {path}: the file is not writable")
 
 
-def write_file_atomic(path: str, text: str) -> None:
-    """Write `text` to a temporary file beside `path`'s target, then rename it into place: never a
-    half-written file.  The file gets the mode an ordinary write would give it (an existing file's
+def write_file_atomic(path: str, text: str | bytes) -> None:
+    """Write `text` (UTF-8; or bytes as they are) to a temporary file beside `path`'s target, then
+    rename it into place: never a half-written file.  The file gets the mode an ordinary write would give it (an existing file's
     mode, else 0666 less the umask), and a symlink stays a symlink (its target is replaced)."""
     target = os.path.realpath(path)
     if os.path.exists(target):
@@ -155,8 +155,8 @@ def write_file_atomic(path: str, text: str) -> None:
         mode = 0o666 & ~umask
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode("utf-8") if isinstance(text, str) else text)
         os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:

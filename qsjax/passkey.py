@@ -1,0 +1,374 @@
+"""Passkey retrieval (needle in a haystack): `python -m qsjax.passkey`.
+
+    python -m qsjax.passkey --lengths 1024,2048,4096,8192 --depths 5 --trials 5 --plot nih.png
+    python -m qsjax.passkey --lengths 2048 --haystack wikitext103 --compare --quicksilver fast --json pk.json
+
+A prompt hides a needle, "The pass key is 71432. Remember it. 71432 is the pass key.", in a haystack
+(the filler "The grass is green. ..." repeated, or the text of `--haystack FILE` — a .txt, .jsonl or
+.jsonl.gz file or a data set name, repeated if too short) and ends "What is the pass key? The pass
+key is"; the model answers greedily.  Prompt layout, in tokens:
+[BOS if the tokenizer adds one] instruction, haystack[:b], needle, haystack[b:], question.
+
+- Length L: the whole sequence the model holds, prompt and answer. The prompt is exactly
+  L - --max-new-tokens tokens (the haystack fills what the rest leaves), so L may be the model's
+  context itself; every L is checked against the context before the weights load.
+- Depth d: the needle goes at the sentence boundary b of the haystack nearest to d x its length
+  (a boundary: the haystack's start or end, or after a sentence's last token; ties go to the earlier
+  one). `--depths N` gives N depths evenly spaced from 0% to 100%; `--depths 1` gives 50%. The JSON
+  gives each prompt's actual depth b / len(haystack).
+- Keys: 5-digit numbers from numpy.random.default_rng(--seed), one per (length, depth, trial), drawn
+  in that order; `--compare` runs the same prompts dense and under the QuickSilver options given.
+- Answer rule: the continuation (EOS and what follows removed, special tokens dropped) is correct
+  when its first run of decimal digits is exactly the key ("71432." and "is 71432" count; "714320",
+  "7143" and "7 1 4 3 2" do not).
+- `--chat` wraps instruction, haystack and question in the model's chat template as one user turn
+  and starts the assistant's reply with "The pass key is". Off by default: the plain prompt is
+  the literature's (Landmark Attention, LongLoRA) and works with models that have no template.
+
+stdout: a table of correct/trials per length x depth (side by side with `--compare`) and the
+overall accuracy; stderr: a progress bar per (length, depth) cell. `--json FILE` (keys `accuracy`,
+`cells`, `settings`, `seconds`, `seconds_compile`; with `--compare` also `dense`, the same for the
+dense run) and `--plot PNG` (the heatmap) are checked before anything loads and written
+atomically after the table. Ctrl-C stops the run at once (status 130) and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import re
+import sys
+
+import numpy as np
+
+from qsjax.cli import (
+    ArgumentParser,
+    UsageError,
+    check_output_file,
+    exit_on_interrupt,
+    quiet_broken_pipe,
+    run_cli,
+    write_file_atomic,
+)
+from qsjax.quicksilver.cli import add_quicksilver_args, check_quicksilver_args, quicksilver_from_args
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+               "I will quiz you about the important information there.")
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "\nWhat is the pass key?"
+ANSWER = "The pass key is"
+ANSWER_RULE = "correct when the first run of decimal digits in the continuation is exactly the key"
+LENGTH_RULE = "prompt + max_new_tokens = length: the prompt is exactly length - max_new_tokens tokens"
+
+
+def first_number(text: str) -> str | None:
+    """The first run of decimal (ASCII) digits in `text`, or None."""
+    match = re.search(r"[0-9]+", text)
+    return match.group() if match else None
+
+
+def is_correct(answer: str, key: int) -> bool:
+    return first_number(answer) == str(key)
+
+
+def depth_fractions(n: int) -> list[float]:
+    """N depths evenly spaced over [0, 1]; one depth is the middle."""
+    return [0.5] if n == 1 else [i / (n - 1) for i in range(n)]
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences, each with the whitespace before it (so "".join gives the text back): a cut after
+    . ! or ? followed by whitespace, and at the end of every non-blank line."""
+    return [s for s in re.split(r"(?<=[.!?])(?=\s)|(?<=\S)(?=\n)", text) if s]
+
+
+def haystack_tokens(encode_batch, sentences: list[str], n: int) -> tuple[list[int], list[int]]:
+    """The first n tokens of the sentences repeated as often as needed, each sentence tokenized on
+    its own, and the sentence boundaries among them (token offsets, 0 and n included).
+    `encode_batch(list_of_text) -> list of id lists`."""
+    ids, boundaries, i = [], [0], 0
+    while len(ids) < n:
+        chunk = [sentences[(i + j) % len(sentences)] for j in range(256)]
+        i += len(chunk)
+        for piece in encode_batch(chunk):
+            ids += piece
+            if len(ids) >= n:
+                break
+            if piece:
+                boundaries.append(len(ids))
+    return ids[:n], boundaries + ([n] if boundaries[-1] != n else [])
+
+
+def build_prompt(head, haystack, boundaries, depth: float, needle, tail) -> tuple[list[int], int]:
+    """head + haystack[:b] + needle + haystack[b:] + tail, b the boundary nearest to depth x
+    len(haystack) (the earlier one on a tie) -> (token ids, b)."""
+    target = depth * len(haystack)
+    b = min(boundaries, key=lambda x: (abs(x - target), x))
+    return [*head, *haystack[:b], *needle, *haystack[b:], *tail], b
+
+
+def prompt_frame(tokenizer, chat: bool) -> tuple[list[int], list[int]]:
+    """The tokens before the haystack (BOS, instruction) and after it (question, answer start)."""
+    if not chat:
+        bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
+        return bos + tokenizer.encode(INSTRUCTION, add_special_tokens=False), \
+            tokenizer.encode(f"{QUESTION} {ANSWER}", add_special_tokens=False)
+    before, after = tokenizer.apply_chat_template([{"role": "user", "content": "\0"}]).split("\0")
+    return (tokenizer.encode(before + INSTRUCTION, add_special_tokens=False),
+            tokenizer.encode(QUESTION + after + ANSWER, add_special_tokens=False))
+
+
+def make_cells(tokenizer, haystack_text: str, lengths, depths, trials, seed, max_new, chat) -> list[dict]:
+    """Every (length, depth) cell with its keys and prompts (token ids)."""
+    head, tail = prompt_frame(tokenizer, chat)
+    keys = np.random.default_rng(seed).integers(10_000, 100_000, size=(len(lengths), len(depths), trials))
+    needles = {int(k): tokenizer.encode(NEEDLE.format(key=int(k)), add_special_tokens=False) for k in keys.flat}
+    fixed = len(head) + len(tail) + max(map(len, needles.values()))
+    for length in lengths:
+        if length - max_new - fixed < 1:
+            raise UsageError(f"--lengths {length} is too short: instruction, needle and question take {fixed} tokens "
+                             f"and the answer {max_new}; give at least {fixed + max_new + 1}")
+    sentences = split_sentences(haystack_text)
+    longest, boundaries = haystack_tokens(lambda texts: tokenizer.encode_batch(texts, add_special_tokens=False),
+                                          sentences, max(lengths) - max_new - len(head) - len(tail))
+    cells = []
+    for i, length in enumerate(lengths):
+        for j, depth in enumerate(depths):
+            prompts, at, hay_lengths = [], [], []
+            for key in keys[i, j]:
+                n = length - max_new - len(head) - len(tail) - len(needles[int(key)])
+                stops = [b for b in boundaries if b < n] + [n]
+                ids, b = build_prompt(head, longest[:n], stops, depth, needles[int(key)], tail)
+                prompts.append(ids)
+                at.append(b)
+                hay_lengths.append(n)
+            cells.append(dict(length=length, depth=depth, keys=[int(k) for k in keys[i, j]], prompts=prompts,
+                              needle_at=at, haystack_tokens=hay_lengths))
+    return cells
+
+
+def run_cells(gen, cells, max_new: int, progress: bool, desc: str) -> dict:
+    """Generate for every cell (one batch per cell): accuracy, cells and timings."""
+    from tqdm import tqdm
+
+    out, seconds, compile_s = [], 0.0, 0.0
+    for cell in tqdm(cells, desc=desc, unit="cell", file=sys.stderr, disable=not progress):
+        result = gen(cell["prompts"], max_new_tokens=max_new)
+        seconds += result.seconds
+        compile_s += result.seconds_compile
+        trials = [dict(key=key, answer=text, correct=is_correct(text, key), prompt_tokens=len(ids),
+                       needle_at=b, depth_actual=b / n)
+                  for key, text, ids, b, n in zip(cell["keys"], result.texts, cell["prompts"], cell["needle_at"],
+                                                  cell["haystack_tokens"])]
+        correct = sum(t["correct"] for t in trials)
+        out.append(dict(length=cell["length"], depth=cell["depth"], correct=correct, trials_run=len(trials),
+                        accuracy=correct / len(trials), trials=trials))
+    total = sum(c["trials_run"] for c in out)
+    return dict(accuracy=sum(c["correct"] for c in out) / total, cells=out, seconds=seconds, seconds_compile=compile_s)
+
+
+def parse_lengths(text: str) -> list[int]:
+    """"1024,2048" -> [1024, 2048] (sorted, duplicates dropped)."""
+    try:
+        lengths = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts (e.g. 1024,2048), got {text!r}") \
+            from None
+    if min(lengths) < 1:
+        raise argparse.ArgumentTypeError(f"lengths must be positive, got {text!r}")
+    return sorted(set(lengths))
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(prog="python -m qsjax.passkey", description=__doc__.splitlines()[0])
+    p.add_argument("--model",
+                   help="a Hugging Face model directory or a known model name (default: smollm2-135m-instruct)")
+    p.add_argument("--lengths", type=parse_lengths, default=[1024, 2048, 4096, 8192],
+                   help="comma-separated sequence lengths in tokens, prompt + answer (default 1024,2048,4096,8192)")
+    p.add_argument("--depths", type=int, default=5, help="N needle depths evenly spaced from 0%% to 100%% (1: 50%%; "
+                   "default 5)")
+    p.add_argument("--trials", type=int, default=5, help="keys per (length, depth) cell, run as one batch (default 5)")
+    p.add_argument("--haystack", metavar="FILE", help="real text around the needle: a .txt, .jsonl or .jsonl.gz file, "
+                   "or wikitext103 or c4 (default: a repeated filler text)")
+    p.add_argument("--max-new-tokens", type=int, default=10, help="answer tokens (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the keys (default 0)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--compare", action="store_true", help="also run dense on the same prompts, side by side "
+                   "(needs a QuickSilver option)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE (- for stdout)")
+    p.add_argument("--plot", metavar="PNG", help="write the heatmap (length x depth, colour = accuracy) to PNG")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_quicksilver_args(p)
+    return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    """Checks that need neither the model nor the haystack."""
+    if args.depths < 1:
+        raise UsageError(f"--depths must be >= 1, got {args.depths}")
+    if args.trials < 1:
+        raise UsageError(f"--trials must be >= 1, got {args.trials}")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    check_quicksilver_args(args)
+    if args.compare and not quicksilver_from_args(args, None).enabled:
+        raise UsageError("--compare runs dense beside a QuickSilver setting: give one (e.g. --quicksilver fast)")
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib (pip install matplotlib)") from None
+        if args.plot == "-":
+            raise UsageError("--plot needs a file name")
+        check_output_file("--plot", args.plot)
+    if args.json is not None:
+        check_output_file("--json", args.json)
+
+
+def grid(run: dict) -> dict:
+    """(length, depth) -> cell."""
+    return {(c["length"], c["depth"]): c for c in run["cells"]}
+
+
+def format_table(report: dict) -> str:
+    """correct/trials per length (rows) x depth (columns); with --compare dense | setting."""
+    s = report["settings"]
+    lengths, depths = s["lengths"], s["depths"]
+    runs = [("dense", report["dense"]), (s["label"], report)] if "dense" in report else [(s["label"], report)]
+    width = max(5, len(f"{s['trials']}/{s['trials']}"))
+    header_cells = " ".join(f"{100 * d:.0f}%".rjust(width) for d in depths)
+    block = len(header_cells)
+    lines = ["  ".join([f"{'':>7}"] + [f"{name[:block]:<{block}}" for name, _ in runs]).rstrip(),
+             "  ".join([f"{'length':>7}"] + [header_cells] * len(runs))]
+    for length in lengths:
+        row = [f"{length:>7}"]
+        for _, run in runs:
+            g = grid(run)
+            row.append(" ".join(f"{g[length, d]['correct']}/{g[length, d]['trials_run']}".rjust(width) for d in depths))
+        lines.append("  ".join(row))
+    for name, run in runs:
+        n = sum(c["trials_run"] for c in run["cells"])
+        lines.append(f"{name}: accuracy {run['accuracy']:.3f} ({sum(c['correct'] for c in run['cells'])}/{n}), "
+                     f"{run['seconds']:.1f} s (+ {run['seconds_compile']:.1f} s compiling)")
+    return "\n".join(lines)
+
+
+def plot_png(report: dict) -> bytes:
+    """The needle-in-a-haystack heatmap(s) as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = report["settings"]
+    runs = [("dense", report["dense"]), (s["label"], report)] if "dense" in report else [(s["label"], report)]
+    size = (1.2 + 1.1 * len(s["depths"]) * len(runs), 0.6 + 0.5 * len(s["lengths"]))
+    fig, axes = plt.subplots(1, len(runs), figsize=size, squeeze=False)
+    for ax, (name, run) in zip(axes[0], runs):
+        g = grid(run)
+        acc = np.array([[g[n, d]["accuracy"] for d in s["depths"]] for n in s["lengths"]])
+        image = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(s["depths"])), [f"{100 * d:.0f}%" for d in s["depths"]])
+        ax.set_yticks(range(len(s["lengths"])), [str(n) for n in s["lengths"]])
+        for (r, c), value in np.ndenumerate(acc):
+            ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8)
+        ax.set(xlabel="needle depth", title=f"{name}: accuracy {run['accuracy']:.2f}")
+    axes[0][0].set_ylabel("length (tokens)")
+    fig.colorbar(image, ax=list(axes[0]), label="accuracy")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def settings(args, model_dir, haystack_path, cfg, qs) -> dict:
+    label = "dense" if qs is None else "quicksilver" + (f" {args.quicksilver}" if args.quicksilver != "off" else "")
+    return dict(
+        model=args.model or model_dir.name, model_dir=str(model_dir), context=cfg.max_positions, dtype=args.dtype,
+        lengths=args.lengths, depths=depth_fractions(args.depths), trials=args.trials, seed=args.seed,
+        max_new_tokens=args.max_new_tokens, chat=args.chat, haystack=args.haystack or "filler",
+        haystack_path=None if haystack_path is None else str(haystack_path), length_rule=LENGTH_RULE,
+        answer_rule=ANSWER_RULE, compare=args.compare, label=label,
+        quicksilver=None if qs is None else {"preset": args.quicksilver, "settings": dataclasses.asdict(qs)},
+    )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    check_args(args)
+    haystack_path, text = None, FILLER + " "
+    if args.haystack is not None:
+        from qsjax.data import read_text, resolve_data
+
+        haystack_path = resolve_data(args.haystack)
+        text = read_text(haystack_path) + "\n\n"
+
+    from qsjax.compilecache import enable_compilation_cache
+    from qsjax.load import check_vocabulary, load_model_checked, load_tokenizer_checked, model_label, read_config
+    from qsjax.weights import resolve_model
+
+    model_dir = resolve_model(args.model)
+    cfg = read_config(args.model, model_dir)
+    too_long = [n for n in args.lengths if n > cfg.max_positions]
+    if too_long:
+        raise UsageError(f"--lengths {too_long[0]} is longer than the model's context ({cfg.max_positions} tokens)")
+    qs = quicksilver_from_args(args, cfg.n_layers)
+    qs = qs if qs.enabled else None
+    tokenizer = load_tokenizer_checked(args.model, model_dir)
+    try:
+        cells = make_cells(tokenizer, text, args.lengths, depth_fractions(args.depths), args.trials, args.seed,
+                           args.max_new_tokens, args.chat)
+    except ValueError as e:  # no chat template
+        raise UsageError(f"--chat: {model_label(args.model, model_dir)}: {e}") from None
+    check_vocabulary([p for c in cells for p in c["prompts"]], cfg.vocab_size)
+    enable_compilation_cache()
+    from qsjax.generate import Generator
+
+    report = dict(settings=settings(args, model_dir, haystack_path, cfg, qs))
+    # from here to the report nothing is written: Ctrl-C ends the run at once, even inside XLA
+    with exit_on_interrupt(lambda signum: sys.stderr.write("\n")):
+        model = load_model_checked(args.model, model_dir, args.dtype)
+        if args.compare:
+            report["dense"] = run_cells(Generator(model, tokenizer), cells, args.max_new_tokens, not args.no_progress,
+                                        "dense")
+        report.update(run_cells(Generator(model, tokenizer, qs), cells, args.max_new_tokens, not args.no_progress,
+                                report["settings"]["label"]))
+    return write_outputs(args, report)
+
+
+def write_outputs(args, report: dict) -> int:
+    """The table first (if a file cannot be written after all, the results are still shown), then
+    the JSON and the plot."""
+    try:
+        print(format_table(report), file=sys.stderr if args.json == "-" else sys.stdout, flush=True)
+        closed = False
+    except BrokenPipeError:  # `| head`: the files are still written
+        closed = True
+    outputs = []
+    if args.plot is not None:
+        outputs.append(("--plot", args.plot, plot_png(report)))
+    if args.json is not None:
+        outputs.append(("--json", args.json, json.dumps(report, indent=2) + "\n"))
+    for flag, path, content in outputs:
+        try:
+            if path == "-":
+                sys.stdout.write(content)
+            else:
+                write_file_atomic(path, content)
+        except OSError as e:
+            if isinstance(e, BrokenPipeError):
+                closed = True
+            else:
+                raise UsageError(f"{flag} {path}: cannot write it ({e.strerror or e}); the results are in the table "
+                                 "above") from None
+    return quiet_broken_pipe() if closed else 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
