@@ -64,17 +64,23 @@ class ModelConfig:
         raise UnsupportedConfig(f"model_type {model_type!r} is not supported (supported: 'gpt2', 'llama')")
 
 
+def read_json_object(path: Path, error=ValueError) -> dict:
+    """A file holding one JSON object; `error` naming the file (and the line) when it does not."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise error(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except UnicodeDecodeError:
+        raise error(f"{path} is not UTF-8 text") from None
+    if not isinstance(value, dict):
+        raise error(f"{path} must hold a JSON object, not a {type(value).__name__}")
+    return value
+
+
 def load_config(model_dir: str | Path) -> ModelConfig:
     """The config.json of a model directory; a ConfigError names the file and the field at fault."""
     path = Path(model_dir) / "config.json"
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not UTF-8 text") from None
-    if not isinstance(hf, dict):
-        raise ConfigError(f"{path} must hold a JSON object, not a {type(hf).__name__}")
+    hf = read_json_object(path, ConfigError)
     try:
         return ModelConfig.from_hf(hf)
     except KeyError as e:

@@ -9,7 +9,6 @@ token ids come from `generation_config.json`, `config.json` and `tokenizer_confi
 template from `tokenizer_config.json` or `chat_template.jinja`.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,8 @@ import jinja2.ext
 import jinja2.sandbox
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+
+from qsjax.config import read_json_object
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -85,17 +86,7 @@ def render_chat_template(template: str, messages: list[dict], **variables) -> st
 
 def read_json(path: Path) -> dict:
     """A JSON object file ({} if there is none); ValueError naming the file if it is malformed."""
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} must hold a JSON object, not a {type(value).__name__}")
-    return value
+    return read_json_object(path) if path.is_file() else {}
 
 
 def token_text(value) -> str | None:
