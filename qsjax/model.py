@@ -14,7 +14,7 @@ cache donated) and `logits` (a whole causal window, e.g. for perplexity).
 
 The seams for extensions: `decode_step` takes an optional per-layer key mask and
 score bias (absent, they compile to nothing), every block takes the `linear` map to apply its
-weights with, and attention is the one function `layers.attention`.
+weights with, and attention is the one function `qsjax.attention.attention`.
 """
 
 from __future__ import annotations

@@ -67,10 +67,12 @@ def qsjax_runs(model, cases, new_tokens: int, masked: bool) -> tuple[dict, dict]
         B, P = tokens.shape
         start = jnp.zeros(B, jnp.int32)
         if case.startswith("prefill"):
-            f = lambda s, t, st, P=P: dense.prefill(model.module(s), t, st, P + 128)
-            variants = {"qsjax": f}
+            # one function object per variant: jax.jit caches traces by function, so a shared one
+            # would hand the second variant the first one's trace, whatever `attention` is then
+            prefill = lambda: lambda s, t, st, P=P: dense.prefill(model.module(s), t, st, P + 128)
+            variants = {"qsjax": prefill()}
             if masked:
-                variants["qsjax_masked_attention"] = f
+                variants["qsjax_masked_attention"] = prefill()
         else:
             def f(s, t, st, n):
                 return generate(model.module(s), t, st, jax.random.key(0), (1.0, 1.0), max_new=n,

@@ -1,6 +1,6 @@
 """QuickSilver's four inference-time mechanisms on frozen models (Khanna et al., 2025, arXiv 2506.22396),
 built on the dense model through its seams (the `linear` map of `qsjax.blocks`, the slot rule of
-`qsjax.layers.attention`, the key mask and bias of `qsjax.model.decode_step`).
+`qsjax.attention.attention`, the key mask and bias of `qsjax.model.decode_step`).
 
 The mechanisms, each the equation in its docstring:
 - `halting`: Dynamic Token Halting (the paper's drift + entropy rule, depth cut-off, importance selection)
