@@ -5,7 +5,6 @@ keeps the weights quantized), the same numbers `qsjax.convert` wrote into model.
 two models must agree: logits within 1e-3, identical greedy continuations, identical token ids.
 """
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +16,6 @@ from qsjax.weights import gguf_path
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext103" / "test.txt"
 EOS = 2
 PROMPTS = [
     "The capital of France is",
@@ -111,9 +108,9 @@ def test_greedy_continuations_match_transformers(hf, ours, prompt_ids):
 
 
 def test_tokenizer_matches_transformers_on_all_of_wikitext(hf, ours):
-    if not WIKITEXT.is_file():
-        pytest.skip(f"{WIKITEXT} not found: the shared wikitext103 test split is not available here")
-    text = WIKITEXT.read_text(encoding="utf-8")
+    from qsjax.data import read_text, resolve_data
+
+    text = read_text(resolve_data("wikitext103"))  # the copy shipped with qsjax
     expected = hf[1](text).input_ids  # add_special_tokens=True in both: SmolLM2 adds no BOS
     got = ours[1].encode(text)
     assert len(got) > 300_000 and got[0] != 1
