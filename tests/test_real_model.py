@@ -5,7 +5,6 @@ keeps the weights quantized), the same numbers `qsjax.convert` wrote into model.
 two models must agree: logits within 1e-3, identical greedy continuations, identical token ids.
 """
 
-
 import numpy as np
 import pytest
 
