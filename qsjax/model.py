@@ -58,7 +58,7 @@ class Layout:
     @classmethod
     def left_padded(cls, cfg: ModelConfig, start, T: int) -> Layout:
         """Rows padded on the left: row b's real tokens in slots start[b]..T-1, slot s at position s - start[b]."""
-        slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (start.shape[0], T))
+        slots = jnp.arange(T, dtype=jnp.int32)[None, :]
         return cls.of(cfg, jnp.maximum(slots - start[:, None], 0), slots >= start[:, None])
 
     @classmethod
