@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import re
 import sys
@@ -259,34 +258,6 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_png(report: dict) -> bytes:
-    """The needle-in-a-haystack heatmap(s) as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    s = report["settings"]
-    runs = [("dense", report["dense"]), (s["label"], report)] if "dense" in report else [(s["label"], report)]
-    size = (1.2 + 1.1 * len(s["depths"]) * len(runs), 0.6 + 0.5 * len(s["lengths"]))
-    fig, axes = plt.subplots(1, len(runs), figsize=size, squeeze=False)
-    for ax, (name, run) in zip(axes[0], runs):
-        g = grid(run)
-        acc = np.array([[g[n, d]["accuracy"] for d in s["depths"]] for n in s["lengths"]])
-        image = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(s["depths"])), [f"{100 * d:.0f}%" for d in s["depths"]])
-        ax.set_yticks(range(len(s["lengths"])), [str(n) for n in s["lengths"]])
-        for (r, c), value in np.ndenumerate(acc):
-            ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8)
-        ax.set(xlabel="needle depth", title=f"{name}: accuracy {run['accuracy']:.2f}")
-    axes[0][0].set_ylabel("length (tokens)")
-    fig.colorbar(image, ax=list(axes[0]), label="accuracy")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def settings(args, model_dir, haystack_path, cfg, qs) -> dict:
     label = "dense" if qs is None else "quicksilver" + (f" {args.quicksilver}" if args.quicksilver != "off" else "")
     return dict(
@@ -352,7 +323,9 @@ def write_outputs(args, report: dict) -> int:
         closed = True
     outputs = []
     if args.plot is not None:
-        outputs.append(("--plot", args.plot, plot_png(report)))
+        from qsjax.plots import passkey_grid
+
+        outputs.append(("--plot", args.plot, passkey_grid(report)))
     if args.json is not None:
         outputs.append(("--json", args.json, json.dumps(report, indent=2) + "\n"))
     for flag, path, content in outputs:

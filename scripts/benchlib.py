@@ -43,7 +43,8 @@ def ratio(a, b):
 
 
 def fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+    """x formatted by spec, or "-" at the same width when there is no value."""
+    return "-".rjust(int(spec.split(".")[0] or 0)) if x is None else format(x, spec)
 
 
 def timed(fn, repeats: int) -> float:

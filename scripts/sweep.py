@@ -9,6 +9,7 @@ and combined, under both scopes. Writes `sweep.json`, `sweep.csv`, two plots per
 `frontier_wallclock_<data>.png`: the same against the wall-clock speed-up of the scoring loop over
 dense qsjax, each variant timed once, compilation excluded) and a per-token heatmap of halting
 layer / fusion / bits for one window (`heatmap_<data>.png`).
+`--replot` redraws the frontiers of a finished sweep (OUT/sweep.json) without evaluating anything.
 Matplotlib is needed for the plots (`pip install -e ".[plot]"`).
 """
 
@@ -22,8 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
+from qsjax.plots import Axes, Point, decision_map, frontier_figure
 from qsjax.quicksilver.config import QuickSilverConfig, preset
 
 
@@ -58,58 +58,37 @@ def variants(n_layers: int) -> list[tuple[str, str, QuickSilverConfig]]:
     return out
 
 
-def plot_frontier(rows: list[dict], data: str, path: Path, wallclock: bool = False) -> None:
-    """Perplexity increase against executed-FLOP reduction (or, `wallclock`, against the speed-up of
-    the scoring loop over dense qsjax), one curve per policy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    key = "speedup" if wallclock else "flops_reduction"
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for policy in dict.fromkeys(r["policy"] for r in rows if r["data"] == data and r["policy"] != "dense"):
-        pts = sorted((r[key], r["ppl_increase"]) for r in rows if r["data"] == data and r["policy"] == policy)
-        xs, ys = zip(*pts)
-        ax.plot(xs if wallclock else np.array(xs) * 100, ys, "o-", label=policy, ms=4)
-    ax.axhline(0.2, color="grey", ls="--", lw=0.8)
-    ax.set_yscale("symlog", linthresh=1.0)
-    ax.set_xlabel("wall-clock speed-up vs dense qsjax (scoring loop, x)" if wallclock
-                  else "executed FLOPs saved vs dense (% of whole windows)")
-    ax.set_ylabel("perplexity increase (symlog)")
-    ax.set_title(f"QuickSilver frontier{' in wall-clock' if wallclock else ''}, {data}")
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def frontier_points(rows: list[dict], data: str, key: str) -> list[Point]:
+    """The sweep's rows of one data set as frontier points: x = `key` (flops_reduction in %, or speedup),
+    y = perplexity change."""
+    scale = 100 if key == "flops_reduction" else 1
+    return [Point(r["policy"], r["label"], scale * r[key], r["ppl_increase"]) for r in rows
+            if r["data"] == data and r["policy"] != "dense"]
 
 
-def plot_heatmap(decision: dict, tokenizer, n_layers: int, path: Path, n_tokens: int = 96) -> None:
-    import matplotlib
+def plot_frontiers(rows: list[dict], data: str, out: Path) -> list[Path]:
+    """frontier_<data>.png (perplexity change vs executed FLOPs saved) and frontier_wallclock_<data>.png
+    (vs the scoring loop's speed-up over dense qsjax) on linear axes over the range that matters."""
+    written = []
+    for key, name, xlabel, xlim in (
+        ("flops_reduction", f"frontier_{data}.png", "executed FLOPs saved vs dense (% of whole windows)", (-5, 25)),
+        ("speedup", f"frontier_wallclock_{data}.png", "wall-clock speed-up vs dense qsjax (scoring loop, x)",
+         (0.5, max(1.5, min(4.0, 1.1 * max(r["speedup"] for r in rows if r["data"] == data))))),
+    ):
+        axes = Axes(xlabel, "perplexity change vs dense", xlim, (-0.25, 2.0), band=(-0.25, 0.2), band_label="within +0.2")
+        dense = Point("dense", "dense", 0.0 if key == "flops_reduction" else 1.0, 0.0)
+        figure = frontier_figure(frontier_points(rows, data, key), axes, f"QuickSilver frontier, {data}", dense)
+        (out / name).write_bytes(figure)
+        written.append(out / name)
+    return written
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    start = max(0, len(decision["tokens"]) - n_tokens - 512)  # the end of the context, before the scored part
+def heatmap(decision: dict, tokenizer, n_layers: int, n_tokens: int = 96) -> bytes:
+    """The decisions on the last `n_tokens` of context before a window's scored part."""
+    start = max(0, len(decision["tokens"]) - n_tokens - 512)
     sl = slice(start, start + n_tokens)
-    halt = np.array(decision["halt_layer"][sl])
-    fused = np.array(decision["fused"][sl], bool)
-    bits = np.array(decision["bits"][sl])
-    computed = np.arange(1, n_layers + 1)[:, None] <= halt[None, :]  # [L, n]: layer l ran for the token
-    fig, axes = plt.subplots(2, 1, figsize=(14, 5), gridspec_kw={"height_ratios": [4, 1]})
-    axes[0].imshow(computed, aspect="auto", cmap="Greens", origin="lower", interpolation="nearest", vmin=0, vmax=1.5)
-    axes[0].scatter(np.nonzero(fused)[0], halt[fused] - 1, marker="x", color="red", s=12, label="retired by fusion")
-    axes[0].set_ylabel("layer")
-    axes[0].set_title("layers each token ran (green), fusion (x)")
-    axes[1].imshow(bits[None, :], aspect="auto", cmap="viridis", vmin=2, vmax=8)
-    axes[1].set_yticks([])
-    axes[1].set_title("Matryoshka bits")
     labels = [tokenizer.decode([t]).replace("\n", "\\n")[:8] for t in decision["tokens"][sl]]
-    axes[1].set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
-    axes[0].set_xticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return decision_map(decision["halt_layer"][sl], decision["fused"][sl], decision["bits"][sl], labels, n_layers)
 
 
 def main(argv=None) -> int:
@@ -121,8 +100,15 @@ def main(argv=None) -> int:
     p.add_argument("--stride", type=int, default=512)
     p.add_argument("--max-eval-tokens", type=int, default=8192)
     p.add_argument("--only", nargs="*", help="run only the policies whose name contains one of these words")
-    p.add_argument("--heatmap", default="paper", help="the policy (curve name) whose decisions the heatmap shows")
+    p.add_argument("--heatmap", default="fast", help="the policy (curve name) whose decisions the heatmap shows")
+    p.add_argument("--replot", action="store_true", help="only redraw the frontiers from OUT/sweep.json")
     args = p.parse_args(argv)
+    if args.replot:
+        rows = json.loads((Path(args.out) / "sweep.json").read_text())["rows"]
+        for data in dict.fromkeys(r["data"] for r in rows):
+            for path in plot_frontiers(rows, data, Path(args.out)):
+                print(f"wrote {path}", file=sys.stderr)
+        return 0
 
     from qsjax.compilecache import enable_compilation_cache
     from qsjax.data import read_text, resolve_data, tokenize
@@ -176,10 +162,9 @@ def main(argv=None) -> int:
                         f"{r['speedup']:.3f}"])
     try:
         for data in args.data:
-            plot_frontier(rows, data, out / f"frontier_{data}.png")
-            plot_frontier(rows, data, out / f"frontier_wallclock_{data}.png", wallclock=True)
+            plot_frontiers(rows, data, out)
             if data in decisions:
-                plot_heatmap(decisions[data], tokenizer, model.cfg.n_layers, out / f"heatmap_{data}.png")
+                (out / f"heatmap_{data}.png").write_bytes(heatmap(decisions[data], tokenizer, model.cfg.n_layers))
     except ImportError:
         print("matplotlib is not installed: no plots (pip install -e '.[plot]')", file=sys.stderr)
     print(f"wrote {out}/sweep.json, sweep.csv and plots", file=sys.stderr)

@@ -32,6 +32,12 @@ def run_script(name, *args):
     ("bench_generate.py", ["--json", "/nonexistent-dir/out.json"], "does not exist"),
     ("profile_quicksilver.py", ["--stride", "2048"], "--stride must be in 1..--max-length - 1"),
     ("profile_quicksilver.py", ["--repeats", "0"], "--repeats must be at least 1"),
+    ("bench_long.py", ["--settings", "nope"], "unknown setting 'nope'"),
+    ("bench_long.py", ["--new-tokens", "1"], "--new-tokens must be at least 2"),
+    ("bench_long.py", ["--windows", "0"], "--windows must be at least 1"),
+    ("bench_long.py", ["--stride", "8192"], "--stride must be in 1..8191"),
+    ("bench_long.py", ["--plots", "/nonexistent-dir"], "no such directory"),
+    ("bench_long.py", ["--json", "/nonexistent-dir/out.json"], "does not exist"),
 ])
 def test_argument_errors(script, args, message):
     status, stdout, stderr = run_script(script, *args)

@@ -1,0 +1,268 @@
+"""Long prompts: time to first token, decode speed, KV cache size, perplexity and retrieval of dense
+qsjax, QuickSilver settings and transformers (PyTorch), in one run.
+
+    python scripts/bench_long.py --json docs/bench_long.json
+
+The default model, float32. Settings are named in `SETTINGS` (`long` is the preset; the others are
+the frontier's points, one curve per policy); `--settings` picks them (default: long).
+Sections (`--sections`, all by default):
+- speed: one prompt of each --lengths (WikiText-103 text) per row, --batches rows: greedy generation
+  of --new-tokens tokens by dense qsjax, each setting (compacted) and transformers `generate`. Time to
+  first token = the run of one new token; decode tokens/s = rows x (new tokens - 1) / (time of all -
+  time of one). Every qsjax program is compiled first (compile seconds apart) and every run warmed
+  up once; each repeat runs every variant of a case, the order rotated; medians; ratios from this
+  run. `kv_cache_bytes` are the bytes of the cache each qsjax variant holds after the prompt.
+- perplexity: the tail protocol (--max-length 8192, --stride 512: every scored token sees 7,680
+  tokens of context) over --windows windows of WikiText-103 and of the C4 sample, dense and each
+  setting (deterministic: the figures do not depend on the machine's load).
+- passkey: `qsjax.passkey`'s grid (--passkey-lengths x --depths, --trials keys per cell, the filler
+  haystack) for dense and each setting.
+`--plots DIR` draws the frontiers (perplexity change and passkey accuracy against the time-to-first-
+token speed-up at the longest length) from the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchlib import check_json_path, check_positive, fmt, load_hf, log, machine, median, ratio, rotated, write_report
+from qsjax.cli import ArgumentParser, UsageError, run_cli
+from qsjax.quicksilver.config import QuickSilverConfig, preset
+
+SECTIONS = ("speed", "perplexity", "passkey")
+ANSWER_TOKENS = 10  # passkey: new tokens per answer (qsjax.passkey's default)
+
+
+def recency(k, c):
+    return QuickSilverConfig(halt="select", select_signal="recency", halt_cutoff_layer=c, keep_top_k=k)
+
+
+# name -> (policy curve, label, config for a model of L layers)
+SETTINGS = {
+    "long": ("long preset", "long", lambda L: preset("long", L)),
+    "recency-50-c10": ("select recency 50%", "c=10", lambda L: recency(0.5, L // 3)),
+    "recency-25-c10": ("select recency 25%", "c=10", lambda L: recency(0.25, L // 3)),
+}
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(prog="scripts/bench_long.py", description=__doc__.splitlines()[0])
+    p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE (- for stdout)")
+    p.add_argument("--plots", metavar="DIR", help="draw the frontiers into DIR (needs matplotlib)")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure")
+    p.add_argument("--settings", nargs="+", default=["long"], help=f"QuickSilver settings: {', '.join(SETTINGS)}")
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="speed: prompt lengths")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="speed: rows per batch (default 1 4)")
+    p.add_argument("--new-tokens", type=int, default=128, help="speed: new tokens per row (default 128)")
+    p.add_argument("--repeats", type=int, default=2, help="speed: timed repeats, medians reported (default 2)")
+    p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads (default 2)")
+    p.add_argument("--skip-hf", action="store_true", help="speed: leave out transformers")
+    p.add_argument("--max-length", type=int, default=8192, help="perplexity: window (default 8192)")
+    p.add_argument("--stride", type=int, default=512, help="perplexity: scored tokens per window (default 512)")
+    p.add_argument("--windows", type=int, default=8, help="perplexity: windows per data set (default 8)")
+    p.add_argument("--passkey-lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="passkey lengths")
+    p.add_argument("--depths", type=int, default=5, help="passkey: depths from 0%% to 100%% (default 5)")
+    p.add_argument("--trials", type=int, default=1, help="passkey: keys per cell (default 1)")
+    return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    check_positive(args, "repeats", "threads", "windows", "depths", "trials")
+    if args.new_tokens < 2:
+        raise UsageError(f"--new-tokens must be at least 2 (decode speed is measured past the first), got {args.new_tokens}")
+    unknown = [s for s in args.settings if s not in SETTINGS]
+    if unknown:
+        raise UsageError(f"unknown setting {unknown[0]!r} (choose from {', '.join(SETTINGS)})")
+    if min(args.lengths + args.batches + args.passkey_lengths) < 1:
+        raise UsageError("--lengths, --batches and --passkey-lengths take positive numbers")
+    if not 0 < args.stride < args.max_length:
+        raise UsageError(f"--stride must be in 1..{args.max_length - 1} (the window keeps context), got {args.stride}")
+    check_json_path(args.json)
+    if args.plots is not None and not Path(args.plots).is_dir():
+        raise UsageError(f"--plots {args.plots}: no such directory")
+
+
+def generators(model, tokenizer, configs: dict) -> dict:
+    from qsjax.generate import Generator
+
+    return {"qsjax": Generator(model, tokenizer), **{name: Generator(model, tokenizer, qs) for name, qs in configs.items()}}
+
+
+def speed(args, model, tokenizer, stream, configs: dict, hf) -> dict:
+    """Time to first token, decode tokens/s and cache bytes per (batch, length) case."""
+    gens = generators(model, tokenizer, configs)
+    runs, compile_s, cache_bytes = {}, {}, {}
+    cases = {(B, P): [stream[i * P:(i + 1) * P].tolist() for i in range(B)] for B in args.batches for P in args.lengths}
+    for case, prompts in cases.items():
+        for name, gen in gens.items():
+            for n in (1, args.new_tokens):
+                key = (case, name, n)
+                runs[key] = lambda g=gen, p=prompts, n=n: g(p, max_new_tokens=n)
+                result = runs[key]()  # compiles (timed apart by the generator) and warms up
+                compile_s[key] = result.seconds_compile
+                cache_bytes[case, name] = getattr(result, "kv_cache_bytes", None)
+                log(f"compiled and warmed up {case} {name} {n}: {result.seconds_compile:.1f} s compiling")
+        if hf is not None:
+            for n in (1, args.new_tokens):
+                runs[case, "hf", n] = lambda p=prompts, n=n: hf_generate(hf, p, n)
+                runs[case, "hf", n]()
+    times = {key: [] for key in runs}
+    for r in range(args.repeats):
+        for case in cases:
+            for key in rotated([k for k in runs if k[0] == case], r):
+                t0 = time.perf_counter()
+                runs[key]()
+                times[key].append(time.perf_counter() - t0)
+        log(f"speed: repeat {r + 1}/{args.repeats} done")
+    out = {}
+    for (B, P) in cases:
+        entry = {}
+        for name in dict.fromkeys(k[1] for k in runs if k[0] == (B, P)):
+            first, full = median(times[(B, P), name, 1]), median(times[(B, P), name, args.new_tokens])
+            entry[name] = dict(ttft_seconds=first, seconds=full, seconds_all=times[(B, P), name, args.new_tokens],
+                               decode_tokens_per_second=B * (args.new_tokens - 1) / (full - first) if full > first else None,
+                               seconds_compile=compile_s.get(((B, P), name, args.new_tokens)),
+                               kv_cache_bytes=cache_bytes.get(((B, P), name)))
+        for e in entry.values():
+            for base in ("qsjax", "hf"):
+                b = entry.get(base, {})
+                e[f"ttft_speedup_vs_{base}"] = ratio(b.get("ttft_seconds"), e["ttft_seconds"])
+                e[f"decode_speedup_vs_{base}"] = ratio(e["decode_tokens_per_second"], b.get("decode_tokens_per_second"))
+        out[f"batch_{B}_prompt_{P}"] = entry
+    return out
+
+
+def hf_generate(hf, prompts, n: int):
+    import torch
+
+    ids = torch.tensor(prompts, dtype=torch.int64)
+    with torch.inference_mode():
+        return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
+def perplexity(args, model, tokenizer, configs: dict) -> dict:
+    """Tail-protocol perplexity per data set: dense and each setting, with the change over dense."""
+    from qsjax.data import read_text, resolve_data, tokenize
+    from qsjax.perplexity import Scorer, evaluate, tail_windows
+    from qsjax.quicksilver.evaluate import QuickSilverScorer, evaluate_quicksilver
+
+    out = {}
+    for data in ("wikitext103", "c4"):
+        stream = tokenize(tokenizer, read_text(resolve_data(data)), args.max_length + args.stride * (args.windows - 1))
+        windows = tail_windows(len(stream), args.max_length, args.stride)
+        dense = evaluate(Scorer(model), stream, windows, progress=True, desc=f"{data} dense")
+        entry = {"qsjax": dict(perplexity=dense.perplexity, seconds=dense.seconds, windows=len(windows))}
+        for name, qs in configs.items():
+            result, stats, _ = evaluate_quicksilver(QuickSilverScorer(model, qs), stream, windows, progress=True)
+            entry[name] = dict(perplexity=result.perplexity, change=result.perplexity - dense.perplexity,
+                               seconds=result.seconds, speedup=dense.seconds / result.seconds,
+                               flops_reduction=stats["executed_flops_reduction"])
+            log(f"{data} {name}: perplexity {result.perplexity:.4f} ({result.perplexity - dense.perplexity:+.4f})")
+        out[data] = entry
+    return out
+
+
+def passkey(args, model, tokenizer, configs: dict) -> dict:
+    """qsjax.passkey's grid, dense and each setting: accuracy overall and per cell."""
+    from qsjax.passkey import FILLER, depth_fractions, make_cells, run_cells
+
+    cells = make_cells(tokenizer, FILLER + " ", args.passkey_lengths, depth_fractions(args.depths), args.trials, 0,
+                       ANSWER_TOKENS, False)
+    out = {}
+    for name, gen in generators(model, tokenizer, configs).items():
+        run = run_cells(gen, cells, ANSWER_TOKENS, True, name)
+        out[name] = dict(accuracy=run["accuracy"], seconds=run["seconds"],
+                         cells=[{k: c[k] for k in ("length", "depth", "correct", "trials_run", "accuracy")}
+                                for c in run["cells"]])
+        log(f"passkey {name}: accuracy {run['accuracy']:.3f}")
+    return out
+
+
+def format_table(report: dict) -> str:
+    lines = []
+    if "speed" in report:
+        lines.append(f"{'case':>22} {'variant':16} {'TTFT s':>8} {'vs qsjax':>8} {'vs hf':>6} {'decode tok/s':>12} "
+                     f"{'vs qsjax':>8} {'vs hf':>6} {'KV MB':>8}")
+        for case, entry in report["speed"].items():
+            for v, e in entry.items():
+                mb = None if e["kv_cache_bytes"] is None else e["kv_cache_bytes"] / 2**20
+                lines.append(f"{case:>22} {v:16} {e['ttft_seconds']:8.2f} {fmt(e['ttft_speedup_vs_qsjax'], '8.2f')} "
+                             f"{fmt(e['ttft_speedup_vs_hf'], '6.2f')} {fmt(e['decode_tokens_per_second'], '12.1f')} "
+                             f"{fmt(e['decode_speedup_vs_qsjax'], '8.2f')} {fmt(e['decode_speedup_vs_hf'], '6.2f')} "
+                             f"{fmt(mb, '8.1f')}")
+    for data, entry in report.get("perplexity", {}).items():
+        for v, e in entry.items():
+            lines.append(f"perplexity {data:12} {v:16} {e['perplexity']:9.4f} {e.get('change', 0.0):+8.4f}")
+    for v, e in report.get("passkey", {}).items():
+        lines.append(f"passkey {v:16} accuracy {e['accuracy']:.3f}")
+    return "\n".join(lines)
+
+
+def plot(report: dict, out: Path) -> None:
+    """long_frontier_<data>.png: perplexity change vs TTFT speed-up; long_frontier_passkey.png: passkey
+    accuracy vs the same speed-up (the longest prompt, batch 1)."""
+    from qsjax.plots import Axes, Point, frontier_figure
+
+    speed = report["speed"][f"batch_1_prompt_{max(report['args']['lengths'])}"]
+    names = [n for n in report["settings"] if n in speed]
+    curve = {n: report["settings"][n] for n in names}
+    for data, entry in report.get("perplexity", {}).items():
+        points = [Point(curve[n]["policy"], curve[n]["label"], speed[n]["ttft_speedup_vs_qsjax"], entry[n]["change"])
+                  for n in names if n in entry]
+        axes = Axes("time-to-first-token speed-up vs dense qsjax (x)", "perplexity change vs dense", (0.5, 4.0),
+                    (-0.25, 2.0), band=(-0.25, 0.2), band_label="within +0.2")
+        (out / f"long_frontier_{data}.png").write_bytes(
+            frontier_figure(points, axes, f"long prompts, {data}", Point("dense", "dense", 1.0, 0.0)))
+    if "passkey" in report:
+        pk = report["passkey"]
+        points = [Point(curve[n]["policy"], curve[n]["label"], speed[n]["ttft_speedup_vs_qsjax"], pk[n]["accuracy"])
+                  for n in names if n in pk]
+        axes = Axes("time-to-first-token speed-up vs dense qsjax (x)", "passkey accuracy", (0.5, 4.0), (0.0, 1.05))
+        (out / "long_frontier_passkey.png").write_bytes(
+            frontier_figure(points, axes, "long prompts, passkey", Point("dense", "dense", 1.0, pk["qsjax"]["accuracy"])))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    check_args(args)
+    from qsjax.compilecache import enable_compilation_cache
+    from qsjax.data import read_text, resolve_data, tokenize
+    from qsjax.params import load_model
+    from qsjax.tokenizer import load_tokenizer
+    from qsjax.weights import resolve_model
+
+    model_dir = resolve_model(None)
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    longest = max(args.lengths + args.passkey_lengths) + args.new_tokens
+    if max(longest, args.max_length) > model.cfg.max_positions:
+        raise UsageError(f"{max(longest, args.max_length)} tokens do not fit the model's context ({model.cfg.max_positions})")
+    enable_compilation_cache()
+    L = model.cfg.n_layers
+    configs = {name: SETTINGS[name][2](L) for name in args.settings}
+    report = {"command": " ".join(["python", "scripts/bench_long.py", *(sys.argv[1:] if argv is None else argv)]),
+              "args": vars(args), "model": model_dir.name, "machine_at_start": machine(),
+              "settings": {n: dict(policy=SETTINGS[n][0], label=SETTINGS[n][1], config=dataclasses.asdict(qs))
+                           for n, qs in configs.items()}}
+    if "speed" in args.sections:
+        stream = tokenize(tokenizer, read_text(resolve_data("wikitext103"))).astype(np.int32)
+        hf = None if args.skip_hf else load_hf(model_dir, args.threads)
+        report["speed"] = speed(args, model, tokenizer, stream, configs, hf)
+    if "perplexity" in args.sections:
+        report["perplexity"] = perplexity(args, model, tokenizer, configs)
+    if "passkey" in args.sections:
+        report["passkey"] = passkey(args, model, tokenizer, configs)
+    report["load_average_at_end"] = machine()["load_average"]
+    write_report(args.json, report, format_table(report))
+    if args.plots is not None and "speed" in report:
+        plot(report, Path(args.plots))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
