@@ -1,6 +1,9 @@
-"""Token sampling and the generation loop, all inside one compiled function.
+"""Token sampling and the generation loop.
 
-The loop is a `lax.while_loop` over decode steps: one Python call generates every new token.
+`first_token` prefills a prompt batch and picks each row's first new token; `decode_loop` makes the
+rest, a `lax.while_loop` over decode steps (one Python call for every further token); each is meant
+to be compiled as one program, so that the time to first token and the decode speed can be timed
+apart (`generate` is both in one function).
 Sampling follows Hugging Face's order: temperature, then top-k, then top-p (nucleus).
 `Sampling` is static (part of the compiled program); temperature and top_p are traced values.
 """
