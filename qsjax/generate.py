@@ -211,8 +211,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    p.add_argument("--json", metavar="FILE", help="write a report to FILE: settings, token counts, time to first token, "
-                   "decode speed, compilation, KV cache bytes, QuickSilver statistics")
+    p.add_argument("--json", metavar="FILE", help="write a report to FILE: settings, token counts, time to first "
+                   "token, decode speed, compilation, KV cache bytes, QuickSilver statistics")
     p.add_argument(
         "--mesh",
         metavar="SPEC",

@@ -11,7 +11,8 @@ import sys
 
 import jax.numpy as jnp
 import pytest
-from test_generate_cli import ROOT, run_generate, tiny_gpt2  # noqa: F401 (a fixture)
+from conftest import save_tiny_gpt2_with_tokenizer
+from test_generate_cli import ROOT, SENTENCES, run_generate
 
 from qsjax.buckets import cache_slots, prompt_bucket
 from qsjax.generate import Generator
@@ -22,6 +23,12 @@ from qsjax.tokenizer import load_tokenizer
 CLOSING = re.compile(r"prompt tokens (\d+), new tokens (\d+), compile ([\d.]+) s \((\d+) compiled programs\), "
                      r"first token ([\d.]+) s, decode ([\d.]+|n/a) tokens/s(, quicksilver: .*)?")
 MAX_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    """test_generate_cli's random GPT-2 with 32 positions and a BPE tokenizer of the same vocabulary."""
+    return save_tiny_gpt2_with_tokenizer(tmp_path_factory.mktemp("tiny-gpt2-32"), SENTENCES, n_positions=32, init_std=0.3)
 
 
 def dense_bytes(cfg, batch: int, longest_prompt: int, itemsize: int) -> int:

@@ -107,7 +107,7 @@ class PromptSummary:
     def to_json(self, qs: QuickSilverConfig, start) -> dict:
         """Counts over the real prompt tokens (slot >= start[b]), summed over the batch."""
         computing = np.asarray(self.stats.computing).sum(1)  # [L]
-        L, (B, T) = len(computing), self.halt.shape
+        L, T = len(computing), self.halt.shape[1]
         real = np.arange(T)[None, :] >= np.asarray(start)[:, None]
         halt, fused = np.asarray(self.halt), np.asarray(self.fused)
         halted, fused = int(((halt < L) & ~fused & real).sum()), int((fused & real).sum())
