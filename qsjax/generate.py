@@ -1,7 +1,9 @@
 """Text generation: `python -m qsjax.generate "PROMPT"`.
 
 stdout carries the continuation (streamed token by token for a single prompt); stderr carries
-progress and one closing line with token counts, compile seconds and speed. Bad input is one
+progress and one closing line with token counts, compile seconds, time to first token and decode
+speed; `--json FILE` writes them all, per prompt, with the KV cache's bytes and QuickSilver's
+statistics (`make_report`). Bad input is one
 `error:` line (status 2), checked before the model loads where the arguments suffice. Ctrl-C stops
 within moments, even inside the compiled decode loop: the text so far stays, the closing line
 counts it, status 130 (see qsjax.cli).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import sys
@@ -26,23 +29,39 @@ import jax.numpy as jnp
 import numpy as np
 
 from qsjax.buckets import cache_slots, prompt_bucket
-from qsjax.cli import ArgumentParser, UsageError, exit_on_interrupt, quiet_broken_pipe, run_cli
-from qsjax.model import Model, decode_step
+from qsjax.cli import (
+    ArgumentParser,
+    UsageError,
+    check_output_file,
+    exit_on_interrupt,
+    quiet_broken_pipe,
+    run_cli,
+    write_file_atomic,
+)
+from qsjax.kvcache import cache_bytes, dense_cache_bytes
+from qsjax.model import Model
 from qsjax.programs import Programs
 from qsjax.quicksilver.cli import add_quicksilver_args, check_quicksilver_args, quicksilver_from_args
 from qsjax.quicksilver.config import QuickSilverConfig
-from qsjax.quicksilver.generation import prepare, quicksilver_decode, quicksilver_prefill
-from qsjax.sampler import Sampling, dense_prefill, generate
+from qsjax.quicksilver.generation import generated_to_json, prepare, quicksilver_decode, quicksilver_prefill
+from qsjax.sampler import Decoding, LoopState, Sampling, decode_loop, dense_decode, dense_prefill, first_token
 
 
 @dataclasses.dataclass
 class GenerationResult:
     texts: list[str]
-    token_ids: list[list[int]]
+    token_ids: list[list[int]]  # each row's new tokens, up to (not including) its EOS
     prompt_tokens: list[int]
-    seconds: float  # prefill + decode, compilation excluded
+    seconds_first_token: float  # the prefill program: prompt through the model, first new token picked
+    seconds_decode: float  # the decode-loop program: every new token after the first
     seconds_compile: float
-    prompt_layers_executed: float | None = None  # QuickSilver: fraction of prompt token-layers computed
+    kv_cache_bytes: dict  # {"dense": the dense KVCache of this batch and length, "this_setting": what decoding carried}
+    quicksilver: dict | None = None  # {"prompt": PromptSummary.to_json, "generated": generated_to_json}
+
+    @property
+    def seconds(self) -> float:
+        """Prefill + decode, compilation excluded."""
+        return self.seconds_first_token + self.seconds_decode
 
     @property
     def new_tokens(self) -> int:
@@ -52,15 +71,29 @@ class GenerationResult:
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
 
+    @property
+    def decode_tokens_per_second(self) -> float | None:
+        """New tokens after each row's first, summed over the batch, per second of the decode loop
+        (None when no row made a second token)."""
+        n = sum(max(0, len(t) - 1) for t in self.token_ids)
+        return n / self.seconds_decode if n and self.seconds_decode > 0 else None
+
+    @property
+    def prompt_layers_executed(self) -> float | None:
+        """QuickSilver: the fraction of the prompt's token-layers computed."""
+        return None if self.quicksilver is None else self.quicksilver["prompt"]["fraction_token_layers_executed"]
+
 
 class Generator:
-    """A model and its tokenizer, with one compiled generation program per (batch, prompt bucket,
-    new-token count, sampling mode, stream callback)."""
+    """A model and its tokenizer, with two compiled programs per (batch, prompt bucket, new-token
+    count, sampling mode, stream callback): the prefill with the first new token, and the decode
+    loop for the rest (timed apart: time to first token, decode speed)."""
 
     def __init__(self, model: Model, tokenizer, quicksilver: QuickSilverConfig | None = None, mesh=None):
         """`mesh`: a qsjax.sharding mesh to shard the model over (after AMQ quantization, so that the
         int8 weights are placed by the same rules)."""
         self.quicksilver = quicksilver if quicksilver is not None and quicksilver.enabled else None
+        self.kv_dtype = model.dtype  # the float model's: its keys and values (AMQ may store int8 weights)
         self.model = model if self.quicksilver is None else prepare(model, self.quicksilver)
         if mesh is not None:
             from qsjax.sharding import shard_model
@@ -69,37 +102,46 @@ class Generator:
         self.tokenizer = tokenizer
         self.eos_ids = tuple(sorted(set(model.cfg.eos_ids) | set(tokenizer.eos_ids)))
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (self.eos_ids or (0,))[0]
-        self._programs = Programs(self._generate, static_argnums=(5,))
+        self._first = Programs(self._first_token, static_argnums=(5,))
+        self._decode = Programs(self._decode_loop, static_argnums=(3,), donate_argnums=(1,))
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         if chat:
             prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
         return self.tokenizer.encode(prompt, add_special_tokens=not chat)
 
-    def _generate(self, state, tokens, start, rng, knobs, static):
-        """The whole generation as one function of the model's state (compiled per `static`)."""
-        max_new, cache_length, sampling, eos_ids, pad_id, stream = static
+    def _steps(self, static):
+        """-> (Decoding, prefill_fn, decode_fn) for sampler.first_token / decode_loop."""
+        max_new, _, sampling, eos_ids, pad_id, stream = static
         on_token = None if stream is None else (lambda step, toks: stream(int(toks[0])))
+        d = Decoding(max_new, sampling, eos_ids, pad_id, on_token)
         if self.quicksilver is None:
-            prefill_fn, decode_fn = dense_prefill, decode_step
-        else:
-            qs = self.quicksilver
+            return d, dense_prefill, dense_decode
+        qs = self.quicksilver
 
-            def prefill_fn(module, tokens, start, cache_length):
-                p = quicksilver_prefill(qs, module, tokens, start, cache_length)
-                return p.logits, p.state, p.stats.computing  # [L, B] tokens computing each layer
+        def prefill_fn(module, tokens, start, cache_length):
+            p = quicksilver_prefill(qs, module, tokens, start, cache_length)
+            return p.logits, p.state, p.summary()
 
-            decode_fn = functools.partial(quicksilver_decode, qs)
-        return generate(self.model.module(state), tokens, start, rng, knobs, max_new=max_new, cache_length=cache_length,
-                        sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, on_token=on_token, prefill_fn=prefill_fn,
-                        decode_fn=decode_fn)
+        return d, prefill_fn, functools.partial(quicksilver_decode, qs)
+
+    def _first_token(self, state, tokens, start, rng, knobs, static):
+        """Prefill and the first new token (compiled per `static`)."""
+        d, prefill_fn, decode_fn = self._steps(static)
+        return first_token(self.model.module(state), tokens, start, rng, knobs, d, cache_length=static[1],
+                           prefill_fn=prefill_fn, decode_fn=decode_fn)
+
+    def _decode_loop(self, state, loop: LoopState, knobs, static) -> LoopState:
+        """The rest of the new tokens (compiled per `static`; the loop state's buffers are donated)."""
+        d, _, decode_fn = self._steps(static)
+        return decode_loop(self.model.module(state), loop, knobs, d, decode_fn=decode_fn)
 
     @property
     def programs(self) -> int:
-        """Distinct compiled generation programs so far (one per batch, prompt bucket, new-token count,
-        sampling mode, stream callback); under QuickSilver each switches between its layers'
-        compaction buckets inside."""
-        return len(self._programs)
+        """Distinct compiled programs so far (a prefill and a decode loop per batch, prompt bucket,
+        new-token count, sampling mode, stream callback); under QuickSilver each switches between its
+        layers' compaction buckets inside."""
+        return len(self._first) + len(self._decode)
 
     def check(self, prompts: list[list[int]], max_new_tokens: int):
         """Raise UsageError for an empty prompt or one that does not fit the context with the new tokens."""
@@ -115,7 +157,7 @@ class Generator:
     def __call__(self, prompts: list[list[int]], *, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
                  seed: int = 0, stream=None) -> GenerationResult:
         """Generate for token-id prompts.  `stream(token_id)` is called as each token of a single
-        prompt is produced (a program is compiled for each distinct callback)."""
+        prompt is produced (programs are compiled for each distinct callback)."""
         self.check(prompts, max_new_tokens)
         cfg = self.model.cfg
         lengths = [len(p) for p in prompts]
@@ -125,25 +167,34 @@ class Generator:
             row[T - len(p):] = p  # left padding: every row's next token goes to slot T
         start = np.array([T - n for n in lengths], np.int32)
         fixed = dataclasses.replace(sampling, temperature=1.0, top_p=1.0)  # traced values, not part of the program
-        static = (max_new_tokens, cache_slots(T, max_new_tokens), fixed, self.eos_ids, self.pad_id, stream)
+        cache_length = cache_slots(T, max_new_tokens)
+        static = (max_new_tokens, cache_length, fixed, self.eos_ids, self.pad_id, stream)
         key = (len(prompts), T, static)
         knobs = (jnp.float32(sampling.temperature), jnp.float32(sampling.top_p))
         rng = jax.random.key(seed)
-        spec = self.model.spec
-        compile_s = self._programs.compile(key, self.model.state, spec(batch.shape), spec(start.shape), rng, knobs, static)
+        spec, state = self.model.spec, self.model.state
+        compile_s = self._first.compile(key, state, spec(batch.shape), spec(start.shape), rng, knobs, static)
+        compile_s += self._decode.compile(key, state, self._first.out_info(key)[0], knobs, static)
         t0 = time.perf_counter()
-        out, _, computing = self._programs(key, self.model.state, self.model.place(batch), self.model.place(start), rng,
-                                           knobs)
-        out = np.asarray(out)
-        seconds = time.perf_counter() - t0
-        executed = None if computing is None else float(np.asarray(computing).sum()) / (sum(lengths) * cfg.n_layers)
+        loop, prompt_summary = self._first(key, state, self.model.place(batch), self.model.place(start), rng, knobs)
+        jax.block_until_ready(loop)
+        t1 = time.perf_counter()
+        kv_bytes = {"dense": dense_cache_bytes(cfg, len(prompts), cache_length, self.kv_dtype),
+                    "this_setting": cache_bytes(loop.cache)}
+        loop = self._decode(key, state, loop, knobs)  # `loop` is donated: its cache is updated in place
+        out, record = np.asarray(loop.out), jax.device_get(loop.record)
+        t2 = time.perf_counter()
         ids = []
         for row in out:
             row = row.tolist()
             ends = [i for i, t in enumerate(row) if t in self.eos_ids]
             ids.append(row[: ends[0]] if ends else row)
         texts = [self.tokenizer.decode(r) for r in ids]
-        return GenerationResult(texts, ids, lengths, seconds, compile_s, executed)
+        qs = None
+        if self.quicksilver is not None:
+            qs = {"prompt": jax.device_get(prompt_summary).to_json(self.quicksilver, start),
+                  "generated": generated_to_json(self.quicksilver, cfg.n_layers, record.decoded, record.info)}
+        return GenerationResult(texts, ids, lengths, t1 - t0, t2 - t1, compile_s, kv_bytes, qs)
 
 
 def parse_args(argv=None):
@@ -160,6 +211,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    p.add_argument("--json", metavar="FILE", help="write a report to FILE: settings, token counts, time to first "
+                   "token, decode speed, compilation, KV cache bytes, QuickSilver statistics")
     p.add_argument(
         "--mesh",
         metavar="SPEC",
@@ -207,6 +260,10 @@ def check_args(args) -> list[str]:
     if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
         raise UsageError(f"--seed must be a 64-bit integer ({SEED_RANGE[0]} to {SEED_RANGE[1]}), got {args.seed}")
     check_quicksilver_args(args)
+    if args.json == "-":
+        raise UsageError("--json -: stdout carries the generated text; give a file name")
+    if args.json is not None:
+        check_output_file("--json", args.json)
     if (args.prompt is None) == (args.prompts_file is None):
         raise UsageError("give a prompt or --prompts-file (exactly one of them)")
     if args.prompts_file is None:
@@ -234,6 +291,46 @@ class Output:
                 sys.stdout.flush()
             except BrokenPipeError:  # from inside a compiled program's callback: no exception may escape
                 os._exit(quiet_broken_pipe())
+
+
+def make_report(args, model_dir: Path, gen: Generator, prompts: list[str], sampling: Sampling,
+                result: GenerationResult) -> dict:
+    """The `--json` report: the settings, then per prompt and over the batch, counts and timings."""
+    qs = gen.quicksilver
+    return {
+        "settings": {
+            "model": args.model or model_dir.name,
+            "model_dir": str(model_dir),
+            "dtype": args.dtype,
+            "batch_size": len(prompts),
+            "max_new_tokens": args.max_new_tokens,
+            "chat": args.chat,
+            "sampling": dataclasses.asdict(sampling) | {"seed": args.seed},
+            "mesh": args.mesh,
+            "quicksilver": None if qs is None else dataclasses.asdict(qs),
+        },
+        "prompts": [{"prompt": p, "prompt_tokens": n, "new_tokens": len(ids), "text": text, "token_ids": ids}
+                    for p, n, ids, text in zip(prompts, result.prompt_tokens, result.token_ids, result.texts)],
+        "prompt_tokens": sum(result.prompt_tokens),
+        "new_tokens": result.new_tokens,
+        "ttft_seconds": result.seconds_first_token,
+        "decode_seconds": result.seconds_decode,
+        "decode_tokens_per_second": result.decode_tokens_per_second,
+        "compile_seconds": result.seconds_compile,
+        "programs_compiled": gen.programs,
+        "kv_cache_bytes": result.kv_cache_bytes,
+        "quicksilver": result.quicksilver,
+    }
+
+
+def closing_line(result: GenerationResult, programs: int) -> str:
+    speed = result.decode_tokens_per_second
+    qs = "" if result.prompt_layers_executed is None else (
+        f", quicksilver: {100 * result.prompt_layers_executed:.1f}% of prompt token-layers executed")
+    return (f"prompt tokens {sum(result.prompt_tokens)}, new tokens {result.new_tokens}, "
+            f"compile {result.seconds_compile:.2f} s ({programs} compiled programs), "
+            f"first token {result.seconds_first_token:.3f} s, "
+            f"decode {'n/a' if speed is None else f'{speed:.1f}'} tokens/s{qs}")
 
 
 def main(argv=None) -> int:
@@ -288,14 +385,10 @@ def main(argv=None) -> int:
         out.write(decoder.flush() + "\n")
     else:
         out.write("\n----\n".join(result.texts) + "\n")
-    qs = "" if result.prompt_layers_executed is None else (
-        f", quicksilver: {100 * result.prompt_layers_executed:.1f}% of prompt token-layers executed")
-    print(
-        f"prompt tokens {sum(result.prompt_tokens)}, new tokens {result.new_tokens}, "
-        f"compile {result.seconds_compile:.2f} s ({gen.programs} compiled program(s)), "
-        f"{result.tokens_per_second:.1f} tokens/s{qs}",
-        file=sys.stderr,
-    )
+    print(closing_line(result, gen.programs), file=sys.stderr)
+    if args.json is not None:
+        report = make_report(args, model_dir, gen, prompts, sampling, result)
+        write_file_atomic(args.json, json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -69,3 +71,15 @@ class KVCache:
 
     def advance(self) -> KVCache:
         return dataclasses.replace(self, index=self.index + 1)
+
+
+def cache_bytes(tree) -> int:
+    """Bytes a cache holds: the sum over its pytree's leaves (arrays, or `jax.eval_shape`'s
+    abstract ones) of elements x item size, whatever its structure (a KVCache, a QuickSilver cache
+    with its visibility and bias, layers of different lengths)."""
+    return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
+
+
+def dense_cache_bytes(cfg: ModelConfig, batch: int, length: int, dtype) -> int:
+    """What the dense KVCache of this batch and length holds (nothing is allocated)."""
+    return cache_bytes(jax.eval_shape(lambda: KVCache.empty(cfg, batch, length, jnp.zeros(batch, jnp.int32), dtype)))

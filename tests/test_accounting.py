@@ -23,7 +23,7 @@ def stats(computing, pairs, checks=0, propagated=0, skipped=0, selection=0):
 def test_all_tokens_computing_is_the_dense_convention(tiny_models):
     cfg = tiny_models["llama-gqa"][0].cfg
     n, L = 10, cfg.n_layers
-    acct = Accounting(cfg)
+    acct = Accounting(cfg, 4)
     total = acct.add(stats([n] * L, [n * (n + 1) // 2] * L), n, 4, amq_checks=0, halted=0, fused=0)
     assert total == needed_flops(cfg, [n], 4) and acct.overhead.total == 0
     assert acct.to_json()["fraction_token_layers_executed"] == 1.0
@@ -32,7 +32,7 @@ def test_all_tokens_computing_is_the_dense_convention(tiny_models):
 def test_overhead_is_added_and_reported(tiny_models):
     cfg = tiny_models["llama-gqa"][0].cfg
     n, L = 10, cfg.n_layers
-    acct = Accounting(cfg)
+    acct = Accounting(cfg, 4)
     total = acct.add(stats([n, 6], [55, 21], checks=2, propagated=3, skipped=4, selection=40), n, 4, amq_checks=5,
                      halted=4, fused=0)
     overhead = acct.overhead
@@ -43,6 +43,21 @@ def test_overhead_is_added_and_reported(tiny_models):
     report = acct.to_json()
     assert report["token_layers_executed"] == n + 6 and report["kv_writes_skipped"] == 4 * L
     assert report["cache_bytes_saved"] == 4 * L * 2 * cfg.n_kv_heads * cfg.head_dim * 4
+
+
+def test_cache_bytes_saved_use_the_models_kv_dtype(tiny_dirs):
+    """bfloat16 keys and values are 2 bytes each (the figure once assumed 4 whatever the dtype)."""
+    from qsjax.params import load_model
+
+    path = tiny_dirs["llama-gqa"][0]
+    qs = QuickSilverConfig(amq_layer=1)  # int8 weights from the first layer: the K/V dtype still comes from the float model
+    for dtype, itemsize in (("float32", 4), ("bfloat16", 2)):
+        scorer = QuickSilverScorer(load_model(path, dtype), qs)
+        assert scorer.kv_itemsize == itemsize
+        acct = Accounting(scorer.model.cfg, scorer.kv_itemsize)
+        L = acct.cfg.n_layers
+        acct.add(stats([3] * L, [6] * L, skipped=1), 3, 1, amq_checks=0, halted=1, fused=0)
+        assert acct.cache_bytes_saved() == L * 2 * acct.cfg.n_kv_heads * acct.cfg.head_dim * itemsize
 
 
 def test_bits_histogram_counts_the_tokens_that_chose_a_width(tiny_models, rng):

@@ -21,8 +21,8 @@ SENTENCES = [
     "A small model reads a small text, one token at a time.",
     "Every prompt in a batch is padded on the left.",
 ]
-SUMMARY = re.compile(r"prompt tokens (\d+), new tokens (\d+), compile ([\d.]+) s \((\d+) compiled program\(s\)\), "
-                     r"([\d.]+|nan) tokens/s")
+SUMMARY = re.compile(r"prompt tokens (\d+), new tokens (\d+), compile ([\d.]+) s \((\d+) compiled programs\), "
+                     r"first token ([\d.]+) s, decode ([\d.]+|n/a) tokens/s")
 
 
 def run_generate(*args, cache=None, timeout=300):
@@ -36,10 +36,10 @@ def run_generate(*args, cache=None, timeout=300):
 
 def summary(stderr: str) -> tuple[int, int, float]:
     """(prompt tokens, new tokens, compile seconds) from stderr's last line, which also counts the
-    compiled programs (one generation program per run here)."""
+    compiled programs (a prefill and a decode loop per run here)."""
     m = SUMMARY.fullmatch(stderr.strip().splitlines()[-1])
     assert m, stderr
-    assert int(m[4]) == 1, stderr
+    assert int(m[4]) == 2, stderr
     return int(m[1]), int(m[2]), float(m[3])
 
 

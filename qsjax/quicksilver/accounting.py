@@ -26,9 +26,11 @@ def kv_projection_flops(cfg: ModelConfig, tokens: int) -> int:
 
 @dataclasses.dataclass
 class Accounting:
-    """Running totals over the windows of an evaluation (host-side integers)."""
+    """Running totals over the windows of an evaluation (host-side integers); `kv_itemsize`: bytes
+    per key or value element of the model evaluated (2 under bfloat16)."""
 
     cfg: ModelConfig
+    kv_itemsize: int
     flops: Flops = Flops()
     overhead: Flops = Flops()
     token_layers: int = 0  # real tokens x layers
@@ -70,9 +72,10 @@ class Accounting:
             self.bits[b] = self.bits.get(b, 0) + n
         return total
 
-    def cache_bytes_saved(self, dtype_bytes: int = 4) -> int:
-        """K and V entries not written, in bytes."""
-        return self.kv_skipped * 2 * self.cfg.n_kv_heads * self.cfg.head_dim * dtype_bytes
+    def cache_bytes_saved(self) -> int:
+        """K and V entries not written, in bytes of the model's K/V dtype (what a cache keeping only
+        the written entries would save; the generator's `kv_cache_bytes` reports what is allocated)."""
+        return self.kv_skipped * 2 * self.cfg.n_kv_heads * self.cfg.head_dim * self.kv_itemsize
 
     def to_json(self) -> dict:
         return {

@@ -21,6 +21,7 @@ class QuickSilverScorer(Scorer):
 
     def __init__(self, model, qs: QuickSilverConfig):
         self.qs = qs
+        self.kv_itemsize = np.dtype(model.dtype).itemsize  # the float model's K/V (AMQ may store int8 weights)
 
         def nll_fn(module, tokens, lengths, offset):
             out = quicksilver_nll(qs, module, tokens, lengths, offset)
@@ -53,7 +54,7 @@ def evaluate_quicksilver(scorer: QuickSilverScorer, stream: np.ndarray, windows:
     -> PerplexityResult (flops = executed work incl. overhead), the statistics JSON, and the decisions
     of the first `keep_decisions` windows (for heatmaps)."""
     cfg, qs = scorer.model.cfg, scorer.qs
-    acct = Accounting(cfg)
+    acct = Accounting(cfg, scorer.kv_itemsize)
     dense = dense_full = None
     decisions, lengths_seen = [], []
 
