@@ -7,11 +7,13 @@ The default model, float32. Settings are named in `SETTINGS` (`long` is the pres
 the frontier's points, one curve per policy); `--settings` picks them (default: long).
 Sections (`--sections`, all by default):
 - speed: one prompt of each --lengths (WikiText-103 text) per row, --batches rows: greedy generation
-  of --new-tokens tokens by dense qsjax, each setting (compacted) and transformers `generate`. Time to
-  first token = the run of one new token; decode tokens/s = rows x (new tokens - 1) / (time of all -
-  time of one). Every qsjax program is compiled first (compile seconds apart) and every run warmed
-  up once; each repeat runs every variant of a case, the order rotated; medians; ratios from this
-  run. `kv_cache_bytes` are the bytes of the cache each qsjax variant holds after the prompt.
+  of --new-tokens tokens by dense qsjax, each setting (compacted) and transformers `generate`. qsjax
+  times its prefill program (time to first token) and its decode program (decode tokens/s: tokens
+  after each row's first per second) apart; transformers' time to first token is a run of one new
+  token, its decode tokens/s = rows x (new tokens - 1) / (time of all - time of one). Every qsjax
+  program is compiled first (compile seconds apart) and every run warmed up once; each repeat runs
+  every variant of a case, the order rotated; medians; ratios from this run. `kv_cache_bytes`: the
+  bytes of the cache each qsjax variant decodes from (its arrays' real sizes), beside the dense one.
 - perplexity: the tail protocol (--max-length 8192, --stride 512: every scored token sees 7,680
   tokens of context) over --windows windows of WikiText-103 and of the C4 sample, dense and each
   setting (deterministic: the figures do not depend on the machine's load).
@@ -96,38 +98,41 @@ def generators(model, tokenizer, configs: dict) -> dict:
 def speed(args, model, tokenizer, stream, configs: dict, hf) -> dict:
     """Time to first token, decode tokens/s and cache bytes per (batch, length) case."""
     gens = generators(model, tokenizer, configs)
-    runs, compile_s, cache_bytes = {}, {}, {}
     cases = {(B, P): [stream[i * P:(i + 1) * P].tolist() for i in range(B)] for B in args.batches for P in args.lengths}
+    runs, first = {}, {}
     for case, prompts in cases.items():
-        for name, gen in gens.items():
+        for name, gen in gens.items():  # qsjax times its prefill and decode programs apart
+            runs[case, name] = lambda g=gen, p=prompts: g(p, max_new_tokens=args.new_tokens)
+            first[case, name] = runs[case, name]()  # compiles (timed apart) and warms up
+            log(f"compiled and warmed up {case} {name}: {first[case, name].seconds_compile:.1f} s compiling")
+        if hf is not None:  # transformers: one new token, then all of them
             for n in (1, args.new_tokens):
-                key = (case, name, n)
-                runs[key] = lambda g=gen, p=prompts, n=n: g(p, max_new_tokens=n)
-                result = runs[key]()  # compiles (timed apart by the generator) and warms up
-                compile_s[key] = result.seconds_compile
-                cache_bytes[case, name] = getattr(result, "kv_cache_bytes", None)
-                log(f"compiled and warmed up {case} {name} {n}: {result.seconds_compile:.1f} s compiling")
-        if hf is not None:
-            for n in (1, args.new_tokens):
-                runs[case, "hf", n] = lambda p=prompts, n=n: hf_generate(hf, p, n)
-                runs[case, "hf", n]()
-    times = {key: [] for key in runs}
+                runs[case, f"hf_{n}"] = lambda p=prompts, n=n: hf_generate(hf, p, n)
+                runs[case, f"hf_{n}"]()
+    samples = {key: [] for key in runs}
     for r in range(args.repeats):
         for case in cases:
             for key in rotated([k for k in runs if k[0] == case], r):
                 t0 = time.perf_counter()
-                runs[key]()
-                times[key].append(time.perf_counter() - t0)
+                result = runs[key]()
+                seconds = time.perf_counter() - t0
+                samples[key].append(seconds if key[1].startswith("hf_") else
+                                    (result.seconds_first_token, result.decode_tokens_per_second))
         log(f"speed: repeat {r + 1}/{args.repeats} done")
     out = {}
     for (B, P) in cases:
         entry = {}
-        for name in dict.fromkeys(k[1] for k in runs if k[0] == (B, P)):
-            first, full = median(times[(B, P), name, 1]), median(times[(B, P), name, args.new_tokens])
-            entry[name] = dict(ttft_seconds=first, seconds=full, seconds_all=times[(B, P), name, args.new_tokens],
-                               decode_tokens_per_second=B * (args.new_tokens - 1) / (full - first) if full > first else None,
-                               seconds_compile=compile_s.get(((B, P), name, args.new_tokens)),
-                               kv_cache_bytes=cache_bytes.get(((B, P), name)))
+        for name in gens:
+            got = samples[(B, P), name]
+            entry[name] = dict(ttft_seconds=median([t for t, _ in got]), ttft_seconds_all=[t for t, _ in got],
+                               decode_tokens_per_second=median([d for _, d in got if d is not None]),
+                               seconds_compile=first[(B, P), name].seconds_compile,
+                               kv_cache_bytes=first[(B, P), name].kv_cache_bytes["this_setting"],
+                               kv_cache_bytes_dense=first[(B, P), name].kv_cache_bytes["dense"])
+        if hf is not None:
+            one, full = median(samples[(B, P), "hf_1"]), median(samples[(B, P), f"hf_{args.new_tokens}"])
+            entry["hf"] = dict(ttft_seconds=one, seconds=full, kv_cache_bytes=None,
+                               decode_tokens_per_second=B * (args.new_tokens - 1) / (full - one) if full > one else None)
         for e in entry.values():
             for base in ("qsjax", "hf"):
                 b = entry.get(base, {})
