@@ -8,6 +8,10 @@ counts it, status 130 (see qsjax.cli).
 
 `--mesh data=2,model=4` shards the model over devices (see qsjax.sharding); prompts split over
 "data" when their number is a multiple of it, otherwise every data group runs all of them.
+
+Several processes (hosts): `--coordinator HOST:PORT --num-processes N --process-id I` in every
+process, with a --mesh over all their devices (see qsjax.distributed); process 0 writes the text and
+the closing line, and an error in any process stops them all with status 2.
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ import numpy as np
 
 from qsjax.buckets import cache_slots, prompt_bucket
 from qsjax.cli import ArgumentParser, UsageError, exit_on_interrupt, quiet_broken_pipe, run_cli
+from qsjax.distributed import add_distributed_args, check_distributed_args, is_writer, start, together
 from qsjax.model import Model, decode_step
 from qsjax.programs import Programs
 from qsjax.quicksilver.cli import add_quicksilver_args, check_quicksilver_args, quicksilver_from_args
 from qsjax.quicksilver.config import QuickSilverConfig
 from qsjax.quicksilver.generation import prepare, quicksilver_decode, quicksilver_prefill
 from qsjax.sampler import Sampling, dense_prefill, generate
+from qsjax.sharding import to_host
 
 
 @dataclasses.dataclass
@@ -134,9 +140,9 @@ class Generator:
         t0 = time.perf_counter()
         out, _, computing = self._programs(key, self.model.state, self.model.place(batch), self.model.place(start), rng,
                                            knobs)
-        out = np.asarray(out)
+        out, computing = to_host((out, computing))  # rows may live on several processes
         seconds = time.perf_counter() - t0
-        executed = None if computing is None else float(np.asarray(computing).sum()) / (sum(lengths) * cfg.n_layers)
+        executed = None if computing is None else float(computing.sum()) / (sum(lengths) * cfg.n_layers)
         ids = []
         for row in out:
             row = row.tolist()
@@ -167,6 +173,7 @@ def parse_args(argv=None):
         "model (default: one device)",
     )
     add_quicksilver_args(p)
+    add_distributed_args(p)
     return p.parse_args(argv)
 
 
@@ -207,6 +214,7 @@ def check_args(args) -> list[str]:
     if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
         raise UsageError(f"--seed must be a 64-bit integer ({SEED_RANGE[0]} to {SEED_RANGE[1]}), got {args.seed}")
     check_quicksilver_args(args)
+    check_distributed_args(args)
     if (args.prompt is None) == (args.prompts_file is None):
         raise UsageError("give a prompt or --prompts-file (exactly one of them)")
     if args.prompts_file is None:
@@ -220,15 +228,19 @@ def check_args(args) -> list[str]:
 
 class Output:
     """stdout for the streamed text: one writer at a time (the token callback, or the interrupt
-    watcher), and a closed pipe (`| head`) ends the process quietly."""
+    watcher), and a closed pipe (`| head`) ends the process quietly. With several processes, only
+    process 0's output is written (`enabled`)."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
         self.lock = threading.Lock()
         self.new_tokens = 0
+        self.enabled = enabled
 
     def write(self, text: str, *, count: int = 0) -> None:
         with self.lock:
             self.new_tokens += count
+            if not self.enabled:
+                return
             try:
                 sys.stdout.write(text)
                 sys.stdout.flush()
@@ -236,9 +248,9 @@ class Output:
                 os._exit(quiet_broken_pipe())
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    prompts = check_args(args)
+def load_generator(args, prompts: list[str]) -> tuple[Generator, list[list[int]], Path]:
+    """Build the mesh, load the tokenizer and weights (sharded), encode and check the prompts:
+    -> the generator, the token-id prompts, the model directory; every failure a UsageError."""
     mesh = None
     if args.mesh is not None:
         from qsjax.sharding import MeshError, mesh_from_spec
@@ -249,7 +261,6 @@ def main(argv=None) -> int:
             raise UsageError(str(e)) from None
     from qsjax.compilecache import enable_compilation_cache
     from qsjax.load import check_vocabulary, load_model_checked, load_tokenizer_checked, model_label, read_config
-    from qsjax.tokenizer import StreamDecoder
     from qsjax.weights import resolve_model
 
     model_dir = resolve_model(args.model)
@@ -263,11 +274,23 @@ def main(argv=None) -> int:
     enable_compilation_cache()
     model = load_model_checked(args.model, model_dir, args.dtype)
     gen = Generator(model, tokenizer, qs, mesh)
-    sampling = Sampling(args.do_sample and args.temperature > 0, args.temperature, args.top_k, args.top_p)
     ids = [gen.encode(p, args.chat) for p in prompts]
     check_vocabulary(ids, model.cfg.vocab_size)
     gen.check(ids, args.max_new_tokens)
-    decoder, out = StreamDecoder(gen.tokenizer), Output()
+    return gen, ids, model_dir
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    prompts = check_args(args)
+    start(args)  # several processes: join them (nothing without --coordinator)
+    writer = is_writer()  # process 0 (or the only one) writes the text and the closing line
+    with together():  # an error in any process stops all of them here, before the first collective
+        gen, ids, model_dir = load_generator(args, prompts)
+    sampling = Sampling(args.do_sample and args.temperature > 0, args.temperature, args.top_k, args.top_p)
+    from qsjax.tokenizer import StreamDecoder
+
+    decoder, out = StreamDecoder(gen.tokenizer), Output(enabled=writer)
 
     def write_token(token_id):
         if token_id not in gen.eos_ids:
@@ -277,11 +300,14 @@ def main(argv=None) -> int:
         """Ctrl-C: what was streamed so far is final; end its line and say how far it got."""
         if len(prompts) == 1:
             out.write(decoder.flush() + "\n")
-        print(f"prompt tokens {sum(map(len, ids))}, new tokens {out.new_tokens} (stopped by the interrupt)",
-              file=sys.stderr)
+        if writer:
+            print(f"prompt tokens {sum(map(len, ids))}, new tokens {out.new_tokens} (stopped by the interrupt)",
+                  file=sys.stderr)
 
     stream = write_token if len(prompts) == 1 else None
-    print(f"generating with {model_dir.name} ({model.cfg.arch}, {model.cfg.n_layers} layers) ...", file=sys.stderr)
+    cfg = gen.model.cfg
+    if writer:
+        print(f"generating with {model_dir.name} ({cfg.arch}, {cfg.n_layers} layers) ...", file=sys.stderr)
     with exit_on_interrupt(on_interrupt):
         result = gen(ids, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, stream=stream)
     if stream is not None:
@@ -290,12 +316,10 @@ def main(argv=None) -> int:
         out.write("\n----\n".join(result.texts) + "\n")
     qs = "" if result.prompt_layers_executed is None else (
         f", quicksilver: {100 * result.prompt_layers_executed:.1f}% of prompt token-layers executed")
-    print(
-        f"prompt tokens {sum(result.prompt_tokens)}, new tokens {result.new_tokens}, "
-        f"compile {result.seconds_compile:.2f} s ({gen.programs} compiled program(s)), "
-        f"{result.tokens_per_second:.1f} tokens/s{qs}",
-        file=sys.stderr,
-    )
+    if writer:
+        print(f"prompt tokens {sum(result.prompt_tokens)}, new tokens {result.new_tokens}, "
+              f"compile {result.seconds_compile:.2f} s ({gen.programs} compiled program(s)), "
+              f"{result.tokens_per_second:.1f} tokens/s{qs}", file=sys.stderr)
     return 0
 
 
