@@ -241,6 +241,7 @@ def main(argv=None) -> int:
     writer = is_writer()  # process 0 (or the only one) writes the table, the report and the progress bar
     with together():  # an error in any process stops all of them here, before the first collective
         inputs = load_inputs(args, writer)
+    # from here to the report nothing is written: Ctrl-C ends the run at once, even inside XLA
     with exit_on_interrupt(lambda signum: sys.stderr.write("\n")):
         report = evaluate_model(args, inputs, progress=writer and not args.no_progress)
     if not writer:
@@ -263,7 +264,7 @@ def main(argv=None) -> int:
     return quiet_broken_pipe() if closed else 0
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Inputs:
     """Everything checked and loaded before scoring."""
 
