@@ -27,14 +27,20 @@ their own overhead, and the `quicksilver` key holds the settings and statistics.
 be a multiple of the data axis: refused otherwise rather than padded, since padding rows would
 enter QuickSilver's statistics (summed over rows inside the compiled program). The run's last,
 smaller batch, when it does not divide, runs whole on every data group (same numbers).
+
+Several processes (hosts): `--coordinator HOST:PORT --num-processes N --process-id I` in every
+process, with a --mesh over all their devices (see qsjax.distributed); process 0 writes the table,
+the report and the progress bar, and an error in any process stops them all with status 2.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qsjax.cli import (
     ArgumentParser,
@@ -45,7 +51,16 @@ from qsjax.cli import (
     run_cli,
     write_file_atomic,
 )
+from qsjax.distributed import add_distributed_args, check_distributed_args, is_writer, start, together
 from qsjax.quicksilver.cli import add_quicksilver_args, check_quicksilver_args, quicksilver_from_args
+
+if TYPE_CHECKING:
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from qsjax.model import Model
+    from qsjax.perplexity import Window
+    from qsjax.quicksilver.config import QuickSilverConfig
 
 PROTOCOLS = ("strided", "disjoint", "tail")
 
@@ -77,6 +92,7 @@ def parse_args(argv=None):
         "attention heads and MLP over model (default: one device)",
     )
     add_quicksilver_args(p)
+    add_distributed_args(p)
     return p.parse_args(argv)
 
 
@@ -99,6 +115,7 @@ def check_args(args) -> None:
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
     check_quicksilver_args(args)
+    check_distributed_args(args)
 
 
 def mesh_from_args(args):
@@ -220,27 +237,15 @@ def format_table(report: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_args(args)
-    if args.json is not None:
-        check_output_file("--json", args.json)
-    mesh = mesh_from_args(args)
-    from qsjax.data import read_text, resolve_data
-
-    data_path = resolve_data(args.data)
-    text = read_text(data_path)
-
-    from qsjax.compilecache import enable_compilation_cache
-    from qsjax.load import load_tokenizer_checked, read_config
-    from qsjax.weights import resolve_model
-
-    model_dir = resolve_model(args.model)
-    cfg = read_config(args.model, model_dir)
-    check_context(args, cfg)
-    qs = quicksilver_from_args(args, cfg.n_layers)
-    tokenizer = load_tokenizer_checked(args.model, model_dir)
-    enable_compilation_cache()
+    start(args)  # several processes: join them (nothing without --coordinator)
+    writer = is_writer()  # process 0 (or the only one) writes the table, the report and the progress bar
+    with together():  # an error in any process stops all of them here, before the first collective
+        inputs = load_inputs(args, writer)
     # from here to the report nothing is written: Ctrl-C ends the run at once, even inside XLA
     with exit_on_interrupt(lambda signum: sys.stderr.write("\n")):
-        report = evaluate_model(args, model_dir, data_path, text, tokenizer, qs, mesh)
+        report = evaluate_model(args, inputs, progress=writer and not args.no_progress)
+    if not writer:
+        return 0
     # the table first: if the report cannot be written after all, the results are still shown
     try:
         print(format_table(report), file=sys.stderr if args.json == "-" else sys.stdout, flush=True)
@@ -259,12 +264,40 @@ def main(argv=None) -> int:
     return quiet_broken_pipe() if closed else 0
 
 
-def evaluate_model(args, model_dir, data_path, text, tokenizer, qs, mesh) -> dict:
-    """Load the weights, tokenize, score: the report."""
-    from qsjax.data import tokenize
-    from qsjax.load import check_vocabulary, load_model_checked
-    from qsjax.perplexity import Scorer, evaluate
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """Everything checked and loaded before scoring."""
 
+    model_dir: Path
+    data_path: Path
+    model: Model  # sharded when --mesh is given
+    stream: np.ndarray  # [N] token ids
+    windows: list[Window]
+    qs: QuickSilverConfig
+    mesh: Mesh | None
+    seconds_load: float
+    seconds_tokenize: float
+
+
+def load_inputs(args, writer: bool = True) -> Inputs:
+    """Check the output file (on the writing process), build the mesh, read the data, load the
+    tokenizer and weights, tokenize, cut windows, shard: every failure a UsageError."""
+    if args.json is not None and writer:
+        check_output_file("--json", args.json)
+    mesh = mesh_from_args(args)
+    from qsjax.compilecache import enable_compilation_cache
+    from qsjax.data import read_text, resolve_data, tokenize
+    from qsjax.load import check_vocabulary, load_model_checked, load_tokenizer_checked, read_config
+    from qsjax.weights import resolve_model
+
+    data_path = resolve_data(args.data)
+    text = read_text(data_path)
+    model_dir = resolve_model(args.model)
+    cfg = read_config(args.model, model_dir)
+    check_context(args, cfg)
+    qs = quicksilver_from_args(args, cfg.n_layers)
+    tokenizer = load_tokenizer_checked(args.model, model_dir)
+    enable_compilation_cache()
     t0 = time.perf_counter()
     model = load_model_checked(args.model, model_dir, args.dtype)
     seconds_load = time.perf_counter() - t0
@@ -281,21 +314,27 @@ def evaluate_model(args, model_dir, data_path, text, tokenizer, qs, mesh) -> dic
 
         # quantize (AMQ) before sharding, so that the int8 weights are placed by the rules too
         model = shard_model(prepare(model, qs) if qs.enabled else model, mesh)
-    if qs.enabled:
-        import dataclasses
+    return Inputs(model_dir, data_path, model, stream, windows, qs, mesh, seconds_load, seconds_tokenize)
 
+
+def evaluate_model(args, inputs: Inputs, progress: bool) -> dict:
+    """Score the windows: the report."""
+    from qsjax.perplexity import Scorer, evaluate
+
+    model, stream, windows, qs = inputs.model, inputs.stream, inputs.windows, inputs.qs
+    if qs.enabled:
         from qsjax.quicksilver.evaluate import QuickSilverScorer, evaluate_quicksilver
 
         result, stats, _ = evaluate_quicksilver(QuickSilverScorer(model, qs), stream, windows, args.batch_size,
-                                                progress=not args.no_progress)
-        report = make_report(args, model_dir, data_path, len(stream), result)
+                                                progress=progress)
+        report = make_report(args, inputs.model_dir, inputs.data_path, len(stream), result)
         report["quicksilver"] = {"preset": args.quicksilver, "settings": dataclasses.asdict(qs), **stats}
     else:
-        result = evaluate(Scorer(model), stream, windows, args.batch_size, progress=not args.no_progress)
-        report = make_report(args, model_dir, data_path, len(stream), result)
-    report.update(seconds_load=seconds_load, seconds_tokenize=seconds_tokenize)
-    if mesh is not None:
-        report["mesh"] = dict(mesh.shape)
+        result = evaluate(Scorer(model), stream, windows, args.batch_size, progress=progress)
+        report = make_report(args, inputs.model_dir, inputs.data_path, len(stream), result)
+    report.update(seconds_load=inputs.seconds_load, seconds_tokenize=inputs.seconds_tokenize)
+    if inputs.mesh is not None:
+        report["mesh"] = dict(inputs.mesh.shape)
     return report
 
 

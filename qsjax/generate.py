@@ -3,13 +3,17 @@
 stdout carries the continuation (streamed token by token for a single prompt); stderr carries
 progress and one closing line with token counts, compile seconds, time to first token and decode
 speed; `--json FILE` writes them all, per prompt, with the KV cache's bytes and QuickSilver's
-statistics (`make_report`). Bad input is one
+statistics (`qsjax.generate_report`). Bad input is one
 `error:` line (status 2), checked before the model loads where the arguments suffice. Ctrl-C stops
 within moments, even inside the compiled decode loop: the text so far stays, the closing line
 counts it, status 130 (see qsjax.cli).
 
 `--mesh data=2,model=4` shards the model over devices (see qsjax.sharding); prompts split over
 "data" when their number is a multiple of it, otherwise every data group runs all of them.
+
+Several processes (hosts): `--coordinator HOST:PORT --num-processes N --process-id I` in every
+process, with a --mesh over all their devices (see qsjax.distributed); process 0 writes the text and
+the closing line, and an error in any process stops them all with status 2.
 """
 
 from __future__ import annotations
@@ -38,13 +42,16 @@ from qsjax.cli import (
     run_cli,
     write_file_atomic,
 )
+from qsjax.distributed import add_distributed_args, check_distributed_args, is_writer, start, together
 from qsjax.kvcache import cache_bytes, dense_cache_bytes
 from qsjax.model import Model
+from qsjax.generate_report import closing_line, make_report
 from qsjax.programs import Programs
 from qsjax.quicksilver.cli import add_quicksilver_args, check_quicksilver_args, quicksilver_from_args
 from qsjax.quicksilver.config import QuickSilverConfig
 from qsjax.quicksilver.generation import generated_to_json, prepare, quicksilver_decode, quicksilver_prefill
 from qsjax.sampler import Decoding, LoopState, Sampling, decode_loop, dense_decode, dense_prefill, first_token
+from qsjax.sharding import to_host
 
 
 @dataclasses.dataclass
@@ -182,7 +189,7 @@ class Generator:
         kv_bytes = {"dense": dense_cache_bytes(cfg, len(prompts), cache_length, self.kv_dtype),
                     "this_setting": cache_bytes(loop.cache)}
         loop = self._decode(key, state, loop, knobs)  # `loop` is donated: its cache is updated in place
-        out, record = np.asarray(loop.out), jax.device_get(loop.record)
+        out, record = to_host((loop.out, loop.record))  # rows may live on several processes
         t2 = time.perf_counter()
         ids = []
         for row in out:
@@ -192,7 +199,7 @@ class Generator:
         texts = [self.tokenizer.decode(r) for r in ids]
         qs = None
         if self.quicksilver is not None:
-            qs = {"prompt": jax.device_get(prompt_summary).to_json(self.quicksilver, start),
+            qs = {"prompt": to_host(prompt_summary).to_json(self.quicksilver, start),
                   "generated": generated_to_json(self.quicksilver, cfg.n_layers, record.decoded, record.info)}
         return GenerationResult(texts, ids, lengths, t1 - t0, t2 - t1, compile_s, kv_bytes, qs)
 
@@ -220,6 +227,7 @@ def parse_args(argv=None):
         "model (default: one device)",
     )
     add_quicksilver_args(p)
+    add_distributed_args(p)
     return p.parse_args(argv)
 
 
@@ -260,6 +268,7 @@ def check_args(args) -> list[str]:
     if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
         raise UsageError(f"--seed must be a 64-bit integer ({SEED_RANGE[0]} to {SEED_RANGE[1]}), got {args.seed}")
     check_quicksilver_args(args)
+    check_distributed_args(args)
     if args.json == "-":
         raise UsageError("--json -: stdout carries the generated text; give a file name")
     if args.json is not None:
@@ -277,15 +286,19 @@ def check_args(args) -> list[str]:
 
 class Output:
     """stdout for the streamed text: one writer at a time (the token callback, or the interrupt
-    watcher), and a closed pipe (`| head`) ends the process quietly."""
+    watcher), and a closed pipe (`| head`) ends the process quietly. With several processes, only
+    process 0's output is written (`enabled`)."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
         self.lock = threading.Lock()
         self.new_tokens = 0
+        self.enabled = enabled
 
     def write(self, text: str, *, count: int = 0) -> None:
         with self.lock:
             self.new_tokens += count
+            if not self.enabled:
+                return
             try:
                 sys.stdout.write(text)
                 sys.stdout.flush()
@@ -293,49 +306,9 @@ class Output:
                 os._exit(quiet_broken_pipe())
 
 
-def make_report(args, model_dir: Path, gen: Generator, prompts: list[str], sampling: Sampling,
-                result: GenerationResult) -> dict:
-    """The `--json` report: the settings, then per prompt and over the batch, counts and timings."""
-    qs = gen.quicksilver
-    return {
-        "settings": {
-            "model": args.model or model_dir.name,
-            "model_dir": str(model_dir),
-            "dtype": args.dtype,
-            "batch_size": len(prompts),
-            "max_new_tokens": args.max_new_tokens,
-            "chat": args.chat,
-            "sampling": dataclasses.asdict(sampling) | {"seed": args.seed},
-            "mesh": args.mesh,
-            "quicksilver": None if qs is None else dataclasses.asdict(qs),
-        },
-        "prompts": [{"prompt": p, "prompt_tokens": n, "new_tokens": len(ids), "text": text, "token_ids": ids}
-                    for p, n, ids, text in zip(prompts, result.prompt_tokens, result.token_ids, result.texts)],
-        "prompt_tokens": sum(result.prompt_tokens),
-        "new_tokens": result.new_tokens,
-        "ttft_seconds": result.seconds_first_token,
-        "decode_seconds": result.seconds_decode,
-        "decode_tokens_per_second": result.decode_tokens_per_second,
-        "compile_seconds": result.seconds_compile,
-        "programs_compiled": gen.programs,
-        "kv_cache_bytes": result.kv_cache_bytes,
-        "quicksilver": result.quicksilver,
-    }
-
-
-def closing_line(result: GenerationResult, programs: int) -> str:
-    speed = result.decode_tokens_per_second
-    qs = "" if result.prompt_layers_executed is None else (
-        f", quicksilver: {100 * result.prompt_layers_executed:.1f}% of prompt token-layers executed")
-    return (f"prompt tokens {sum(result.prompt_tokens)}, new tokens {result.new_tokens}, "
-            f"compile {result.seconds_compile:.2f} s ({programs} compiled programs), "
-            f"first token {result.seconds_first_token:.3f} s, "
-            f"decode {'n/a' if speed is None else f'{speed:.1f}'} tokens/s{qs}")
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    prompts = check_args(args)
+def load_generator(args, prompts: list[str]) -> tuple[Generator, list[list[int]], Path]:
+    """Build the mesh, load the tokenizer and weights (sharded), encode and check the prompts:
+    -> the generator, the token-id prompts, the model directory; every failure a UsageError."""
     mesh = None
     if args.mesh is not None:
         from qsjax.sharding import MeshError, mesh_from_spec
@@ -346,7 +319,6 @@ def main(argv=None) -> int:
             raise UsageError(str(e)) from None
     from qsjax.compilecache import enable_compilation_cache
     from qsjax.load import check_vocabulary, load_model_checked, load_tokenizer_checked, model_label, read_config
-    from qsjax.tokenizer import StreamDecoder
     from qsjax.weights import resolve_model
 
     model_dir = resolve_model(args.model)
@@ -360,11 +332,23 @@ def main(argv=None) -> int:
     enable_compilation_cache()
     model = load_model_checked(args.model, model_dir, args.dtype)
     gen = Generator(model, tokenizer, qs, mesh)
-    sampling = Sampling(args.do_sample and args.temperature > 0, args.temperature, args.top_k, args.top_p)
     ids = [gen.encode(p, args.chat) for p in prompts]
     check_vocabulary(ids, model.cfg.vocab_size)
     gen.check(ids, args.max_new_tokens)
-    decoder, out = StreamDecoder(gen.tokenizer), Output()
+    return gen, ids, model_dir
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    prompts = check_args(args)
+    start(args)  # several processes: join them (nothing without --coordinator)
+    writer = is_writer()  # process 0 (or the only one) writes the text and the closing line
+    with together():  # an error in any process stops all of them here, before the first collective
+        gen, ids, model_dir = load_generator(args, prompts)
+    sampling = Sampling(args.do_sample and args.temperature > 0, args.temperature, args.top_k, args.top_p)
+    from qsjax.tokenizer import StreamDecoder
+
+    decoder, out = StreamDecoder(gen.tokenizer), Output(enabled=writer)
 
     def write_token(token_id):
         if token_id not in gen.eos_ids:
@@ -374,19 +358,23 @@ def main(argv=None) -> int:
         """Ctrl-C: what was streamed so far is final; end its line and say how far it got."""
         if len(prompts) == 1:
             out.write(decoder.flush() + "\n")
-        print(f"prompt tokens {sum(map(len, ids))}, new tokens {out.new_tokens} (stopped by the interrupt)",
-              file=sys.stderr)
+        if writer:
+            print(f"prompt tokens {sum(map(len, ids))}, new tokens {out.new_tokens} (stopped by the interrupt)",
+                  file=sys.stderr)
 
     stream = write_token if len(prompts) == 1 else None
-    print(f"generating with {model_dir.name} ({model.cfg.arch}, {model.cfg.n_layers} layers) ...", file=sys.stderr)
+    cfg = gen.model.cfg
+    if writer:
+        print(f"generating with {model_dir.name} ({cfg.arch}, {cfg.n_layers} layers) ...", file=sys.stderr)
     with exit_on_interrupt(on_interrupt):
         result = gen(ids, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, stream=stream)
     if stream is not None:
         out.write(decoder.flush() + "\n")
     else:
         out.write("\n----\n".join(result.texts) + "\n")
-    print(closing_line(result, gen.programs), file=sys.stderr)
-    if args.json is not None:
+    if writer:
+        print(closing_line(result, gen.programs), file=sys.stderr)
+    if args.json is not None and writer:
         report = make_report(args, model_dir, gen, prompts, sampling, result)
         write_file_atomic(args.json, json.dumps(report, indent=2) + "\n")
     return 0

@@ -171,7 +171,7 @@ class Model:
         """An input batch [B, ...] on the model's devices: rows over the mesh's "data" axis when sharded."""
         from qsjax.sharding import shard_batch
 
-        return jnp.asarray(batch) if self.mesh is None else shard_batch(jnp.asarray(batch), self.mesh)
+        return jnp.asarray(batch) if self.mesh is None else shard_batch(batch, self.mesh)
 
     def spec(self, shape: tuple, dtype=jnp.int32) -> jax.ShapeDtypeStruct:
         """The abstract input `place` gives for an array of this shape (to compile ahead of time)."""

@@ -38,6 +38,7 @@ from qsjax.flops import Flops, needed_flops
 from qsjax.model import Model, hidden_states
 from qsjax.modules import Transformer
 from qsjax.programs import Programs
+from qsjax.sharding import to_host
 
 PAD_ID = 0  # fills the right end of a short window; any valid id would do, it is never scored
 
@@ -201,11 +202,12 @@ class Scorer:
         return self._programs.keys()
 
     def score(self, tokens: np.ndarray, lengths: np.ndarray, offset: int):
-        """tokens [B, T], lengths [B] real tokens per row -> nll [B, T - 1 - offset] float32 (NumPy), by-products"""
+        """tokens [B, T], lengths [B] real tokens per row -> nll [B, T - 1 - offset] float32, by-products
+        (NumPy, whole in every process: see `sharding.to_host`)"""
         self.compile(*tokens.shape, offset)
-        nll, extra = self._programs((*tokens.shape, offset), self.model.state, self.model.place(tokens),
-                                    self.model.place(lengths))
-        return np.asarray(nll), extra
+        out = self._programs((*tokens.shape, offset), self.model.state, self.model.place(tokens),
+                             self.model.place(lengths))
+        return to_host(out)
 
     def __call__(self, tokens: np.ndarray, offset: int, lengths: np.ndarray | None = None) -> np.ndarray:
         """tokens [B, T] (rows of `lengths` real tokens; default: all real) -> nll [B, T - 1 - offset]"""

@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -117,7 +119,7 @@ def shard_model(model, mesh: Mesh):
 
     For QuickSilver's AMQ, quantize first (`prepare`), then shard: the int8 codes and scales are
     placed by the same rules (and `prepare` leaves an already quantized model as it is)."""
-    state = jax.device_put(model.state, state_shardings(model.state, model.cfg, mesh))
+    state = jax.tree.map(put, model.state, state_shardings(model.state, model.cfg, mesh))
     return dataclasses.replace(model, state=state, mesh=mesh)
 
 
@@ -128,8 +130,36 @@ def batch_sharding(batch: int, mesh: Mesh) -> NamedSharding:
 
 def shard_batch(x, mesh: Mesh):
     """Place an input batch x [B, ...] with its rows over "data" (replicated when B does not divide).
-    Inputs placed so are what makes a program data-parallel: XLA propagates their split."""
-    return jax.device_put(x, batch_sharding(x.shape[0], mesh))
+    Inputs placed so are what makes a program data-parallel: XLA propagates their split.
+
+    x is the whole batch, the same in every process (see `put`)."""
+    x = x if isinstance(x, jax.Array) else np.asarray(x)
+    return put(x, batch_sharding(x.shape[0], mesh))
+
+
+def put(x, sharding: NamedSharding):
+    """x, whole and the same in every process, placed on `sharding`: each process copies the pieces
+    its own devices hold (none can place another's). With several processes, jax.device_put would
+    first check that every process holds the same value, an exchange of the whole array (every
+    weight of the model); this copies without it. An array already spread over processes is moved
+    by XLA."""
+    if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(tree):
+    """Device arrays -> NumPy arrays, whole in every process. An array split over the devices of
+    several processes (rows over "data" on several hosts) is gathered first: that is a collective,
+    so every process must call this at the same point."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
 
 
 def make_mesh(data: int = 1, model: int = 1) -> Mesh:

@@ -78,12 +78,9 @@ def default_model_dir():
     return weights.fetch(weights.DEFAULT_MODEL)
 
 
-def save_tiny_gpt2_with_tokenizer(path, sentences, *, vocab_size=None, n_positions=64, init_std=0.1):
-    """A random tiny GPT-2 saved by transformers in `path`, with a byte-level BPE tokenizer.json
-    trained on `sentences` (vocabulary: `vocab_size`, or the tokenizer's own size)."""
-    import torch
+def save_tiny_tokenizer(path, sentences) -> int:
+    """A byte-level BPE tokenizer.json trained on `sentences`, saved in `path`; -> its vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -92,12 +89,42 @@ def save_tiny_gpt2_with_tokenizer(path, sentences, *, vocab_size=None, n_positio
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(sentences, trainer)
     tokenizer.save(str(path / "tokenizer.json"))
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=vocab_size or tokenizer.get_vocab_size(), n_positions=n_positions, n_embd=32,
-                        n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
-    model = GPT2LMHeadModel(config)
+    return tokenizer.get_vocab_size()
+
+
+def save_random(model, path, init_std: float):
+    """Random weights N(0, init_std^2), saved by transformers as safetensors in `path`."""
+    import torch
+
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, init_std)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def save_tiny_gpt2_with_tokenizer(path, sentences, *, vocab_size=None, n_positions=64, init_std=0.1):
+    """A random tiny GPT-2 saved by transformers in `path`, with a byte-level BPE tokenizer.json
+    trained on `sentences` (vocabulary: `vocab_size`, or the tokenizer's own size)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    n_vocab = save_tiny_tokenizer(path, sentences)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab_size or n_vocab, n_positions=n_positions, n_embd=32,
+                        n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+    return save_random(GPT2LMHeadModel(config), path, init_std)
+
+
+def save_tiny_llama_with_tokenizer(path, sentences, *, n_layers=2, n_positions=64, init_std=0.1):
+    """A random tiny Llama (4 query heads, 2 key/value heads, tied embeddings) saved by transformers
+    in `path`, with a byte-level BPE tokenizer.json trained on `sentences`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    n_vocab = save_tiny_tokenizer(path, sentences)
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**LLAMA_BASE, "vocab_size": n_vocab, "num_hidden_layers": n_layers,
+                            "max_position_embeddings": n_positions}, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+    return save_random(LlamaForCausalLM(config), path, init_std)

@@ -33,6 +33,7 @@ from qsjax.perplexity import Scorer, token_nll
 from qsjax.quicksilver.config import QuickSilverConfig
 from qsjax.quicksilver.evaluate import QuickSilverScorer
 from qsjax.quicksilver.generation import prepare
+from qsjax.quicksilver.scoring import quicksilver_nll
 from qsjax.sharding import make_mesh, shard_batch, shard_model
 
 # QuickSilver runs its masked reference execution here (same decisions and logits as the compacted
@@ -115,8 +116,10 @@ def check_quicksilver(name, base, sharded, mesh, qs):
     discrete = lambda o: [o.halt, o.fused, o.bits, o.eligible, *jax.tree.leaves(o.stats)]
     same = all(np.array_equal(a, b) for a, b in zip(discrete(out0), discrete(out1)))
     halted = bool((np.asarray(out0.halt) < base.cfg.n_layers).any())  # the mechanism did act
-    return {"diff": max_diff(nll0, nll1), "same": same and halted, "sharded": spread(out1.halt),
-            "rows": rows_axis(out1.halt)}
+    # the scorer reads its results back to NumPy: run its function on the placed inputs to see where they live
+    halt = jax.jit(lambda s, t, n: quicksilver_nll(qs, sharded.module(s), t, n, 8).halt)(
+        sharded.state, sharded.place(tokens), sharded.place(lengths))
+    return {"diff": max_diff(nll0, nll1), "same": same and halted, "sharded": spread(halt), "rows": rows_axis(halt)}
 
 
 def check_generate(name, base, sharded, mesh):
