@@ -61,3 +61,20 @@ def test_bits_histogram_counts_the_tokens_that_chose_a_width(tiny_models, rng):
         assert hist["4"] + hist["2"] > 0  # widths were chosen
         amq_checks = report["overhead_flops"]["lm_head"] // lm_head_flops(model.cfg, 1)
         assert amq_checks == eligible  # one entropy projection per token that chose
+
+
+def test_selection_overhead_is_the_voters_rows_at_each_scoring_layer(tiny_models, rng):
+    """Accumulated attention selection scores n_q voters x T keys (T: the padded window) and projects
+    the voters' q, k, v at every layer up to c, and nothing else; n_q = select_queries, or fewer."""
+    model, _ = tiny_models["llama-deep"]
+    c, n_q = 3, 8
+    qs = QuickSilverConfig(halt="select", halt_cutoff_layer=c, keep_top_k=0.5, select_queries=n_q, select_accumulate=True)
+    stream = rng.integers(0, 96, 100).astype(np.int32)
+    windows = strided_windows(len(stream), 48, 16)
+    _, report, _ = evaluate_quicksilver(QuickSilverScorer(model, qs), stream, windows, progress=False)
+    voters = [min(n_q, max(0, w.offset - qs.n_sink)) for w in windows]  # scope=context: positions n_sink..offset-1
+    assert voters[0] == 0 and voters[1] == n_q  # the first window has no context
+    T = max(w.length for w in windows)  # every batch is padded to the longest window: its scores are computed
+    pairs = sum(voters) * T * c
+    assert report["overhead_flops"]["attention"] == attention_flops(model.cfg, pairs) // 2
+    assert report["overhead_flops"]["projections"] == qkv_projection_flops(model.cfg, sum(voters) * c)
