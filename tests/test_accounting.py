@@ -68,7 +68,8 @@ def test_selection_overhead_is_the_voters_rows_at_each_scoring_layer(tiny_models
     the voters' q, k, v at every layer up to c, and nothing else; n_q = select_queries, or fewer."""
     model, _ = tiny_models["llama-deep"]
     c, n_q = 3, 8
-    qs = QuickSilverConfig(halt="select", halt_cutoff_layer=c, keep_top_k=0.5, select_queries=n_q, select_accumulate=True)
+    qs = QuickSilverConfig(halt="select", halt_cutoff_layer=c, keep_top_k=0.5, select_queries=n_q,
+                           select_accumulate=True)
     stream = rng.integers(0, 96, 100).astype(np.int32)
     windows = strided_windows(len(stream), 48, 16)
     _, report, _ = evaluate_quicksilver(QuickSilverScorer(model, qs), stream, windows, progress=False)

@@ -108,7 +108,7 @@ def test_cli_flags_build_the_config():
     (("--halt-cutoff-layer", "3", "--halt-cutoff-layer2", "31", "--keep-top-k2", "0.2"),
      "--halt-cutoff-layer2 31 but the model has 30 layers"),
     (("--halt-cutoff-layer", "3", "--select-signal", "recency", "--select-accumulate"),
-     "--select-heads, --select-accumulate and --select-pool shape the attention signal: they need --select-signal attention"),
+     "--select-pool shape the attention signal: they need --select-signal attention"),
     (("--select-pool", "3",), r"--halt select \(implied by --select-pool\) needs --halt-cutoff-layer >= 1"),
 ])
 def test_cli_flag_errors(argv, message):

@@ -64,7 +64,7 @@ class QuickSilverConfig:
         check(self.halt_min_layer >= 1, "halt_min_layer counts layers from 1")
         check(0 < self.keep_top_k <= 1, f"keep_top_k must be in (0, 1], got {self.keep_top_k}")
         check(self.select_queries >= 1, "select_queries must be >= 1")
-        check(self.select_heads in SELECT_HEADS, f"select_heads must be one of {SELECT_HEADS}, got {self.select_heads!r}")
+        check(self.select_heads in SELECT_HEADS, f"select_heads must be one of {SELECT_HEADS}")
         check(self.select_pool_kind in POOL_KINDS, f"select_pool_kind must be one of {POOL_KINDS}")
         check(self.select_pool >= 0 and (self.select_pool <= 1 or self.select_pool % 2 == 1),
               f"select_pool must be 0, 1 or an odd window, got {self.select_pool}")
@@ -84,7 +84,8 @@ class QuickSilverConfig:
                       "select_signal=attention")
             if self.halt_cutoff_layer2 is not None:
                 check(self.halt_cutoff_layer2 > self.halt_cutoff_layer,
-                      f"halt_cutoff_layer2={self.halt_cutoff_layer2} must be after halt_cutoff_layer={self.halt_cutoff_layer}")
+                      f"halt_cutoff_layer2={self.halt_cutoff_layer2} must be after "
+                      f"halt_cutoff_layer={self.halt_cutoff_layer}")
                 check(0 < self.keep_top_k2 < self.keep_top_k,
                       f"keep_top_k2={self.keep_top_k2} must be in (0, keep_top_k={self.keep_top_k})")
         else:

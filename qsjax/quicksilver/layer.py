@@ -74,7 +74,11 @@ def selection_score(qs: QuickSilverConfig, blk, layer, tok: Tokens, k, visible, 
     if qs.halt != "select" or qs.select_signal != "attention":
         return tok.score, none
     stages = [c for c, _ in qs.select_stages]
-    scoring = layer <= stages[-1] if qs.select_accumulate else functools.reduce(jnp.logical_or, [layer == c for c in stages])
+    if qs.select_accumulate:
+        scoring = layer <= stages[-1]
+    else:
+        scoring = functools.reduce(jnp.logical_or, [layer == c for c in stages])
+
     def scored():
         new, n = votes(qs, blk, tok, k, visible, ctx, computing)
         return (tok.score + new if qs.select_accumulate else new), n

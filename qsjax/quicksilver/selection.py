@@ -8,7 +8,7 @@ a row keeps computing; the other candidates (eligible tokens still computing) ha
 filled in this order:
 1. the `select_recent` most recent candidates (a recent window, as StreamingLLM keeps next to its
    sinks; the first n_sink tokens are never candidates), at most n_keep of them;
-2. the rest by score s_j, highest first:
+2. the rest by score s_j, highest first (ties: the earlier token):
    - recency: s_j = position j;
    - attention received from the voters V, the last `select_queries` eligible tokens still
      computing (FastKV / GemFilter's observation window), each voter's softmax over the keys it
@@ -19,7 +19,8 @@ filled in this order:
                = max_kappa a_{kappa,j}^l  ("max": a key one KV head relies on survives
                                             although the other heads ignore it)
 
-     s_j = s_j^c; with `select_accumulate` (H2O's heavy hitters) s_j = sum_{l <= c} s_j^l;
+     s_j = s_j^c; with `select_accumulate` (H2O's heavy hitters) s_j = sum_{l <= c} s_j^l (at c2:
+     up to c2); a row with fewer than `select_queries` such tokens has them all vote;
    - then, with `select_pool` = w > 1 (SnapKV), s_j <- max (or mean) of s_i over |i - j| <= w // 2,
      over candidates i only (sinks, padding and scored tokens neither give nor take), so a
      selected key brings its neighbours.
