@@ -6,18 +6,18 @@ import numpy as np
 
 from qsjax.flops import attention_flops, forward_flops, lm_head_flops, needed_flops
 from qsjax.perplexity import strided_windows
-from qsjax.quicksilver.accounting import Accounting, kv_projection_flops
+from qsjax.quicksilver.accounting import Accounting, kv_projection_flops, qkv_projection_flops
 from qsjax.quicksilver.config import QuickSilverConfig
 from qsjax.quicksilver.evaluate import QuickSilverScorer, evaluate_quicksilver
 from qsjax.quicksilver.state import LayerStats
 
 
-def stats(computing, pairs, checks=0, propagated=0, skipped=0, selection=0):
+def stats(computing, pairs, checks=0, propagated=0, skipped=0, selection=0, voters=0):
     """Per-layer statistics [L, B=1] from per-layer lists."""
     col = lambda xs: np.asarray(xs, np.int32)[:, None]
     L = len(computing)
     return LayerStats(col(computing), col(pairs), col([checks] * L), col([propagated] * L), col([skipped] * L),
-                      col([selection] * L))
+                      col([selection] * L), col([voters] * L))
 
 
 def test_all_tokens_computing_is_the_dense_convention(tiny_models):
@@ -33,11 +33,11 @@ def test_overhead_is_added_and_reported(tiny_models):
     cfg = tiny_models["llama-gqa"][0].cfg
     n, L = 10, cfg.n_layers
     acct = Accounting(cfg, 4)
-    total = acct.add(stats([n, 6], [55, 21], checks=2, propagated=3, skipped=4, selection=40), n, 4, amq_checks=5,
-                     halted=4, fused=0)
+    total = acct.add(stats([n, 6], [55, 21], checks=2, propagated=3, skipped=4, selection=40, voters=4), n, 4,
+                     amq_checks=5, halted=4, fused=0)
     overhead = acct.overhead
     assert overhead.lm_head == lm_head_flops(cfg, 2 * L + 5)
-    assert overhead.projections == kv_projection_flops(cfg, 3 * L)
+    assert overhead.projections == kv_projection_flops(cfg, 3 * L) + qkv_projection_flops(cfg, 4 * L)
     assert overhead.attention == attention_flops(cfg, 40 * L) // 2  # scores only
     assert total == forward_flops(cfg, [n, 6], [55, 21], 4) + overhead and acct.flops == total
     report = acct.to_json()
@@ -76,3 +76,21 @@ def test_bits_histogram_counts_the_tokens_that_chose_a_width(tiny_models, rng):
         assert hist["4"] + hist["2"] > 0  # widths were chosen
         amq_checks = report["overhead_flops"]["lm_head"] // lm_head_flops(model.cfg, 1)
         assert amq_checks == eligible  # one entropy projection per token that chose
+
+
+def test_selection_overhead_is_the_voters_rows_at_each_scoring_layer(tiny_models, rng):
+    """Accumulated attention selection scores n_q voters x T keys (T: the padded window) and projects
+    the voters' q, k, v at every layer up to c, and nothing else; n_q = select_queries, or fewer."""
+    model, _ = tiny_models["llama-deep"]
+    c, n_q = 3, 8
+    qs = QuickSilverConfig(halt="select", halt_cutoff_layer=c, keep_top_k=0.5, select_queries=n_q,
+                           select_accumulate=True)
+    stream = rng.integers(0, 96, 100).astype(np.int32)
+    windows = strided_windows(len(stream), 48, 16)
+    _, report, _ = evaluate_quicksilver(QuickSilverScorer(model, qs), stream, windows, progress=False)
+    voters = [min(n_q, max(0, w.offset - qs.n_sink)) for w in windows]  # scope=context: positions n_sink..offset-1
+    assert voters[0] == 0 and voters[1] == n_q  # the first window has no context
+    T = max(w.length for w in windows)  # every batch is padded to the longest window: its scores are computed
+    pairs = sum(voters) * T * c
+    assert report["overhead_flops"]["attention"] == attention_flops(model.cfg, pairs) // 2
+    assert report["overhead_flops"]["projections"] == qkv_projection_flops(model.cfg, sum(voters) * c)

@@ -309,6 +309,8 @@ def test_broken_pipe_is_quiet(tiny, tmp_path, prompts):
         (["--halt-cutoff-layer", "99", "Hi"], "QuickSilver options: --halt-cutoff-layer 99 but the model has 2 layers"),
         (["--keep-top-k", "0.5", "--scope", "all", "Hi"], "--halt select (implied by --keep-top-k) needs --halt-cutoff-layer >= 1"),
         (["--halt-drift", "-1", "Hi"], "--halt-drift must be >= 0"),
+        (["--halt-cutoff-layer", "1", "--select-pool", "2", "Hi"], "--select-pool must be 0, 1 or an odd window, got 2"),
+        (["--halt-cutoff-layer", "1", "--keep-top-k2", "0", "Hi"], "--keep-top-k2 must be > 0"),
         (["--bogus", "Hi"], "unrecognized arguments: --bogus"),
     ],
 )  # fmt: skip

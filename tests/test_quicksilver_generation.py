@@ -83,6 +83,13 @@ def test_cli_flags_build_the_config():
     assert parse("--halt-cutoff-layer", "6", "--keep-top-k", "0.5").halt == "select"
     assert parse("--halt-entropy", "2.0").halt == "drift"
     assert parse("--quicksilver", "paper", "--no-entropy-test").halt_entropy is None
+    qs = parse("--halt-cutoff-layer", "10", "--select-pool", "7", "--select-pool-kind", "avg", "--select-heads", "max",
+               "--select-accumulate", "--select-recent", "64", "--select-queries", "8", "--halt-cutoff-layer2", "20",
+               "--keep-top-k2", "0.25")
+    assert qs == QuickSilverConfig(halt="select", halt_cutoff_layer=10, select_pool=7, select_pool_kind="avg",
+                                   select_heads="max", select_accumulate=True, select_recent=64, select_queries=8,
+                                   halt_cutoff_layer2=20, keep_top_k2=0.25)
+    assert parse("--halt-cutoff-layer", "10", "--select-recent", "8").halt == "select"  # any selection flag implies it
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -91,6 +98,18 @@ def test_cli_flags_build_the_config():
     (("--scope", "all", "--keep-top-k", "0.5", "--halt-cutoff-layer", "3"), "needs --scope context"),
     (("--amq-layer", "0"), "--amq-layer 0"),
     (("--halt", "cutoff",), "needs --halt-cutoff-layer"),
+    (("--halt-cutoff-layer", "3", "--select-pool", "4"), "--select-pool must be 0, 1 or an odd window, got 4"),
+    (("--halt-cutoff-layer", "3", "--select-recent", "-1"), "--select-recent must be >= 0"),
+    (("--halt-cutoff-layer", "3", "--keep-top-k2", "0.2"), "--halt-cutoff-layer2 and --keep-top-k2 go together"),
+    (("--halt-cutoff-layer", "3", "--halt-cutoff-layer2", "3", "--keep-top-k2", "0.2"),
+     "--halt-cutoff-layer2 3 must be after --halt-cutoff-layer 3"),
+    (("--halt-cutoff-layer", "3", "--halt-cutoff-layer2", "5", "--keep-top-k2", "0.6"),
+     r"--keep-top-k2 0.6 must be in \(0, --keep-top-k 0.5\)"),
+    (("--halt-cutoff-layer", "3", "--halt-cutoff-layer2", "31", "--keep-top-k2", "0.2"),
+     "--halt-cutoff-layer2 31 but the model has 30 layers"),
+    (("--halt-cutoff-layer", "3", "--select-signal", "recency", "--select-accumulate"),
+     "--select-pool shape the attention signal: they need --select-signal attention"),
+    (("--select-pool", "3",), r"--halt select \(implied by --select-pool\) needs --halt-cutoff-layer >= 1"),
 ])
 def test_cli_flag_errors(argv, message):
     from qsjax.cli import UsageError

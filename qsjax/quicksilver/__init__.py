@@ -4,6 +4,8 @@ built on the dense model through its seams (the `linear` map of `qsjax.blocks`, 
 
 The mechanisms, each the equation in its docstring:
 - `halting`: Dynamic Token Halting (the paper's drift + entropy rule, depth cut-off, importance selection)
+- `selection`: importance selection's scores (attention from the last queries, per head or summed,
+  accumulated, pooled), recent window and keep budget
 - `kvskip`: KV Cache Skipping for halted tokens (mask, zero, propagate)
 - `fusion`: Contextual Token Fusion, causal-safe, with proportional attention
 - `matryoshka`: Adaptive Matryoshka Quantization (int8 weights, nested 4- and 2-bit views)

@@ -3,7 +3,8 @@
     total = needed work (tokens computing each layer, the (query, key) pairs they attend, the LM head
             where logits are needed)
           + overhead (entropy LM-head projections for halting and for quantization widths,
-            K/V projections of halted tokens in propagate mode, importance-selection scores)
+            K/V projections of halted tokens in propagate mode, importance selection's scores:
+            n_q x T (query, key) pairs and the n_q voters' q, k, v projections per scoring layer)
 
 This is `qsjax.flops`' reporting convention (needed work), applied to the tokens and (query, key)
 pairs the decisions leave, so it compares directly with `flops.needed_flops` of a dense forward.
@@ -22,6 +23,11 @@ from qsjax.flops import Flops, attention_flops, forward_flops, lm_head_flops
 def kv_projection_flops(cfg: ModelConfig, tokens: int) -> int:
     """K and V projections alone: 2 D (2 K Dh) per token."""
     return tokens * 2 * cfg.d_model * 2 * cfg.n_kv_heads * cfg.head_dim
+
+
+def qkv_projection_flops(cfg: ModelConfig, tokens: int) -> int:
+    """Q, K and V projections: 2 D (H + 2 K) Dh per token."""
+    return tokens * 2 * cfg.d_model * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
 
 
 @dataclasses.dataclass
@@ -51,9 +57,10 @@ class Accounting:
         propagated = int(np.asarray(stats.propagated).sum())
         checks = int(np.asarray(stats.entropy_checks).sum()) + int(amq_checks)
         selection = int(np.asarray(stats.selection_pairs).sum())
+        voters = int(np.asarray(stats.selection_queries).sum())
         overhead = Flops(
             attention=attention_flops(cfg, selection) // 2,  # scores only (Q K^T), no P V
-            projections=kv_projection_flops(cfg, propagated),
+            projections=kv_projection_flops(cfg, propagated) + qkv_projection_flops(cfg, voters),
             lm_head=lm_head_flops(cfg, checks),
         )
         needed = forward_flops(cfg, computing.tolist(), pairs.tolist(), lm_head_positions)

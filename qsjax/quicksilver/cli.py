@@ -2,7 +2,8 @@
 
 `--quicksilver PRESET` starts from a preset (off, paper, fast); any mechanism flag overrides it.
 Without `--halt`, the policy follows the flags given: `--halt-drift`/`--halt-entropy` mean the
-paper's drift rule, `--keep-top-k` importance selection, `--halt-cutoff-layer` alone a depth cut-off.
+paper's drift rule, `--keep-top-k` or any other selection flag (`--select-*`, `--halt-cutoff-layer2`,
+`--keep-top-k2`) importance selection, `--halt-cutoff-layer` alone a depth cut-off.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import math
 import re
 
 from qsjax.cli import UsageError
-from qsjax.quicksilver.config import HALT_POLICIES, KV_MODES, SCOPES, SELECT_SIGNALS, QuickSilverConfig, preset
+from qsjax.quicksilver.config import (HALT_POLICIES, KV_MODES, POOL_KINDS, SCOPES, SELECT_HEADS, SELECT_SIGNALS,
+                                     QuickSilverConfig, preset)
 
 # flag -> (config field, type)
 FLAGS = {
@@ -25,6 +27,14 @@ FLAGS = {
     "--halt-cutoff-layer": ("halt_cutoff_layer", int),
     "--keep-top-k": ("keep_top_k", float),
     "--select-signal": ("select_signal", str),
+    "--select-queries": ("select_queries", int),
+    "--select-heads": ("select_heads", str),
+    "--select-accumulate": ("select_accumulate", bool),
+    "--select-pool": ("select_pool", int),
+    "--select-pool-kind": ("select_pool_kind", str),
+    "--select-recent": ("select_recent", int),
+    "--halt-cutoff-layer2": ("halt_cutoff_layer2", int),
+    "--keep-top-k2": ("keep_top_k2", float),
     "--kv-skip": ("kv_skip", str),
     "--kv-propagate-span": ("kv_propagate_span", int),
     "--fuse-threshold": ("fuse_threshold", float),
@@ -38,9 +48,14 @@ RANGES = {
     "--n-sink": (0, None), "--halt-min-layer": (1, None), "--halt-cutoff-layer": (1, None),
     "--halt-drift": (0, None), "--halt-entropy": (0, None), "--keep-top-k": (0, 1),
     "--kv-propagate-span": (0, None), "--fuse-threshold": (-1, 1), "--amq-layer": (1, None),
-    "--amq-low": (0, None), "--amq-high": (0, None),
+    "--amq-low": (0, None), "--amq-high": (0, None), "--select-queries": (1, None), "--select-pool": (0, None),
+    "--select-recent": (0, None), "--halt-cutoff-layer2": (1, None), "--keep-top-k2": (0, 1),
 }  # fmt: skip
-CHOICES = {"scope": SCOPES, "halt": HALT_POLICIES, "kv_skip": KV_MODES, "select_signal": SELECT_SIGNALS}
+CHOICES = {"scope": SCOPES, "halt": HALT_POLICIES, "kv_skip": KV_MODES, "select_signal": SELECT_SIGNALS,
+           "select_heads": SELECT_HEADS, "select_pool_kind": POOL_KINDS}
+# importance selection's fields: any of them given without --halt means --halt select
+SELECT_FIELDS = ("keep_top_k", "select_signal", "select_queries", "select_heads", "select_accumulate", "select_pool",
+                 "select_pool_kind", "select_recent", "halt_cutoff_layer2", "keep_top_k2")
 
 
 def add_quicksilver_args(parser) -> None:
@@ -49,6 +64,10 @@ def add_quicksilver_args(parser) -> None:
                        help="preset: paper = the paper's rule on every token, at qsjax's reading of its thresholds (see the "
                        "README); fast = qsjax's calibrated setting")
     for flag, (field, kind) in FLAGS.items():
+        if kind is bool:
+            group.add_argument(flag, dest=f"qs_{field}", action="store_const", const=True, default=None,
+                               help=f"QuickSilverConfig.{field} = True")
+            continue
         metavar = None if field in CHOICES else {int: "N", float: "X"}[kind]
         group.add_argument(flag, dest=f"qs_{field}", type=kind, default=None, choices=CHOICES.get(field),
                            metavar=metavar, help=f"QuickSilverConfig.{field}")
@@ -68,8 +87,9 @@ def check_quicksilver_args(args) -> None:
         shown = "" if high is None else f" and <= {high}"
         if not math.isfinite(value) or value < low or (high is not None and value > high):
             raise UsageError(f"{flag} must be >= {low}{shown}, got {value}")
-    if args.qs_keep_top_k == 0:
-        raise UsageError("--keep-top-k must be > 0 (the fraction of tokens that keep computing), got 0")
+    for flag in ("--keep-top-k", "--keep-top-k2"):
+        if getattr(args, f"qs_{FLAGS[flag][0]}") == 0:
+            raise UsageError(f"{flag} must be > 0 (the fraction of tokens that keep computing), got 0")
     quicksilver_from_args(args, None)  # combinations (e.g. importance selection needs --scope context)
 
 
@@ -100,8 +120,9 @@ def quicksilver_from_args(args, n_layers: int | None) -> QuickSilverConfig:
         given["compact"] = False
     implied = None
     if "halt" not in given:
-        if "keep_top_k" in given or given.get("select_signal"):
-            given["halt"], implied = "select", "--keep-top-k" if "keep_top_k" in given else "--select-signal"
+        chosen = [field for field in SELECT_FIELDS if field in given]
+        if chosen:
+            given["halt"], implied = "select", FIELD_FLAGS[chosen[0]]
         elif {"halt_drift", "halt_entropy"} & given.keys() or args.no_drift_test or args.no_entropy_test:
             given["halt"], implied = "drift", "the drift/entropy flags"
         elif "halt_cutoff_layer" in given:

@@ -11,6 +11,8 @@ SCOPES = ("all", "context")
 HALT_POLICIES = ("none", "drift", "cutoff", "select")
 KV_MODES = ("mask", "zero", "propagate")
 SELECT_SIGNALS = ("attention", "recency")
+SELECT_HEADS = ("sum", "max")
+POOL_KINDS = ("max", "avg")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +31,13 @@ class QuickSilverConfig:
     keep_top_k: float = 0.5  # select: fraction of eligible tokens that keep computing after c
     select_signal: str = "attention"  # select: attention received from the last queries, or recency
     select_queries: int = 16  # select/attention: how many of the last eligible queries vote
+    select_heads: str = "sum"  # select/attention: sum the KV heads' received attention, or take their max
+    select_accumulate: bool = False  # select/attention: sum the votes of layers 1..c (H2O), not layer c's alone
+    select_pool: int = 0  # select: pool the score over this many neighbouring positions (odd; 0 or 1: off)
+    select_pool_kind: str = "max"  # max | avg
+    select_recent: int = 0  # select: the most recent candidates kept first, inside the keep_top_k budget
+    halt_cutoff_layer2: int | None = None  # select, a pyramid: a second selection after layer c2 > c ...
+    keep_top_k2: float | None = None  # ... keeping this fraction (< keep_top_k) of the eligible tokens
     # KV Cache Skipping for a halted token in the layers above its halt
     kv_skip: str = "mask"  # mask | zero | propagate
     kv_propagate_span: int | None = None  # propagate: only this many layers above the halt, mask beyond
@@ -55,6 +64,13 @@ class QuickSilverConfig:
         check(self.halt_min_layer >= 1, "halt_min_layer counts layers from 1")
         check(0 < self.keep_top_k <= 1, f"keep_top_k must be in (0, 1], got {self.keep_top_k}")
         check(self.select_queries >= 1, "select_queries must be >= 1")
+        check(self.select_heads in SELECT_HEADS, f"select_heads must be one of {SELECT_HEADS}")
+        check(self.select_pool_kind in POOL_KINDS, f"select_pool_kind must be one of {POOL_KINDS}")
+        check(self.select_pool >= 0 and (self.select_pool <= 1 or self.select_pool % 2 == 1),
+              f"select_pool must be 0, 1 or an odd window, got {self.select_pool}")
+        check(self.select_recent >= 0, "select_recent must be >= 0")
+        check((self.halt_cutoff_layer2 is None) == (self.keep_top_k2 is None),
+              "halt_cutoff_layer2 and keep_top_k2 go together (a second selection stage)")
         check(self.amq_low <= self.amq_high, "amq_low must be <= amq_high")
         check(self.kv_propagate_span is None or self.kv_propagate_span >= 0, "kv_propagate_span must be >= 0")
         if self.halt in ("cutoff", "select"):
@@ -62,6 +78,18 @@ class QuickSilverConfig:
         if self.halt == "select":
             check(self.scope == "context", "importance selection needs scope=context (it looks at the last "
                   "context queries, which would otherwise see tokens whose predictions are scored)")
+            if self.select_signal != "attention":
+                check(self.select_heads == "sum" and not self.select_accumulate and self.select_pool <= 1,
+                      "select_heads, select_accumulate and select_pool shape the attention signal: they need "
+                      "select_signal=attention")
+            if self.halt_cutoff_layer2 is not None:
+                check(self.halt_cutoff_layer2 > self.halt_cutoff_layer,
+                      f"halt_cutoff_layer2={self.halt_cutoff_layer2} must be after "
+                      f"halt_cutoff_layer={self.halt_cutoff_layer}")
+                check(0 < self.keep_top_k2 < self.keep_top_k,
+                      f"keep_top_k2={self.keep_top_k2} must be in (0, keep_top_k={self.keep_top_k})")
+        else:
+            check(self.halt_cutoff_layer2 is None, "halt_cutoff_layer2 is a second stage of halt=select")
         if self.halt == "drift":
             check(self.halt_drift is not None or self.halt_entropy is not None,
                   "halt=drift needs the drift test, the entropy test, or both")
@@ -71,11 +99,19 @@ class QuickSilverConfig:
         """Whether any mechanism is on (all off: the dense forward is used)."""
         return self.halt != "none" or self.fuse_threshold is not None or self.amq_layer is not None
 
+    @property
+    def select_stages(self) -> tuple[tuple[int, float], ...]:
+        """Importance selection's (layer, keep fraction) stages, in depth order (one, or two: a pyramid)."""
+        stages = ((self.halt_cutoff_layer, self.keep_top_k),)
+        if self.halt_cutoff_layer2 is not None:
+            stages += ((self.halt_cutoff_layer2, self.keep_top_k2),)
+        return stages
+
     def validate_for(self, n_layers: int) -> None:
         """Raise if a layer setting does not fit a model of n_layers."""
-        for name in ("halt_min_layer", "halt_cutoff_layer"):
+        for name in ("halt_min_layer", "halt_cutoff_layer", "halt_cutoff_layer2"):
             value = getattr(self, name)
-            if value > n_layers:
+            if value is not None and value > n_layers:
                 raise ValueError(f"{name}={value} but the model has {n_layers} layers")
         if self.amq_layer is not None and not 1 <= self.amq_layer <= n_layers:
             raise ValueError(f"amq_layer={self.amq_layer} must be in 1..{n_layers}")

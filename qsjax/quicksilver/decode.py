@@ -103,7 +103,7 @@ def quicksilver_decode_step(qs: QuickSilverConfig, module, state: DecodeState, t
                     qc.bias[li], tok.bits, buckets=decode_row_buckets(B))
 
         can = ctx.eligible & computing & (layer < L)
-        halt_now, _, _ = halting_decision(qs, module, layer, x, tok.x, can, ctx)
+        halt_now, _ = halting_decision(qs, module, layer, x, tok.x, can, ctx)
         tok = dataclasses.replace(tok, x=x, active=tok.active & ~halt_now, halt=jnp.where(halt_now, layer, tok.halt))
         absorbable = can & ~halt_now
         view = FusionView(tok.x[:, 0], tok.size[:, 0], absorbable[:, 0], jnp.zeros(B, bool))

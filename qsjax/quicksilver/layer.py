@@ -4,7 +4,8 @@ For each layer l (1-based) and the tokens' state (`state.Tokens`):
 
     visible_t  = alive_t and (computing_t, or halted with K/V kept by `kvskip`)
     x_t       <- block_l(x_t) for computing tokens (attending to visible keys, each with log(size) added)
-    halt after l:  the halting rule on the eligible computing tokens (`halting`)
+    halt after l:  the halting rule on the eligible computing tokens (`halting`; importance
+                   selection's score, from the voters' queries only, and its keep rule: `selection`)
     fuse after l:  t absorbs t-1 (`fusion`); a retired token whose prediction is `needed` computes on,
                    for itself, seen by nobody else: exactly as it ran in decoding before its successor
                    existed (its prediction cannot wait for, or depend on, the next token)
@@ -17,13 +18,14 @@ gathered into a bucket: the fast path).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from qsjax import blocks
 from qsjax.attention import attention
-from qsjax.quicksilver import fusion, halting, kvskip
+from qsjax.quicksilver import fusion, halting, kvskip, selection
 from qsjax.quicksilver.compaction import on_rows
 from qsjax.quicksilver.config import QuickSilverConfig
 from qsjax.quicksilver.matryoshka import choose_bits, with_widths
@@ -52,36 +54,67 @@ def attended_pairs(visible, computing):
     return jnp.where(computing, seen, 0).sum(-1).astype(jnp.int32)
 
 
-def halting_decision(qs: QuickSilverConfig, module, layer, x_new, x_old, can, ctx: Context, votes=None):
-    """Tokens that halt after `layer`, the entropy checks it took [B], the selection scores [B].
+def votes(qs: QuickSilverConfig, blk, tok: Tokens, k, visible, ctx: Context, computing):
+    """This layer's attention received by every token from the voters (`selection`), their queries
+    projected for their rows only.  k [B, T, K, Dh] (this layer's keys) -> [B, T], voters [B] int32"""
+    w = ctx.layout
+    idx, ok = selection.voters(ctx.eligible, computing, min(qs.select_queries, computing.shape[1]))
+    take = lambda a: jnp.take_along_axis(a, idx.reshape(*idx.shape, *([1] * (a.ndim - 2))), axis=1)
+    q = blocks.qkv(blk, take(tok.x), take(w.cos), take(w.sin), with_widths(take(tok.bits)))[0]
+    score = selection.received(q, k, take(w.slots), w.slots, ok, visible, qs.select_heads)
+    return score, ok.sum(-1).astype(jnp.int32)
 
-    can [B, T]: the tokens that may halt here. `votes()` -> [B, T] the attention each token receives
-    from the voting queries (importance selection by attention, which runs only over windows)."""
+
+def selection_score(qs: QuickSilverConfig, blk, layer, tok: Tokens, k, visible, ctx: Context, computing):
+    """The selection score after `layer` [B, T] and the voters that scored here [B]: this layer's
+    votes at a selection layer; with select_accumulate, added at every layer up to the last one
+    (elsewhere the score is kept).
+    tok: the tokens entering the layer; k, visible: its keys and the keys that may be attended."""
+    none = jnp.zeros(computing.shape[0], jnp.int32)
+    if qs.halt != "select" or qs.select_signal != "attention":
+        return tok.score, none
+    stages = [c for c, _ in qs.select_stages]
+    if qs.select_accumulate:
+        scoring = layer <= stages[-1]
+    else:
+        scoring = functools.reduce(jnp.logical_or, [layer == c for c in stages])
+
+    def scored():
+        new, n = votes(qs, blk, tok, k, visible, ctx, computing)
+        return (tok.score + new if qs.select_accumulate else new), n
+
+    return jax.lax.cond(scoring, scored, lambda: (tok.score, none))
+
+
+def halting_decision(qs: QuickSilverConfig, module, layer, x_new, x_old, can, ctx: Context, score=None):
+    """Tokens that halt after `layer` and the entropy checks it took [B].
+
+    can [B, T]: the tokens that may halt here; score [B, T]: importance selection's attention score
+    (`selection_score`)."""
     zeros = jnp.zeros(can.shape, bool)
-    n_checks = n_select = jnp.zeros(can.shape[0], jnp.int32)
+    n_checks = jnp.zeros(can.shape[0], jnp.int32)
     if qs.halt == "drift":
         passed = can & (layer >= qs.halt_min_layer)
         if qs.halt_drift is not None:
             passed &= halting.drift(x_new, x_old, qs.drift_relative) < qs.halt_drift
         if qs.halt_entropy is None:
-            return passed, n_checks, n_select
+            return passed, n_checks
         n_checks = passed.sum(-1).astype(jnp.int32)
-        return passed & (entropy_of_rows(module, x_new, passed) < qs.halt_entropy), n_checks, n_select
+        return passed & (entropy_of_rows(module, x_new, passed) < qs.halt_entropy), n_checks
     if qs.halt == "cutoff":
-        return can & (layer == qs.halt_cutoff_layer), n_checks, n_select
+        return can & (layer == qs.halt_cutoff_layer), n_checks
     if qs.halt == "select":
-        attention_signal = qs.select_signal == "attention"
+        at, fraction = False, 0.0
+        for c, keep_fraction in qs.select_stages:
+            at, fraction = at | (layer == c), jnp.where(layer == c, keep_fraction, fraction)
 
         def select():
-            score = votes() if attention_signal else ctx.layout.positions.astype(jnp.float32)
-            return can & ~halting.select_keep(score, can, qs.keep_top_k)
+            s = score if qs.select_signal == "attention" else ctx.layout.positions.astype(jnp.float32)
+            s = selection.pool(s, can, qs.select_pool, qs.select_pool_kind)
+            return can & ~selection.keep(s, can, selection.budget(ctx.eligible, fraction), qs.select_recent)
 
-        at_c = layer == qs.halt_cutoff_layer
-        if attention_signal:
-            voters = jnp.minimum(ctx.eligible.sum(-1), qs.select_queries) * can.shape[1]
-            n_select = jnp.where(at_c, voters, 0).astype(jnp.int32)
-        return jax.lax.cond(at_c, select, lambda: zeros), n_checks, n_select
-    return zeros, n_checks, n_select
+        return jax.lax.cond(at, select, lambda: zeros), n_checks
+    return zeros, n_checks
 
 
 def fuse_step(qs: QuickSilverConfig, layer, tok: Tokens, can_be_absorbed, needed):
@@ -108,14 +141,13 @@ def fuse_step(qs: QuickSilverConfig, layer, tok: Tokens, can_be_absorbed, needed
 
 def masked_block(blk, tok: Tokens, computing, visible, bias, halted, mode, ctx: Context, linear, qkv=None):
     """The reference: the block runs on every row; rows not computing keep their state.
-    `qkv`: the rows' queries, keys and values if already projected.
-    -> x [B, T, D], q [B, T, H, Dh], k and v [B, T, K, Dh]"""
+    `qkv`: the rows' queries, keys and values if already projected.  -> x [B, T, D], k and v [B, T, K, Dh]"""
     w = ctx.layout
     q, k, v = blocks.qkv(blk, tok.x, w.cos, w.sin, linear) if qkv is None else qkv
     k, v = kvskip.zero_halted(k, v, halted, mode)
     o = attention(q, k, v, w.slots, w.slots, visible, bias, self_visible=True)
     x_new = blocks.tail(blk, tok.x, o, linear)
-    return jnp.where(computing[..., None], x_new, tok.x), q, k, v
+    return jnp.where(computing[..., None], x_new, tok.x), k, v
 
 
 def compacted_block(blk, tok: Tokens, computing, visible, bias, mode, ctx: Context, linear, buckets):
@@ -126,7 +158,7 @@ def compacted_block(blk, tok: Tokens, computing, visible, bias, mode, ctx: Conte
     the gathered rows only and attention runs among them, in gathered order (keys/values of rows that
     did not compute come back zero: nobody may attend to them). Under `propagate` halted rows'
     keys/values are needed too: q, k, v are projected for every row and the gathered queries attend
-    over all keys. Same results as `masked_block`.  -> x, q (every row's; None under mask), k, v"""
+    over all keys. Same results as `masked_block`.  -> x, k, v"""
     w = ctx.layout
     B, T = computing.shape
     own_rows = mode == "mask"
@@ -134,8 +166,7 @@ def compacted_block(blk, tok: Tokens, computing, visible, bias, mode, ctx: Conte
 
     def full(x):  # the full bucket: the plain window pass, nothing gathered
         qkv = None if own_rows else (q_all, k_all, v_all)
-        x_new, _, k, v = masked_block(blk, tok, computing, visible, bias, None, mode, ctx, linear, qkv)
-        return x_new, k, v
+        return masked_block(blk, tok, computing, visible, bias, None, mode, ctx, linear, qkv)
 
     def gathered(n):
         def branch(x):
@@ -158,8 +189,7 @@ def compacted_block(blk, tok: Tokens, computing, visible, bias, mode, ctx: Conte
         return branch
 
     index = jnp.searchsorted(jnp.asarray(buckets), computing.sum(-1).max())
-    x, k, v = jax.lax.switch(index, [full if n == T else gathered(n) for n in buckets], tok.x)
-    return x, q_all, k, v
+    return jax.lax.switch(index, [full if n == T else gathered(n) for n in buckets], tok.x)
 
 
 def layer_step(qs: QuickSilverConfig, module, blk, layer, tok: Tokens, ctx: Context, buckets=None):
@@ -174,17 +204,15 @@ def layer_step(qs: QuickSilverConfig, module, blk, layer, tok: Tokens, ctx: Cont
     linear = with_widths(tok.bits)
     writes = kvskip.writes_kv(qs.kv_skip, computing, halted, tok.halt, layer, qs.kv_propagate_span)
     if buckets is None:
-        x, q, k, v = masked_block(blk, tok, computing, visible, bias, halted, qs.kv_skip, ctx, linear)
+        x, k, v = masked_block(blk, tok, computing, visible, bias, halted, qs.kv_skip, ctx, linear)
     else:
-        x, q, k, v = compacted_block(blk, tok, computing, visible, bias, qs.kv_skip, ctx, linear, buckets)
+        x, k, v = compacted_block(blk, tok, computing, visible, bias, qs.kv_skip, ctx, linear, buckets)
 
-    def votes():  # the voters' queries (only their rows matter) against this layer's keys
-        queries = q if q is not None else blocks.qkv(blk, tok.x, w.cos, w.sin, linear)[0]
-        return halting.attention_received(queries, k, halting.last_n(ctx.eligible, qs.select_queries), visible)
-
+    score, n_voters = selection_score(qs, blk, layer, tok, k, visible, ctx, computing)
     can = ctx.eligible & computing & (layer < module.cfg.n_layers)  # nothing to save after the last layer
-    halt_now, n_checks, n_select = halting_decision(qs, module, layer, x, tok.x, can, ctx, votes)
-    tok = dataclasses.replace(tok, x=x, active=tok.active & ~halt_now, halt=jnp.where(halt_now, layer, tok.halt))
+    halt_now, n_checks = halting_decision(qs, module, layer, x, tok.x, can, ctx, score)
+    tok = dataclasses.replace(tok, x=x, score=score, active=tok.active & ~halt_now,
+                              halt=jnp.where(halt_now, layer, tok.halt))
     view = FusionView(tok.x[:, -1], tok.size[:, -1], (can & ~halt_now)[:, -1], jnp.zeros_like(can[:, -1]))
     if qs.fuse_threshold is not None:
         tok, cand = fuse_step(qs, layer, tok, can & ~halt_now, ctx.needed)
@@ -195,6 +223,7 @@ def layer_step(qs: QuickSilverConfig, module, blk, layer, tok: Tokens, ctx: Cont
         entropy_checks=n_checks,
         propagated=(writes & ~computing).sum(-1).astype(jnp.int32),
         kv_skipped=(w.valid & ~writes).sum(-1).astype(jnp.int32),
-        selection_pairs=n_select,
+        selection_pairs=n_voters * can.shape[1],  # each voter's row of scores: n_q x T
+        selection_queries=n_voters,
     )
     return tok, LayerOut(stats, CacheEntries(k, v, visible, bias), view)

@@ -31,6 +31,7 @@ class Tokens:
     absorbed: jax.Array  # bool: has absorbed its predecessor
     size: jax.Array  # float32: tokens its state stands for
     bits: jax.Array  # int32: Matryoshka weight width from layer l_q up
+    score: jax.Array  # float32: attention received from importance selection's voters (summed over layers)
 
     @classmethod
     def start(cls, x, valid, n_layers: int) -> Tokens:
@@ -38,7 +39,8 @@ class Tokens:
         B, T = valid.shape
         no = jnp.zeros((B, T), bool)
         return cls(x=x, active=valid, alive=valid, halt=jnp.full((B, T), n_layers, jnp.int32), fused=no, absorbed=no,
-                   size=jnp.ones((B, T), jnp.float32), bits=jnp.full((B, T), 8, jnp.int32))
+                   size=jnp.ones((B, T), jnp.float32), bits=jnp.full((B, T), 8, jnp.int32),
+                   score=jnp.zeros((B, T), jnp.float32))
 
 
 @_pytree
@@ -74,6 +76,7 @@ class LayerStats:
     propagated: jax.Array  # halted tokens whose K/V were projected (propagate mode)
     kv_skipped: jax.Array  # real tokens whose K/V were not written
     selection_pairs: jax.Array  # (query, key) scores of importance selection
+    selection_queries: jax.Array  # voters whose q, k, v were projected for those scores
 
 
 @_pytree

@@ -1,7 +1,8 @@
 """The QuickSilver pass over causal windows: embedding, the layers with their decisions, and what
 they leave behind.
 
-    x^0 = embed(tokens);   layers 1..p: plain blocks (no decision can act there: p = first decision - 1)
+    x^0 = embed(tokens);   layers 1..p: plain blocks (no decision can act there: p = first decision - 1;
+    with select_accumulate they also score the selection voters' attention)
     layers p+1..L: `layer.layer_step` (block, halting, fusion), split at l_q into segments that
     share one weight format; on entering l_q every eligible token picks its Matryoshka width
 
@@ -22,7 +23,7 @@ from qsjax import blocks
 from qsjax.model import Layout, block, scan_layers
 from qsjax.quicksilver.compaction import compaction_buckets
 from qsjax.quicksilver.config import QuickSilverConfig
-from qsjax.quicksilver.layer import amq_bits, attended_pairs, layer_step
+from qsjax.quicksilver.layer import amq_bits, attended_pairs, layer_step, selection_score
 from qsjax.quicksilver.state import CacheEntries, Context, FusionView, LayerOut, LayerStats, Tokens, WindowResult
 
 
@@ -59,23 +60,25 @@ def segments(qs: QuickSilverConfig, n_layers: int, first: int = 0) -> list[tuple
     return list(zip(cuts, cuts[1:]))
 
 
-def dense_layers(module, last: int, tok: Tokens, ctx: Context):
+def dense_layers(qs: QuickSilverConfig, module, last: int, tok: Tokens, ctx: Context):
     """Layers 1..last, below the first decision: the plain block on every real token, with the
-    by-products `layer_step` would return there."""
+    by-products `layer_step` would return there (and, with select_accumulate, the voters' scores)."""
     w = ctx.layout
     zeros = jnp.zeros(w.valid.shape[0], jnp.int32)
-    stats = LayerStats(computing=w.valid.sum(-1).astype(jnp.int32), pairs=attended_pairs(w.valid, w.valid),
-                       entropy_checks=zeros, propagated=zeros, kv_skipped=zeros, selection_pairs=zeros)
     absorbable = (ctx.eligible & w.valid)[:, -1]  # every layer here is below the last one
 
-    def step(x, blk, layer):
-        x_new, (k, v) = block(blk, x, w)
-        x_new = jnp.where(w.valid[..., None], x_new, x)
+    def step(tok, blk, layer):
+        x_new, (k, v) = block(blk, tok.x, w)
+        x_new = jnp.where(w.valid[..., None], x_new, tok.x)
+        score, n_voters = selection_score(qs, blk, layer, tok, k, w.valid, ctx, w.valid)
+        stats = LayerStats(computing=w.valid.sum(-1).astype(jnp.int32), pairs=attended_pairs(w.valid, w.valid),
+                           entropy_checks=zeros, propagated=zeros, kv_skipped=zeros,
+                           selection_pairs=n_voters * w.valid.shape[1], selection_queries=n_voters)
         view = FusionView(x_new[:, -1], tok.size[:, -1], absorbable, jnp.zeros_like(absorbable))
-        return x_new, LayerOut(stats, CacheEntries(k, v, w.valid, jnp.zeros(w.valid.shape, jnp.float32)), view)
+        cache = CacheEntries(k, v, w.valid, jnp.zeros(w.valid.shape, jnp.float32))
+        return dataclasses.replace(tok, x=x_new, score=score), LayerOut(stats, cache, view)
 
-    x, out = scan_layers(module, 0, last, step, tok.x)
-    return dataclasses.replace(tok, x=x), out
+    return scan_layers(module, 0, last, step, tok)
 
 
 def quicksilver_window(qs: QuickSilverConfig, module, tokens, w: Layout, in_scope, needed) -> WindowResult:
@@ -92,7 +95,7 @@ def quicksilver_window(qs: QuickSilverConfig, module, tokens, w: Layout, in_scop
     buckets = compaction_buckets(T) if qs.compact and qs.kv_skip != "zero" else None
     start = dense_prefix(qs, L)
     if start > 0:
-        tok, out = dense_layers(module, start, tok, ctx)
+        tok, out = dense_layers(qs, module, start, tok, ctx)
         outs.append(out)
     for first, last in segments(qs, L, start):
         if qs.amq_layer is not None and first == qs.amq_layer - 1:
