@@ -75,17 +75,26 @@ class LoopState:
 
 def generate(model, tokens, start, rng, knobs, *, max_new: int, cache_length: int, sampling: Sampling,
              eos_ids: tuple[int, ...], pad_id: int, on_token=None, prefill_fn=dense_prefill, decode_fn=decode_step):
-    """Prefill a left-padded batch, then decode up to `max_new` tokens per row.
+    """Prefill a left-padded batch, then decode up to `max_new` tokens per row (`decode_loop`).
 
     tokens [B, T], start [B]; knobs = (temperature, top_p) as arrays (changing them does not
     recompile; top_k is static).  Returns new tokens [B, max_new] (pad_id after a row's EOS), the count
     generated, and what `prefill_fn(model, tokens, start, cache_length) -> (logits, cache, extra)`
-    reported (QuickSilver's prompt statistics; None for the dense prefill).
-    `decode_fn(model, cache, tokens [B]) -> (logits, cache)` continues from what the prefill left
-    (QuickSilver carries more than the cache: its own decode step).
-    `on_token(step, tokens [B])`, if given, is called from inside the loop as each step's tokens
-    are ready (streaming)."""
-    B = tokens.shape[0]
+    reported (QuickSilver's prompt statistics; None for the dense prefill)."""
+    logits, cache, extra = prefill_fn(model, tokens, start, cache_length)
+    out, steps = decode_loop(model, logits, cache, rng, knobs, max_new=max_new, sampling=sampling, eos_ids=eos_ids,
+                             pad_id=pad_id, on_token=on_token, decode_fn=decode_fn)
+    return out, steps, extra
+
+
+def decode_loop(model, logits, cache, rng, knobs, *, max_new: int, sampling: Sampling, eos_ids: tuple[int, ...],
+                pad_id: int, on_token=None, decode_fn=decode_step):
+    """Up to `max_new` tokens per row from the prompt's last logits [B, V] and what decoding continues
+    from.  -> new tokens [B, max_new] (pad_id after a row's EOS), the count generated.
+    `decode_fn(model, cache, tokens [B]) -> (logits, cache)` (QuickSilver carries more than the
+    cache: its own decode step).  `on_token(step, tokens [B])`, if given, is called from inside the
+    loop as each step's tokens are ready (streaming)."""
+    B = logits.shape[0]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
     def emit(s: LoopState, logits) -> LoopState:
@@ -97,7 +106,6 @@ def generate(model, tokens, start, rng, knobs, *, max_new: int, cache_length: in
         return dataclasses.replace(s, step=s.step + 1, token=tok, out=s.out.at[:, s.step].set(tok),
                                    done=s.done | jnp.isin(tok, eos), rng=rng)
 
-    logits, cache, extra = prefill_fn(model, tokens, start, cache_length)
     first = LoopState(jnp.int32(0), jnp.full(B, pad_id, jnp.int32), cache, jnp.zeros(B, bool),
                       jnp.full((B, max_new), pad_id, jnp.int32), rng)
     state = emit(first, logits)
@@ -107,4 +115,4 @@ def generate(model, tokens, start, rng, knobs, *, max_new: int, cache_length: in
         return emit(dataclasses.replace(s, cache=cache), logits)
 
     state = jax.lax.while_loop(lambda s: (s.step < max_new) & ~jnp.all(s.done), body, state)
-    return state.out, state.step, extra
+    return state.out, state.step
