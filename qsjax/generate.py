@@ -30,9 +30,10 @@ from qsjax.cli import ArgumentParser, UsageError, exit_on_interrupt, quiet_broke
 from qsjax.model import Model, decode_step
 from qsjax.programs import Programs
 from qsjax.quicksilver.cli import add_quicksilver_args, check_quicksilver_args, quicksilver_from_args
+from qsjax.quicksilver.compacted import compact, kept_places, visible_counts
 from qsjax.quicksilver.config import QuickSilverConfig
 from qsjax.quicksilver.generation import prepare, quicksilver_decode, quicksilver_prefill
-from qsjax.sampler import Sampling, dense_prefill, generate
+from qsjax.sampler import Sampling, decode_loop, dense_prefill, generate
 
 
 @dataclasses.dataclass
@@ -70,6 +71,15 @@ class Generator:
         self.eos_ids = tuple(sorted(set(model.cfg.eos_ids) | set(tokenizer.eos_ids)))
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (self.eos_ids or (0,))[0]
         self._programs = Programs(self._generate, static_argnums=(5,))
+        # QuickSilver with a compacted cache: the prompt, then (sizes read on the host) the decode loop
+        self._prompts = Programs(self._prompt, static_argnums=(3,))
+        self._loops = Programs(self._loop, static_argnums=(5,))
+
+    @property
+    def compacts(self) -> bool:
+        """Whether decoding runs on a compacted cache (QuickSilver, scope=context, not the masked reference)."""
+        qs = self.quicksilver
+        return qs is not None and qs.scope == "context" and qs.compact
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         if chat:
@@ -94,12 +104,42 @@ class Generator:
                         sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, on_token=on_token, prefill_fn=prefill_fn,
                         decode_fn=decode_fn)
 
+    def _prompt(self, state, tokens, start, length: int):
+        """A QuickSilver prompt whose cache will be compacted (`_loop`)."""
+        p = quicksilver_prefill(self.quicksilver, self.model.module(state), tokens, start, length)
+        return p.logits, p.state, p.stats.computing
+
+    def _loop(self, state, logits, cache, rng, knobs, static):
+        """The decode loop on the prompt's cache compacted to `kept` places per layer (static)."""
+        kept, (max_new, _, sampling, eos_ids, pad_id, stream) = static
+        on_token = None if stream is None else (lambda step, toks: stream(int(toks[0])))
+        return decode_loop(self.model.module(state), logits, compact(cache, kept, max_new), rng, knobs, max_new=max_new,
+                           sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, on_token=on_token,
+                           decode_fn=lambda module, cache, tokens: cache.decode_step(module, tokens))
+
+    def _run_compacted(self, batch, start, rng, knobs, static):
+        """Prompt, per-layer sizes (one read on the host), decode loop.  -> compile seconds, run seconds,
+        new tokens, prompt statistics"""
+        spec, place, (B, T) = self.model.spec, self.model.place, batch.shape
+        compile_s = self._prompts.compile((B, T), self.model.state, spec(batch.shape), spec(start.shape), T)
+        t0 = time.perf_counter()
+        logits, cache, computing = self._prompts((B, T), self.model.state, place(batch), place(start))
+        kept = kept_places(visible_counts(cache), T)
+        seconds = time.perf_counter() - t0
+        key = (B, T, kept, static)
+        compile_s += self._loops.compile(key, self.model.state, logits, cache, rng, knobs, (kept, static))
+        t0 = time.perf_counter()
+        out, _ = self._loops(key, self.model.state, logits, cache, rng, knobs)
+        out = np.asarray(out)
+        return compile_s, seconds + time.perf_counter() - t0, out, computing
+
     @property
     def programs(self) -> int:
         """Distinct compiled generation programs so far (one per batch, prompt bucket, new-token count,
-        sampling mode, stream callback); under QuickSilver each switches between its layers'
-        compaction buckets inside."""
-        return len(self._programs)
+        sampling mode, stream callback; on a compacted cache, a prompt program per batch and bucket
+        and a decode program per tuple of per-layer sizes); under QuickSilver each switches between
+        its layers' compaction buckets inside."""
+        return len(self._programs) + len(self._prompts) + len(self._loops)
 
     def check(self, prompts: list[list[int]], max_new_tokens: int):
         """Raise UsageError for an empty prompt or one that does not fit the context with the new tokens."""
@@ -129,13 +169,17 @@ class Generator:
         key = (len(prompts), T, static)
         knobs = (jnp.float32(sampling.temperature), jnp.float32(sampling.top_p))
         rng = jax.random.key(seed)
-        spec = self.model.spec
-        compile_s = self._programs.compile(key, self.model.state, spec(batch.shape), spec(start.shape), rng, knobs, static)
-        t0 = time.perf_counter()
-        out, _, computing = self._programs(key, self.model.state, self.model.place(batch), self.model.place(start), rng,
-                                           knobs)
-        out = np.asarray(out)
-        seconds = time.perf_counter() - t0
+        if self.compacts:
+            compile_s, seconds, out, computing = self._run_compacted(batch, start, rng, knobs, static)
+        else:
+            spec = self.model.spec
+            compile_s = self._programs.compile(key, self.model.state, spec(batch.shape), spec(start.shape), rng, knobs,
+                                               static)
+            t0 = time.perf_counter()
+            out, _, computing = self._programs(key, self.model.state, self.model.place(batch), self.model.place(start),
+                                               rng, knobs)
+            out = np.asarray(out)
+            seconds = time.perf_counter() - t0
         executed = None if computing is None else float(np.asarray(computing).sum()) / (sum(lengths) * cfg.n_layers)
         ids = []
         for row in out:
