@@ -48,10 +48,11 @@ class Eviction:
         if self.policy not in POLICIES:
             raise ValueError(f"eviction policy must be one of {POLICIES}, got {self.policy!r}")
         if self.policy == "streaming" and self.recent is not None:
-            raise ValueError("recent is for h2o (streaming keeps every token after the sinks that fits)")
+            raise ValueError("recent is for h2o (streaming keeps the latest tokens that fit after the sinks)")
         if self.n_sink < 0 or self.budget <= self.n_sink + self.window:
-            raise ValueError(f"budget={self.budget} must exceed n_sink={self.n_sink} + recent={self.window} "
-                             "(room to evict from)")
+            kept = f"n_sink={self.n_sink}" + (f" + recent={self.window}" if self.policy == "h2o" else "")
+            raise ValueError(f"budget={self.budget} must exceed {kept} (the tokens never evicted): nothing would be "
+                             "left to evict")
 
     @property
     def window(self) -> int:
@@ -149,3 +150,41 @@ def within_budget(cache: EvictingCache, size: int) -> EvictingCache:
         scores.append(jnp.take_along_axis(cache.score[l], order, axis=-1))
     fill = jnp.full(len(kv.k), size, jnp.int32)
     return EvictingCache(KVCache(tuple(ks), tuple(vs), tuple(slots), kv.start, kv.index, fill), tuple(scores), cache.rule)
+
+
+def add_eviction_args(parser) -> None:
+    group = parser.add_argument_group("KV-cache eviction (off unless --kv-budget is given; dense model only)")
+    group.add_argument("--kv-budget", type=int, metavar="N", help="keep at most N tokens' keys/values per layer")
+    group.add_argument("--kv-evict", choices=POLICIES, help="what to evict: streaming = StreamingLLM (sinks + latest), "
+                       "h2o = H2O (sinks + latest + most attended); default streaming")
+    group.add_argument("--kv-sinks", type=int, metavar="N", help="first tokens never evicted (default 4)")
+    group.add_argument("--kv-recent", type=int, metavar="N",
+                       help="h2o: latest tokens never evicted (default half the budget)")
+
+
+def eviction_from_args(args, quicksilver_enabled: bool) -> Eviction | None:
+    """The eviction the options ask for (None: off); bad values and combinations are UsageErrors."""
+    from qsjax.cli import UsageError
+
+    if args.kv_budget is None:
+        given = [f for f, v in (("--kv-evict", args.kv_evict), ("--kv-sinks", args.kv_sinks),
+                                ("--kv-recent", args.kv_recent)) if v is not None]
+        if given:
+            raise UsageError(f"{given[0]} needs --kv-budget N (the tokens kept per layer)")
+        return None
+    if quicksilver_enabled:
+        raise UsageError("--kv-budget evicts from the dense model's cache; it does not combine with QuickSilver options")
+    for flag, value, low in (("--kv-budget", args.kv_budget, 1), ("--kv-sinks", args.kv_sinks, 0),
+                             ("--kv-recent", args.kv_recent, 0)):
+        if value is not None and value < low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    try:
+        return Eviction(args.kv_evict or "streaming", args.kv_budget, 4 if args.kv_sinks is None else args.kv_sinks,
+                        args.kv_recent)
+    except ValueError as e:  # in the flags' words
+        words = {"budget=": "--kv-budget ", "n_sink=": "--kv-sinks ", "recent=": "--kv-recent ",
+                 "recent is": "--kv-recent is"}
+        message = str(e)
+        for field, flag in words.items():
+            message = message.replace(field, flag)
+        raise UsageError(message) from None

@@ -27,6 +27,7 @@ import numpy as np
 
 from qsjax.buckets import cache_slots, prompt_bucket
 from qsjax.cli import ArgumentParser, UsageError, exit_on_interrupt, quiet_broken_pipe, run_cli
+from qsjax.eviction import Eviction, add_eviction_args, eviction_from_args, evicting_prefill
 from qsjax.model import Model, decode_step
 from qsjax.programs import Programs
 from qsjax.quicksilver.cli import add_quicksilver_args, check_quicksilver_args, quicksilver_from_args
@@ -58,10 +59,14 @@ class Generator:
     """A model and its tokenizer, with one compiled generation program per (batch, prompt bucket,
     new-token count, sampling mode, stream callback)."""
 
-    def __init__(self, model: Model, tokenizer, quicksilver: QuickSilverConfig | None = None, mesh=None):
+    def __init__(self, model: Model, tokenizer, quicksilver: QuickSilverConfig | None = None, mesh=None,
+                 eviction: Eviction | None = None):
         """`mesh`: a qsjax.sharding mesh to shard the model over (after AMQ quantization, so that the
-        int8 weights are placed by the same rules)."""
+        int8 weights are placed by the same rules); `eviction`: hold the dense cache to a budget."""
         self.quicksilver = quicksilver if quicksilver is not None and quicksilver.enabled else None
+        if eviction is not None and self.quicksilver is not None:
+            raise ValueError("eviction applies to the dense model's cache, not with QuickSilver")
+        self.eviction = eviction
         self.model = model if self.quicksilver is None else prepare(model, self.quicksilver)
         if mesh is not None:
             from qsjax.sharding import shard_model
@@ -90,7 +95,14 @@ class Generator:
         """The whole generation as one function of the model's state (compiled per `static`)."""
         max_new, cache_length, sampling, eos_ids, pad_id, stream = static
         on_token = None if stream is None else (lambda step, toks: stream(int(toks[0])))
-        if self.quicksilver is None:
+        if self.eviction is not None:
+            rule = self.eviction
+
+            def prefill_fn(module, tokens, start, cache_length):
+                return *evicting_prefill(module, tokens, start, rule, max_new), None
+
+            decode_fn = decode_step
+        elif self.quicksilver is None:
             prefill_fn, decode_fn = dense_prefill, decode_step
         else:
             qs = self.quicksilver
@@ -211,6 +223,7 @@ def parse_args(argv=None):
         "model (default: one device)",
     )
     add_quicksilver_args(p)
+    add_eviction_args(p)
     return p.parse_args(argv)
 
 
@@ -251,6 +264,7 @@ def check_args(args) -> list[str]:
     if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
         raise UsageError(f"--seed must be a 64-bit integer ({SEED_RANGE[0]} to {SEED_RANGE[1]}), got {args.seed}")
     check_quicksilver_args(args)
+    eviction_from_args(args, quicksilver_from_args(args, None).enabled)
     if (args.prompt is None) == (args.prompts_file is None):
         raise UsageError("give a prompt or --prompts-file (exactly one of them)")
     if args.prompts_file is None:
@@ -306,7 +320,7 @@ def main(argv=None) -> int:
             raise UsageError(f"--chat: {model_label(args.model, model_dir)}: {e}") from None
     enable_compilation_cache()
     model = load_model_checked(args.model, model_dir, args.dtype)
-    gen = Generator(model, tokenizer, qs, mesh)
+    gen = Generator(model, tokenizer, qs, mesh, eviction_from_args(args, qs.enabled))
     sampling = Sampling(args.do_sample and args.temperature > 0, args.temperature, args.top_k, args.top_p)
     ids = [gen.encode(p, args.chat) for p in prompts]
     check_vocabulary(ids, model.cfg.vocab_size)

@@ -149,3 +149,57 @@ def test_rule_errors():
         Eviction("streaming", budget=8, recent=2)
     with pytest.raises(ValueError, match="policy"):
         Eviction("lru", budget=8)
+
+
+@pytest.mark.parametrize("argv, message", [
+    ("--kv-budget 0", "--kv-budget must be >= 1"),
+    ("--kv-sinks 2", "--kv-sinks needs --kv-budget"),
+    ("--kv-budget 8 --kv-evict h2o", "--kv-budget 8 must exceed --kv-sinks 4 [+] --kv-recent 4"),
+    ("--kv-budget 4", "--kv-budget 4 must exceed --kv-sinks 4 [(]"),
+    ("--kv-budget 8 --kv-recent 2", "--kv-recent is for h2o"),
+    ("--kv-budget 64 --halt-cutoff-layer 3", "does not combine with QuickSilver"),
+])
+def test_flag_errors(argv, message):
+    from qsjax.cli import UsageError
+    from qsjax.generate import check_args, parse_args
+
+    with pytest.raises(UsageError, match=message):
+        check_args(parse_args(["hi", *argv.split()]))
+
+
+def test_flags_build_the_rule():
+    from qsjax.eviction import eviction_from_args
+    from qsjax.generate import parse_args
+
+    assert eviction_from_args(parse_args(["hi"]), False) is None
+    rule = eviction_from_args(parse_args("hi --kv-budget 64 --kv-evict h2o --kv-sinks 2 --kv-recent 8".split()), False)
+    assert rule == Eviction("h2o", 64, 2, 8)
+    assert eviction_from_args(parse_args("hi --kv-budget 64".split()), False) == Eviction("streaming", 64, 4)
+
+
+@pytest.mark.parametrize("policy", ["streaming", "h2o"])
+def test_generator_with_a_budget(policy, tiny_models, rng):
+    """`Generator(eviction=...)` makes the greedy tokens of the evicting prefill + decode steps, the same
+    twice, with left-padded prompts of different lengths longer than the budget."""
+    import types
+
+    from qsjax.generate import Generator
+
+    model, _ = tiny_models["llama-gqa"]
+    rule = Eviction(policy, budget=8, n_sink=2, recent=None if policy == "streaming" else 2)
+    tokenizer = types.SimpleNamespace(eos_ids=(), pad_id=0, decode=lambda ids: "")
+    gen = Generator(model, tokenizer, eviction=rule)
+    gen.eos_ids = ()
+    prompts = [rng.integers(2, 96, 13).tolist(), rng.integers(2, 96, 10).tolist()]
+    first, second = gen(prompts, max_new_tokens=N), gen(prompts, max_new_tokens=N)
+    assert first.token_ids == second.token_ids
+    seq = np.zeros((2, T + N), np.int32)
+    for b, (prompt, new) in enumerate(zip(prompts, first.token_ids)):
+        seq[b, T - len(prompt):] = prompt + new
+    module, start = model.module(), jnp.asarray([T - len(p) for p in prompts])
+    logits, cache = evicting_prefill(module, jnp.asarray(seq[:, :T]), start, rule, N)
+    greedy = [np.asarray(logits).argmax(-1)]
+    for i in range(N - 1):
+        logits, cache = decode_step(module, cache, jnp.asarray(seq[:, T + i]))
+        greedy.append(np.asarray(logits).argmax(-1))
+    assert np.stack(greedy, 1).tolist() == [list(t) for t in first.token_ids]
