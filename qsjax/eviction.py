@@ -31,7 +31,6 @@ import jax.numpy as jnp
 
 from qsjax import blocks
 from qsjax.kvcache import EMPTY, KVCache
-from qsjax.layers import grouped_scores
 from qsjax.model import Layout, block, scan_layers
 
 POLICIES = ("streaming", "h2o")
@@ -108,7 +107,10 @@ def received(q, kh, q_slot, k_slot, q_ok):
     """Softmax attention each key receives from the given queries, summed over queries and heads,
     keys visible by the slot rule (k_slot <= q_slot).  q [B, R, H, Dh], kh [B, K, S, Dh],
     q_slot [B, R], k_slot [B, S], q_ok [B, R] (queries that vote)  -> [B, S] float32"""
-    scores = grouped_scores(q, kh.transpose(0, 2, 1, 3))  # [B, K, G, R, S]
+    B, R, H, Dh = q.shape
+    K = kh.shape[1]
+    qg = q.reshape(B, R, K, H // K, Dh)  # query head h = k G + g, as in `layers.grouped_scores` (keys heads-major here)
+    scores = jnp.einsum("brkgd,bksd->bkgrs", qg, kh, preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(Dh))
     seen = k_slot[:, None, :] <= q_slot[:, :, None]  # [B, R, S]
     probs = jax.nn.softmax(jnp.where(seen[:, None, None], scores, -jnp.inf), axis=-1)
     probs = jnp.where(seen[:, None, None] & q_ok[:, None, None, :, None], probs, 0.0)  # no NaN from a blind query
