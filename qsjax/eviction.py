@@ -120,7 +120,7 @@ def received(q, kh, q_slot, k_slot, q_ok):
 def evicting_prefill(model, tokens, start, rule: Eviction, new_tokens: int):
     """A left-padded prompt batch into an evicting cache of min(budget, T + new_tokens) places per layer.
     tokens [B, T], start [B] -> last logits [B, V], EvictingCache"""
-    B, T = tokens.shape
+    T = tokens.shape[1]
     w = Layout.left_padded(model.cfg, start, T)
     R = min(T, max(rule.window, 1))  # the observation window
 
