@@ -43,52 +43,17 @@ from qsjax.cli import (
     write_file_atomic,
 )
 from qsjax.distributed import add_distributed_args, check_distributed_args, is_writer, start, together
+from qsjax.eviction import Eviction, add_eviction_args, eviction_from_args, evicting_prefill
 from qsjax.kvcache import cache_bytes, dense_cache_bytes
 from qsjax.model import Model
-from qsjax.generate_report import closing_line, make_report
+from qsjax.generate_report import GenerationResult, closing_line, make_report
 from qsjax.programs import Programs
 from qsjax.quicksilver.cli import add_quicksilver_args, check_quicksilver_args, quicksilver_from_args
+from qsjax.quicksilver.compacted import compact, kept_places, visible_counts
 from qsjax.quicksilver.config import QuickSilverConfig
 from qsjax.quicksilver.generation import generated_to_json, prepare, quicksilver_decode, quicksilver_prefill
 from qsjax.sampler import Decoding, LoopState, Sampling, decode_loop, dense_decode, dense_prefill, first_token
 from qsjax.sharding import to_host
-
-
-@dataclasses.dataclass
-class GenerationResult:
-    texts: list[str]
-    token_ids: list[list[int]]  # each row's new tokens, up to (not including) its EOS
-    prompt_tokens: list[int]
-    seconds_first_token: float  # the prefill program: prompt through the model, first new token picked
-    seconds_decode: float  # the decode-loop program: every new token after the first
-    seconds_compile: float
-    kv_cache_bytes: dict  # {"dense": the dense KVCache of this batch and length, "this_setting": what decoding carried}
-    quicksilver: dict | None = None  # {"prompt": PromptSummary.to_json, "generated": generated_to_json}
-
-    @property
-    def seconds(self) -> float:
-        """Prefill + decode, compilation excluded."""
-        return self.seconds_first_token + self.seconds_decode
-
-    @property
-    def new_tokens(self) -> int:
-        return sum(len(t) for t in self.token_ids)
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
-
-    @property
-    def decode_tokens_per_second(self) -> float | None:
-        """New tokens after each row's first, summed over the batch, per second of the decode loop
-        (None when no row made a second token)."""
-        n = sum(max(0, len(t) - 1) for t in self.token_ids)
-        return n / self.seconds_decode if n and self.seconds_decode > 0 else None
-
-    @property
-    def prompt_layers_executed(self) -> float | None:
-        """QuickSilver: the fraction of the prompt's token-layers computed."""
-        return None if self.quicksilver is None else self.quicksilver["prompt"]["fraction_token_layers_executed"]
 
 
 class Generator:
@@ -96,11 +61,15 @@ class Generator:
     count, sampling mode, stream callback): the prefill with the first new token, and the decode
     loop for the rest (timed apart: time to first token, decode speed)."""
 
-    def __init__(self, model: Model, tokenizer, quicksilver: QuickSilverConfig | None = None, mesh=None):
+    def __init__(self, model: Model, tokenizer, quicksilver: QuickSilverConfig | None = None, mesh=None,
+                 eviction: Eviction | None = None):
         """`mesh`: a qsjax.sharding mesh to shard the model over (after AMQ quantization, so that the
-        int8 weights are placed by the same rules)."""
+        int8 weights are placed by the same rules); `eviction`: hold the dense cache to a budget."""
         self.quicksilver = quicksilver if quicksilver is not None and quicksilver.enabled else None
         self.kv_dtype = model.dtype  # the float model's: its keys and values (AMQ may store int8 weights)
+        if eviction is not None and self.quicksilver is not None:
+            raise ValueError("eviction applies to the dense model's cache, not with QuickSilver")
+        self.eviction = eviction
         self.model = model if self.quicksilver is None else prepare(model, self.quicksilver)
         if mesh is not None:
             from qsjax.sharding import shard_model
@@ -110,7 +79,14 @@ class Generator:
         self.eos_ids = tuple(sorted(set(model.cfg.eos_ids) | set(tokenizer.eos_ids)))
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (self.eos_ids or (0,))[0]
         self._first = Programs(self._first_token, static_argnums=(5,))
+        self._compact = Programs(self._compact_cache, static_argnums=(1,))
         self._decode = Programs(self._decode_loop, static_argnums=(3,), donate_argnums=(1,))
+
+    @property
+    def compacts(self) -> bool:
+        """Whether decoding runs on a compacted cache (QuickSilver, scope=context, not the masked reference)."""
+        qs = self.quicksilver
+        return qs is not None and qs.scope == "context" and qs.compact
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         if chat:
@@ -122,6 +98,13 @@ class Generator:
         max_new, _, sampling, eos_ids, pad_id, stream = static
         on_token = None if stream is None else (lambda step, toks: stream(int(toks[0])))
         d = Decoding(max_new, sampling, eos_ids, pad_id, on_token)
+        if self.eviction is not None:
+            rule = self.eviction
+
+            def evicting(module, tokens, start, cache_length):
+                return *evicting_prefill(module, tokens, start, rule, max_new), None
+
+            return d, evicting, dense_decode
         if self.quicksilver is None:
             return d, dense_prefill, dense_decode
         qs = self.quicksilver
@@ -143,12 +126,18 @@ class Generator:
         d, _, decode_fn = self._steps(static)
         return decode_loop(self.model.module(state), loop, knobs, d, decode_fn=decode_fn)
 
+    def _compact_cache(self, loop: LoopState, static) -> LoopState:
+        """The prompt's cache, each layer gathered to the entries it shows (`kept` places each)."""
+        max_new, kept = static
+        return dataclasses.replace(loop, cache=compact(loop.cache, kept, max_new))
+
     @property
     def programs(self) -> int:
-        """Distinct compiled programs so far (a prefill and a decode loop per batch, prompt bucket,
-        new-token count, sampling mode, stream callback); under QuickSilver each switches between its
-        layers' compaction buckets inside."""
-        return len(self._first) + len(self._decode)
+        """Distinct compiled programs so far: per batch, prompt bucket, new-token count, sampling mode and
+        stream callback, a prefill with the first new token and a decode loop (on a compacted cache,
+        a compaction program and a decode loop per tuple of per-layer sizes); under QuickSilver each
+        switches between its layers' compaction buckets inside."""
+        return len(self._first) + len(self._compact) + len(self._decode)
 
     def check(self, prompts: list[list[int]], max_new_tokens: int):
         """Raise UsageError for an empty prompt or one that does not fit the context with the new tokens."""
@@ -181,16 +170,23 @@ class Generator:
         rng = jax.random.key(seed)
         spec, state = self.model.spec, self.model.state
         compile_s = self._first.compile(key, state, spec(batch.shape), spec(start.shape), rng, knobs, static)
-        compile_s += self._decode.compile(key, state, self._first.out_info(key)[0], knobs, static)
         t0 = time.perf_counter()
         loop, prompt_summary = self._first(key, state, self.model.place(batch), self.model.place(start), rng, knobs)
         jax.block_until_ready(loop)
-        t1 = time.perf_counter()
+        first_s, loop_info, kept = time.perf_counter() - t0, self._first.out_info(key)[0], None
+        if self.compacts:  # each layer keeps the entries it shows: sizes read on the host, then gathered
+            kept = kept_places(to_host(visible_counts(loop.cache)), T)
+            compile_s += self._compact.compile((key, kept), loop_info, (max_new_tokens, kept))
+            t0 = time.perf_counter()
+            loop = jax.block_until_ready(self._compact((key, kept), loop))
+            first_s, loop_info = first_s + time.perf_counter() - t0, self._compact.out_info((key, kept))
         kv_bytes = {"dense": dense_cache_bytes(cfg, len(prompts), cache_length, self.kv_dtype),
                     "this_setting": cache_bytes(loop.cache)}
-        loop = self._decode(key, state, loop, knobs)  # `loop` is donated: its cache is updated in place
+        compile_s += self._decode.compile((key, kept), state, loop_info, knobs, static)
+        t0 = time.perf_counter()
+        loop = self._decode((key, kept), state, loop, knobs)  # `loop` is donated: its cache is updated in place
         out, record = to_host((loop.out, loop.record))  # rows may live on several processes
-        t2 = time.perf_counter()
+        decode_s = time.perf_counter() - t0
         ids = []
         for row in out:
             row = row.tolist()
@@ -201,7 +197,7 @@ class Generator:
         if self.quicksilver is not None:
             qs = {"prompt": to_host(prompt_summary).to_json(self.quicksilver, start),
                   "generated": generated_to_json(self.quicksilver, cfg.n_layers, record.decoded, record.info)}
-        return GenerationResult(texts, ids, lengths, t1 - t0, t2 - t1, compile_s, kv_bytes, qs)
+        return GenerationResult(texts, ids, lengths, first_s, decode_s, compile_s, kv_bytes, qs)
 
 
 def parse_args(argv=None):
@@ -228,6 +224,7 @@ def parse_args(argv=None):
     )
     add_quicksilver_args(p)
     add_distributed_args(p)
+    add_eviction_args(p)
     return p.parse_args(argv)
 
 
@@ -273,6 +270,7 @@ def check_args(args) -> list[str]:
         raise UsageError("--json -: stdout carries the generated text; give a file name")
     if args.json is not None:
         check_output_file("--json", args.json)
+    eviction_from_args(args, quicksilver_from_args(args, None).enabled)
     if (args.prompt is None) == (args.prompts_file is None):
         raise UsageError("give a prompt or --prompts-file (exactly one of them)")
     if args.prompts_file is None:
@@ -331,7 +329,7 @@ def load_generator(args, prompts: list[str]) -> tuple[Generator, list[list[int]]
             raise UsageError(f"--chat: {model_label(args.model, model_dir)}: {e}") from None
     enable_compilation_cache()
     model = load_model_checked(args.model, model_dir, args.dtype)
-    gen = Generator(model, tokenizer, qs, mesh)
+    gen = Generator(model, tokenizer, qs, mesh, eviction_from_args(args, qs.enabled))
     ids = [gen.encode(p, args.chat) for p in prompts]
     check_vocabulary(ids, model.cfg.vocab_size)
     gen.check(ids, args.max_new_tokens)

@@ -1,5 +1,5 @@
-"""What a generation run reports: the `--json` report of `python -m qsjax.generate` and its closing
-stderr line (time to first token and decode speed apart)."""
+"""What a generation run reports: its result (`GenerationResult`), the `--json` report of
+`python -m qsjax.generate` and its closing stderr line (time to first token and decode speed apart)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,43 @@ import dataclasses
 from pathlib import Path
 
 from qsjax.sampler import Sampling
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    texts: list[str]
+    token_ids: list[list[int]]  # each row's new tokens, up to (not including) its EOS
+    prompt_tokens: list[int]
+    seconds_first_token: float  # the prefill program: prompt through the model, first new token picked
+    seconds_decode: float  # the decode-loop program: every new token after the first
+    seconds_compile: float
+    kv_cache_bytes: dict  # {"dense": the dense KVCache of this batch and length, "this_setting": what decoding carried}
+    quicksilver: dict | None = None  # {"prompt": PromptSummary.to_json, "generated": generated_to_json}
+
+    @property
+    def seconds(self) -> float:
+        """Prefill + decode, compilation excluded."""
+        return self.seconds_first_token + self.seconds_decode
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.token_ids)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_second(self) -> float | None:
+        """New tokens after each row's first, summed over the batch, per second of the decode loop
+        (None when no row made a second token)."""
+        n = sum(max(0, len(t) - 1) for t in self.token_ids)
+        return n / self.seconds_decode if n and self.seconds_decode > 0 else None
+
+    @property
+    def prompt_layers_executed(self) -> float | None:
+        """QuickSilver: the fraction of the prompt's token-layers computed."""
+        return None if self.quicksilver is None else self.quicksilver["prompt"]["fraction_token_layers_executed"]
 
 
 def make_report(args, model_dir: Path, gen, prompts: list[str], sampling: Sampling,

@@ -29,7 +29,7 @@ from flax import nnx
 from qsjax import blocks
 from qsjax.config import ModelConfig
 from qsjax.kvcache import KVCache
-from qsjax.attention import attention, attention_heads_major
+from qsjax.attention import attention
 from qsjax.modules import Transformer
 from qsjax.rope import rope_angles
 
@@ -123,24 +123,21 @@ def prefill(model: Transformer, tokens, start, cache_length: int):
 
 
 def decode_step(model: Transformer, cache: KVCache, tokens, key_mask=None, key_bias=None):
-    """One new token per row at slot cache.index.  tokens [B] -> logits [B, V], new cache.
+    """One new token per row, slot cache.index.  tokens [B] -> logits [B, V], new cache.
 
-    key_mask [L, B, S] bool: which cached keys each layer may attend to besides the new token's own
-    (None: every real one); key_bias [L, B, S]: added to their scores (None: nothing).
+    key_mask[l] [B, S_l] bool: which cached entries layer l may attend to besides the new token's own
+    (None: every one); key_bias[l] [B, S_l]: added to their scores (None: nothing); an [L, B, S] array
+    or a tuple per layer. The cache writes each layer's entry and attends (`cache.attend`): a plain
+    KVCache, or one that evicts (`qsjax.eviction`).
     Layers are unrolled: decoding is dominated by reading weights and the cache, and a scan would
     add a dynamic slice (a copy) of every weight and cache layer per step."""
-    B = tokens.shape[0]
     positions = cache.positions()[:, None]  # [B, 1]
     cos, sin = rope_angles(model.cfg, positions)
     x = blocks.embed(model, tokens[:, None], positions)  # [B, 1, D]
-    q_slot = jnp.broadcast_to(cache.index, (B, 1))
-    k_slot, written = cache.slots(), cache.slots_valid()  # [B, S]
     for l, blk in enumerate(model.blocks):
         q, k, v = blocks.qkv(blk, x, cos, sin)
-        cache = cache.write(l, k, v)
-        ok = written if key_mask is None else written & key_mask[l]
-        bias = None if key_bias is None else key_bias[l]
-        o = attention_heads_major(q, cache.k[l], cache.v[l], q_slot, k_slot, ok, bias, self_visible=True)
+        mask = None if key_mask is None else key_mask[l]
+        cache, o = cache.attend(l, q, k, v, mask, None if key_bias is None else key_bias[l])
         x = blocks.tail(blk, x, o)
     return blocks.lm_logits(model, x[:, 0]), cache.advance()
 

@@ -51,6 +51,7 @@ from qsjax.cli import (
     run_cli,
     write_file_atomic,
 )
+from qsjax.eviction import add_eviction_args, eviction_from_args
 from qsjax.quicksilver.cli import add_quicksilver_args, check_quicksilver_args, quicksilver_from_args
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -202,6 +203,7 @@ def parse_args(argv=None):
     p.add_argument("--plot", metavar="PNG", help="write the heatmap (length x depth, colour = accuracy) to PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_quicksilver_args(p)
+    add_eviction_args(p)
     return p.parse_args(argv)
 
 
@@ -216,8 +218,10 @@ def check_args(args) -> None:
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     check_quicksilver_args(args)
-    if args.compare and not quicksilver_from_args(args, None).enabled:
-        raise UsageError("--compare runs dense beside a QuickSilver setting: give one (e.g. --quicksilver fast)")
+    enabled = quicksilver_from_args(args, None).enabled
+    if eviction_from_args(args, enabled) is None and args.compare and not enabled:
+        raise UsageError("--compare runs dense beside a QuickSilver or --kv-budget setting: give one (e.g. "
+                         "--quicksilver fast)")
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401
@@ -258,8 +262,9 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def settings(args, model_dir, haystack_path, cfg, qs) -> dict:
+def settings(args, model_dir, haystack_path, cfg, qs, eviction) -> dict:
     label = "dense" if qs is None else "quicksilver" + (f" {args.quicksilver}" if args.quicksilver != "off" else "")
+    label = label if eviction is None else f"{eviction.policy} kv-budget {eviction.budget}"
     return dict(
         model=args.model or model_dir.name, model_dir=str(model_dir), context=cfg.max_positions, dtype=args.dtype,
         lengths=args.lengths, depths=depth_fractions(args.depths), trials=args.trials, seed=args.seed,
@@ -267,6 +272,7 @@ def settings(args, model_dir, haystack_path, cfg, qs) -> dict:
         haystack_path=None if haystack_path is None else str(haystack_path), length_rule=LENGTH_RULE,
         answer_rule=ANSWER_RULE, compare=args.compare, label=label,
         quicksilver=None if qs is None else {"preset": args.quicksilver, "settings": dataclasses.asdict(qs)},
+        eviction=None if eviction is None else dataclasses.asdict(eviction),
     )
 
 
@@ -291,6 +297,7 @@ def main(argv=None) -> int:
         raise UsageError(f"--lengths {too_long[0]} is longer than the model's context ({cfg.max_positions} tokens)")
     qs = quicksilver_from_args(args, cfg.n_layers)
     qs = qs if qs.enabled else None
+    eviction = eviction_from_args(args, qs is not None)
     tokenizer = load_tokenizer_checked(args.model, model_dir)
     try:
         cells = make_cells(tokenizer, text, args.lengths, depth_fractions(args.depths), args.trials, args.seed,
@@ -301,15 +308,15 @@ def main(argv=None) -> int:
     enable_compilation_cache()
     from qsjax.generate import Generator
 
-    report = dict(settings=settings(args, model_dir, haystack_path, cfg, qs))
+    report = dict(settings=settings(args, model_dir, haystack_path, cfg, qs, eviction))
     # from here to the report nothing is written: Ctrl-C ends the run at once, even inside XLA
     with exit_on_interrupt(lambda signum: sys.stderr.write("\n")):
         model = load_model_checked(args.model, model_dir, args.dtype)
         if args.compare:
             report["dense"] = run_cells(Generator(model, tokenizer), cells, args.max_new_tokens, not args.no_progress,
                                         "dense")
-        report.update(run_cells(Generator(model, tokenizer, qs), cells, args.max_new_tokens, not args.no_progress,
-                                report["settings"]["label"]))
+        report.update(run_cells(Generator(model, tokenizer, qs, eviction=eviction), cells, args.max_new_tokens,
+                                not args.no_progress, report["settings"]["label"]))
     return write_outputs(args, report)
 
 

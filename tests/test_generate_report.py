@@ -32,9 +32,11 @@ def tiny_gpt2(tmp_path_factory):
 
 
 def dense_bytes(cfg, batch: int, longest_prompt: int, itemsize: int) -> int:
-    """The dense KVCache: K and V of every layer [B, K, S, Dh], plus its int32 row starts [B] and write index."""
+    """The dense KVCache: K and V of every layer [B, K, S, Dh], each layer's int32 slot per place [B, S] and
+    fill place, its int32 row starts [B] and write index."""
     S = cache_slots(prompt_bucket(longest_prompt, cfg.max_positions), MAX_NEW)
-    return cfg.n_layers * 2 * batch * cfg.n_kv_heads * S * cfg.head_dim * itemsize + 4 * (batch + 1)
+    L = cfg.n_layers
+    return L * 2 * batch * cfg.n_kv_heads * S * cfg.head_dim * itemsize + 4 * (L * batch * S + L + batch + 1)
 
 
 def generate_json(tmp_path, model, *args):
@@ -117,14 +119,15 @@ def test_report_batch_bfloat16_quicksilver(tiny_gpt2, tmp_path):
 
 def test_generator_scope_context_timings_and_reuse(tiny_gpt2):
     """scope context: generated tokens run every layer (said so, not invented); a second call reuses
-    both programs (no compile time), and the dense cache's figure is what a dense run allocates."""
+    its programs (prefill, compaction of the cache, decode loop: no compile time), and the dense cache's
+    figure is what a dense run allocates."""
     model, tokenizer = load_model(tiny_gpt2, "bfloat16"), load_tokenizer(tiny_gpt2)
     qs = QuickSilverConfig(scope="context", halt="cutoff", halt_cutoff_layer=1, kv_skip="mask")  # as `fast`
     gen = Generator(model, tokenizer, qs)
     ids = [gen.encode(s) for s in ("The quick brown fox jumps", "A small model reads")]
     first = gen(ids, max_new_tokens=MAX_NEW)
     again = gen(ids, max_new_tokens=MAX_NEW)
-    assert gen.programs == 2 and first.seconds_compile > 0 and again.seconds_compile == 0
+    assert gen.programs == 3 and first.seconds_compile > 0 and again.seconds_compile == 0
     assert again.token_ids == first.token_ids and again.seconds_first_token > 0 and again.seconds_decode > 0
     generated = first.quicksilver["generated"]
     assert not generated["decided"] and generated["tokens_halted"] == generated["fusions"] == 0

@@ -28,11 +28,14 @@ def test_cache_shape_and_validity(tiny_models):
     cache = KVCache.empty(cfg, batch=2, length=8, start=[0, 3])
     assert len(cache.k) == len(cache.v) == cfg.n_layers  # one buffer per layer, heads-major
     assert cache.k[0].shape == (2, cfg.n_kv_heads, 8, cfg.head_dim)
-    assert not cache.slots_valid().any()  # nothing written yet
+    assert not cache.holds(0).any()  # nothing written yet
     _, cache = model.prefill(np.ones((2, 5), np.int32), np.array([0, 3]), 8)
-    valid = np.asarray(cache.slots_valid())
-    assert valid[0].tolist() == [True] * 5 + [False] * 3
-    assert valid[1].tolist() == [False] * 3 + [True] * 2 + [False] * 3
+    for layer in range(cfg.n_layers):
+        valid = np.asarray(cache.holds(layer))
+        assert valid[0].tolist() == [True] * 5 + [False] * 3
+        assert valid[1].tolist() == [False] * 3 + [True] * 2 + [False] * 3
+    assert np.asarray(cache.slot[0])[1, 3:5].tolist() == [3, 4]  # a dense cache's place is the slot
+    assert np.asarray(cache.fill).tolist() == [5] * cfg.n_layers
 
 
 def test_decode_is_donated_and_does_not_recompile(tiny_models):

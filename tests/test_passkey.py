@@ -128,6 +128,8 @@ def test_argument_errors(tiny, tmp_path):
         "missing haystack": (["--haystack", tmp_path / "missing.txt"], "not found"),
         "json is a directory": (["--json", tmp_path], "is a directory"),
         "plot to stdout": (["--plot", "-"], "--plot"),
+        "budget with quicksilver": (["--kv-budget", 64, "--halt-cutoff-layer", 1], "does not combine"),
+        "recent without a budget": (["--kv-recent", 8], "needs --kv-budget"),
     }
     out = tmp_path / "out"
     out.mkdir()
@@ -184,3 +186,14 @@ def test_dense_json_on_stdout_with_haystack(tiny, tmp_path):
     assert "dense" not in report and report["settings"]["quicksilver"] is None
     assert report["settings"]["haystack_path"] == str(tmp_path / "hay.txt") and report["cells"][0]["depth"] == 0.5
     assert "accuracy" in proc.stderr  # the table moves to stderr
+
+
+def test_end_to_end_with_a_kv_budget(tiny, tmp_path):
+    """--compare beside H2O eviction to a budget below the prompt: the report names the rule."""
+    proc = run_passkey("--model", tiny, "--lengths", 200, "--depths", 1, "--trials", 2, "--compare", "--kv-budget", 64,
+                       "--kv-evict", "h2o", "--kv-recent", 16, "--no-progress", "--json", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["settings"]["eviction"] == dict(policy="h2o", budget=64, n_sink=4, recent=16)
+    assert report["settings"]["label"] == "h2o kv-budget 64" and "dense" in report
+    assert [t["prompt_tokens"] for t in report["cells"][0]["trials"]] == [190, 190]

@@ -140,6 +140,7 @@ def test_generator_equals_the_window_pass(name, tiny_models, rng):
     N = 6
     result = gen(prompts, max_new_tokens=N)
     assert result.prompt_layers_executed is not None
+    assert gen.compacts == (qs.scope == "context")  # scope=context decodes on the compacted cache
     for prompt, new in zip(prompts, result.token_ids):
         P = len(prompt)
         seq = np.array([prompt + new])

@@ -76,7 +76,6 @@ def quicksilver_decode_step(qs: QuickSilverConfig, module, state: DecodeState, t
     w = Layout.of(module.cfg, positions, ones)
     ctx = Context(dataclasses.replace(w, slots=jnp.broadcast_to(i, (B, 1))), positions >= qs.n_sink, ones)
     tok = Tokens.start(blocks.embed(module, tokens[:, None], positions), ones, L)
-    k_slot, written = kv.slots(), kv.slots_valid()  # [B, S]: every real key before the new one
     prev_fused = jnp.zeros(B, bool)
     views = []
     for li, blk in enumerate(module.blocks):
@@ -98,8 +97,8 @@ def quicksilver_decode_step(qs: QuickSilverConfig, module, state: DecodeState, t
             o = attention_heads_major(q, keys, values, q_slot, k_slot, ok, bias, self_visible=True)
             return blocks.tail(blk, x, o, with_widths(bits))
 
-        ok = written & qc.visible[li]  # [B, S]; its own key is always there (self_visible)
-        x = on_rows(run, computing[:, 0], tok.x, tok.x, q, ctx.layout.slots, qc.kv.k[li], qc.kv.v[li], k_slot, ok,
+        ok = qc.visible[li]  # [B, S] (padding and unwritten places: not visible); its own key: self_visible
+        x = on_rows(run, computing[:, 0], tok.x, tok.x, q, ctx.layout.slots, qc.kv.k[li], qc.kv.v[li], qc.kv.slot[li], ok,
                     qc.bias[li], tok.bits, buckets=decode_row_buckets(B))
 
         can = ctx.eligible & computing & (layer < L)
