@@ -30,7 +30,6 @@ from benchlib import check_json_path, check_positive, log, machine, median, rati
 from qsjax.cli import ArgumentParser, UsageError, run_cli
 
 D, H, K, DH, F = 576, 9, 3, 64, 1536
-G = H // K
 PROMPT, CACHE = 16, 128
 VARIANTS = {"separate": ("separate", "separate"), "qkv": ("grouped", "separate"), "qkv_concat": ("concat", "separate"),
             "qkv_gate_up": ("grouped", "interleaved"), "qkv_gate_up_cat": ("grouped", "concat")}
@@ -53,14 +52,15 @@ def parse_args(argv=None):
 
 
 def layer_weights(rng) -> dict:
+    from qsjax import layers
+
     """One block's weights, separate and in every fused layout (the same numbers)."""
     n = lambda *s: (rng.normal(size=s) / np.sqrt(s[0])).astype(np.float32)
     w = {"q": n(D, H * DH), "k": n(D, K * DH), "v": n(D, K * DH), "o": n(H * DH, D),
          "gate": n(D, F), "up": n(D, F), "down": n(F, D), "norm1": np.ones(D, np.float32), "norm2": np.ones(D, np.float32)}
-    q = w["q"].reshape(D, K, G, DH)
-    w["qkv_grouped"] = np.concatenate([q, w["k"].reshape(D, K, 1, DH), w["v"].reshape(D, K, 1, DH)], 2).reshape(D, -1)
+    w["qkv_grouped"] = np.asarray(layers.fuse_qkv(w["q"], w["k"], w["v"], K))  # qsjax's layout
     w["qkv_concat"] = np.concatenate([w["q"], w["k"], w["v"]], 1)
-    w["gate_up_interleaved"] = np.stack([w["gate"], w["up"]], -1).reshape(D, 2 * F)
+    w["gate_up_interleaved"] = np.asarray(layers.fuse_gate_up(w["gate"], w["up"]))  # qsjax's layout
     w["gate_up_concat"] = np.concatenate([w["gate"], w["up"]], 1)
     return w
 
@@ -69,12 +69,13 @@ def qkv(layout: str, w, h):
     """h [B, T, D] -> q [B, T, H, Dh], k, v [B, T, K, Dh]"""
     import jax.numpy as jnp
 
+    from qsjax import layers
+
     B, T, _ = h.shape
     if layout == "separate":
         return (h @ w["q"]).reshape(B, T, H, DH), (h @ w["k"]).reshape(B, T, K, DH), (h @ w["v"]).reshape(B, T, K, DH)
     if layout == "grouped":
-        y = (h @ w["qkv_grouped"]).reshape(B, T, K, G + 2, DH)
-        return y[..., :G, :].reshape(B, T, H, DH), y[..., G, :], y[..., G + 1, :]
+        return layers.split_qkv(h @ w["qkv_grouped"], K, DH)
     q, k, v = jnp.split(h @ w["qkv_concat"], [H * DH, (H + K) * DH], axis=-1)
     return q.reshape(B, T, H, DH), k.reshape(B, T, K, DH), v.reshape(B, T, K, DH)
 
@@ -83,26 +84,25 @@ def gated(layout: str, w, h):
     """silu(h gate) * (h up).  [B, T, D] -> [B, T, F]"""
     import jax.numpy as jnp
 
-    from qsjax.layers import silu
+    from qsjax import layers
 
     if layout == "separate":
-        return silu(h @ w["gate"]) * (h @ w["up"])
+        return layers.silu(h @ w["gate"]) * (h @ w["up"])
     if layout == "interleaved":
-        y = (h @ w["gate_up_interleaved"]).reshape(*h.shape[:-1], F, 2)
-        return silu(y[..., 0]) * y[..., 1]
+        return layers.swiglu(h @ w["gate_up_interleaved"])
     g, u = jnp.split(h @ w["gate_up_concat"], 2, axis=-1)
-    return silu(g) * u
+    return layers.silu(g) * u
 
 
 def block(variant: str, w, x, cos, sin, attend):
-    from qsjax.layers import rms_norm
+    from qsjax import layers
     from qsjax.rope import apply_rope
 
     qkv_layout, mlp_layout = VARIANTS[variant]
-    q, k, v = qkv(qkv_layout, w, rms_norm(x, w["norm1"], 1e-5))
+    q, k, v = qkv(qkv_layout, w, layers.rms_norm(x, w["norm1"], 1e-5))
     o, extra = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
     x = x + o.reshape(*x.shape[:2], -1) @ w["o"]
-    return x + gated(mlp_layout, w, rms_norm(x, w["norm2"], 1e-5)) @ w["down"], extra
+    return x + gated(mlp_layout, w, layers.rms_norm(x, w["norm2"], 1e-5)) @ w["down"], extra
 
 
 def decode_fn(variant: str):
@@ -184,6 +184,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import jax.numpy as jnp
 
+    at_start = machine()
     rng = np.random.default_rng(0)
     weights = [{k: jnp.asarray(v) for k, v in layer_weights(rng).items()} for _ in range(args.decode_layers)]
     runs, compile_s, outputs = cases(args, weights, rng)
@@ -199,7 +200,7 @@ def main(argv=None) -> int:
                 times[key].append(time.perf_counter() - t0)
                 cpu[key].append(time.process_time() - c0)
     report = {"command": " ".join(["python", "scripts/bench_projections.py", *(sys.argv[1:] if argv is None else argv)]),
-              "machine_at_start": machine(), "repeats": args.repeats, "decode_layers": args.decode_layers,
+              "machine_at_start": at_start, "repeats": args.repeats, "decode_layers": args.decode_layers,
               "max_abs_difference_from_separate": agree, "cases": {}}
     lines = [f"{'case':>14} {'variant':16} {'median ms':>10} {'speedup':>8} {'min ms':>8} {'speedup':>8} "
              f"{'cpu ms':>8} {'speedup':>8}"]

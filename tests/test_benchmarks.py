@@ -30,6 +30,10 @@ def run_script(name, *args):
     ("bench_generate.py", ["--new-tokens", "1"], "--new-tokens must be at least 2"),
     ("bench_generate.py", ["--prompt-tokens", "0"], "--prompt-tokens must be at least 1"),
     ("bench_generate.py", ["--json", "/nonexistent-dir/out.json"], "does not exist"),
+    ("bench_projections.py", ["--repeats", "0"], "--repeats must be at least 1"),
+    ("bench_projections.py", ["--batches", "1", "0"], "--batches takes positive numbers"),
+    ("bench_projections.py", ["--prefill-length", "-1"], "--prefill-length must be at least 0"),
+    ("bench_projections.py", ["--json", "/nonexistent-dir/out.json"], "does not exist"),
     ("profile_quicksilver.py", ["--stride", "2048"], "--stride must be in 1..--max-length - 1"),
     ("profile_quicksilver.py", ["--repeats", "0"], "--repeats must be at least 1"),
 ])
