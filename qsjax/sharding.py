@@ -64,7 +64,7 @@ NORMS = ("ln1", "ln2", "attn_norm", "mlp_norm", "final_norm")
 
 
 def logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
-    """Logical axis names of the parameter at `path` in the model state, e.g. ("blocks", 3, "q_proj", "w").
+    """Logical axis names of the parameter at `path` in the model state, e.g. ("blocks", 3, "qkv_proj", "w").
 
     A Linear holds w [D_in, D_out] and b [D_out], or, quantized (QuickSilver's AMQ), int8 codes
     [D_in, D_out] and scales [1, D_out]: codes shard like w, scales and biases like its output.
