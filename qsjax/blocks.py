@@ -43,26 +43,23 @@ def lm_logits(model: Transformer, x):
 def qkv(blk, x, cos, sin, linear=call):
     """Queries, keys and values of a block.  x [B, T, D] -> q [B, T, H, Dh], k and v [B, T, K, Dh]
 
-    GPT-2: one fused projection of ln1(x) (positions entered at the embedding). Llama: separate
-    projections of rmsnorm(x), RoPE on q and k."""
+    GPT-2: one fused projection of ln1(x) (positions entered at the embedding). Llama: one fused
+    projection of rmsnorm(x) (columns grouped by key/value head, `layers.split_qkv`), RoPE on q and k."""
     B, T, _ = x.shape
     Dh = blk.head_dim
     if isinstance(blk, GPT2Block):
         q, k, v = jnp.split(linear(blk.qkv_proj, blk.ln1(x)), 3, axis=-1)
         return q.reshape(B, T, -1, Dh), k.reshape(B, T, -1, Dh), v.reshape(B, T, -1, Dh)
-    h = blk.attn_norm(x)
-    q = linear(blk.q_proj, h).reshape(B, T, -1, Dh)
-    k = linear(blk.k_proj, h).reshape(B, T, -1, Dh)
-    v = linear(blk.v_proj, h).reshape(B, T, -1, Dh)
+    q, k, v = layers.split_qkv(linear(blk.qkv_proj, blk.attn_norm(x)), blk.n_kv_heads, Dh)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 def mlp(blk, x, linear=call):
-    """GPT-2: proj(gelu(fc(ln2(x)))); Llama: down(silu(gate(h)) * up(h)), h = rmsnorm(x).  [B, T, D] -> [B, T, D]"""
+    """GPT-2: proj(gelu(fc(ln2(x)))); Llama: down(silu(gate(h)) * up(h)), h = rmsnorm(x), gate and up
+    one fused projection (`layers.swiglu`).  [B, T, D] -> [B, T, D]"""
     if isinstance(blk, GPT2Block):
         return linear(blk.proj, layers.gelu_tanh(linear(blk.fc, blk.ln2(x))))
-    h = blk.mlp_norm(x)
-    return linear(blk.down_proj, layers.silu(linear(blk.gate_proj, h)) * linear(blk.up_proj, h))
+    return linear(blk.down_proj, layers.swiglu(linear(blk.gate_up_proj, blk.mlp_norm(x))))
 
 
 def tail(blk, x, o, linear=call):

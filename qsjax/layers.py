@@ -17,6 +17,35 @@ def linear(x, w, b=None):
     return y if b is None else y + b
 
 
+def fuse_qkv(wq, wk, wv, n_kv_heads: int):
+    """Llama's query, key and value maps as one, columns grouped by key/value head: group k holds
+    [q_(kG) .. q_(kG+G-1), k_k, v_k], Dh columns each (query head h = k G + g, as in `grouped_scores`),
+    so that a split over whole groups keeps every head with its keys and values.
+    [..., H Dh], [..., K Dh], [..., K Dh] (weights [D, .] or biases) -> [..., K (G + 2) Dh]"""
+    lead, K = wq.shape[:-1], n_kv_heads
+    group = lambda w: w.reshape(*lead, K, -1, wk.shape[-1] // K)  # [..., K, G or 1, Dh]
+    return jnp.concatenate([group(wq), group(wk), group(wv)], axis=-2).reshape(*lead, -1)
+
+
+def split_qkv(y, n_kv_heads: int, head_dim: int):
+    """The outputs of `fuse_qkv`'s map.  y [B, T, K (G + 2) Dh] -> q [B, T, H, Dh], k, v [B, T, K, Dh]"""
+    B, T, _ = y.shape
+    y = y.reshape(B, T, n_kv_heads, -1, head_dim)  # [B, T, K, G + 2, Dh]
+    return y[..., :-2, :].reshape(B, T, -1, head_dim), y[..., -2, :], y[..., -1, :]
+
+
+def fuse_gate_up(w_gate, w_up):
+    """Llama's gate and up maps as one, their columns interleaved (gate_f, up_f), so that a split of
+    the columns in whole pairs is a split of F.  [..., F] x 2 -> [..., 2F]"""
+    return jnp.stack([w_gate, w_up], axis=-1).reshape(*w_gate.shape[:-1], -1)
+
+
+def swiglu(y):
+    """silu(gate) * up from `fuse_gate_up`'s map.  y [..., 2F] -> [..., F]"""
+    y = y.reshape(*y.shape[:-1], -1, 2)
+    return silu(y[..., 0]) * y[..., 1]
+
+
 def layer_norm(x, scale, bias, eps):
     """GPT-2's LayerNorm: (x - mean) / sqrt(var + eps) * scale + bias.  [..., D] -> [..., D]"""
     x32 = x.astype(jnp.float32)

@@ -62,20 +62,21 @@ class GPT2Block(nnx.Module):
 
 
 class LlamaBlock(nnx.Module):
-    """attn_norm, q/k/v/o projections; mlp_norm, gate/up/down (see `blocks.llama_*`)."""
+    """attn_norm, fused q/k/v, o projections; mlp_norm, fused gate/up, down (see `blocks.qkv`, `blocks.mlp`).
+
+    The fused maps (one matrix-vector product instead of three, or two, per decoded token) hold their
+    columns as `layers.fuse_qkv` (grouped by key/value head) and `layers.fuse_gate_up` (interleaved)
+    lay them out; the loader fuses Hugging Face's separate matrices into them."""
 
     def __init__(self, cfg: ModelConfig, *, stack: tuple = (), dtype=jnp.float32):
         D, F, Dh = cfg.d_model, cfg.d_ff, cfg.head_dim
         kw = dict(stack=stack, dtype=dtype)
-        self.head_dim = Dh
+        self.head_dim, self.n_kv_heads = Dh, cfg.n_kv_heads
         self.attn_norm = RMSNorm(D, cfg.norm_eps, **kw)
-        self.q_proj = Linear(D, cfg.n_heads * Dh, bias=cfg.attn_bias, **kw)
-        self.k_proj = Linear(D, cfg.n_kv_heads * Dh, bias=cfg.attn_bias, **kw)
-        self.v_proj = Linear(D, cfg.n_kv_heads * Dh, bias=cfg.attn_bias, **kw)
+        self.qkv_proj = Linear(D, (cfg.n_heads + 2 * cfg.n_kv_heads) * Dh, bias=cfg.attn_bias, **kw)
         self.o_proj = Linear(cfg.n_heads * Dh, D, bias=cfg.attn_bias, **kw)
         self.mlp_norm = RMSNorm(D, cfg.norm_eps, **kw)
-        self.gate_proj = Linear(D, F, bias=cfg.mlp_bias, **kw)
-        self.up_proj = Linear(D, F, bias=cfg.mlp_bias, **kw)
+        self.gate_up_proj = Linear(D, 2 * F, bias=cfg.mlp_bias, **kw)
         self.down_proj = Linear(F, D, bias=cfg.mlp_bias, **kw)
 
 

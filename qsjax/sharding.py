@@ -5,16 +5,17 @@ tables below name them per parameter, and `LOGICAL_TO_MESH` maps a name to a mes
 heads and the MLP hidden dimension are split over "model" (tensor parallelism), the batch over
 "data", everything else is replicated:
 
-    q_proj.w  [D, H Dh]   ("embed", "heads")    -> P(None, "model")
-    down_proj [F, D]      ("mlp", "embed")      -> P("model", None)
-    activations [B, T, D] ("batch", ...)        -> P("data")
+    qkv_proj.w  [D, K (G+2) Dh]  ("embed", "qkv")   -> P(None, "model")   (Llama: K groups of heads)
+    down_proj.w [F, D]           ("mlp", "embed")   -> P("model", None)
+    activations [B, T, D]        ("batch", ...)     -> P("data")
 
 The mesh axes are `Auto`: only the parameters and the first activation are placed or constrained;
 XLA propagates shardings through the rest of the program and inserts the collectives, so a sharded
 program computes the same numbers as the single-device one, within float rounding.
 
 A dimension is split only if its units divide evenly over its mesh axis: whole heads for
-heads/kv_heads (a head cut in two would be regathered before attention), otherwise its length.
+heads and key/value groups (a head cut in two would be regathered before attention), pairs of
+gate/up columns, otherwise its length.
 Otherwise that dimension is replicated: SmolLM2-135M (9 query heads, 3 key/value heads, MLP 1,536)
 with model=4 splits only its MLP. The batch follows the same rule (see `constrain_batch`).
 """
@@ -37,9 +38,9 @@ AXES = ("data", "model")
 LOGICAL_TO_MESH = {
     "batch": "data",
     "heads": "model",  # query heads; also the input of the attention output projection
-    "kv_heads": "model",
-    "qkv": "model",  # GPT-2's fused [q | k | v] columns
+    "qkv": "model",  # fused q/k/v columns: GPT-2's [q | k | v], Llama's grouped by key/value head
     "mlp": "model",  # MLP hidden
+    "gate_up": "model",  # Llama's fused gate/up columns, interleaved: F pairs
     "embed": None,
     "vocab": None,
     "positions": None,
@@ -48,18 +49,16 @@ LOGICAL_TO_MESH = {
 
 # Linear layers by attribute name: the logical axes of their [D_in, D_out] weight. GPT-2's fused
 # qkv is cut in contiguous column blocks of whole heads; a block may hold the end of q and the
-# start of k, and XLA moves columns between devices after the split into q, k, v.
+# start of k, and XLA moves columns between devices after the split into q, k, v. Llama's fused
+# maps are laid out so that a cut in whole units keeps what belongs together on one device: q/k/v
+# by key/value group (`layers.fuse_qkv`), gate/up by (gate_f, up_f) pair (`layers.fuse_gate_up`).
 LINEAR_AXES = {
     "qkv_proj": ("embed", "qkv"),
     "out_proj": ("heads", "embed"),
     "fc": ("embed", "mlp"),
     "proj": ("mlp", "embed"),
-    "q_proj": ("embed", "heads"),
-    "k_proj": ("embed", "kv_heads"),
-    "v_proj": ("embed", "kv_heads"),
     "o_proj": ("heads", "embed"),
-    "gate_proj": ("embed", "mlp"),
-    "up_proj": ("embed", "mlp"),
+    "gate_up_proj": ("embed", "gate_up"),
     "down_proj": ("mlp", "embed"),
 }
 EMBEDDING_AXES = {"tok_embed": ("vocab", "embed"), "pos_embed": ("positions", "embed"), "lm_head": ("embed", "vocab")}
@@ -67,7 +66,7 @@ NORMS = ("ln1", "ln2", "attn_norm", "mlp_norm", "final_norm")
 
 
 def logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
-    """Logical axis names of the parameter at `path` in the model state, e.g. ("blocks", 3, "q_proj", "w").
+    """Logical axis names of the parameter at `path` in the model state, e.g. ("blocks", 3, "qkv_proj", "w").
 
     A Linear holds w [D_in, D_out] and b [D_out], or, quantized (QuickSilver's AMQ), int8 codes
     [D_in, D_out] and scales [1, D_out]: codes shard like w, scales and biases like its output.
@@ -87,8 +86,10 @@ def logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
 
 
 def axis_units(cfg: ModelConfig) -> dict[str, int]:
-    """Logical axes whose dimension is made of indivisible units: heads of head_dim columns."""
-    return {"heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads, "qkv": 3 * cfg.n_heads}
+    """Logical axes whose dimension is made of indivisible units: heads of head_dim columns; for
+    Llama's fused q/k/v, key/value groups of G + 2 heads; for its fused gate/up, column pairs."""
+    qkv = 3 * cfg.n_heads if cfg.arch == "gpt2" else cfg.n_kv_heads
+    return {"heads": cfg.n_heads, "qkv": qkv, "gate_up": cfg.d_ff}
 
 
 def partition_spec(axes: tuple, shape: tuple, cfg: ModelConfig, mesh_shape: dict[str, int]) -> P:

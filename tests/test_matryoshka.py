@@ -59,8 +59,33 @@ def test_quantize_blocks_replaces_linears_above_the_layer(tiny_models, rng):
     model, _ = tiny_models["llama-gqa"]
     module = model.module()
     stored = quantize_blocks(module, 1)
-    assert isinstance(module.blocks[1].q_proj, MatryoshkaLinear)
-    assert not isinstance(module.blocks[0].q_proj, MatryoshkaLinear)
+    assert isinstance(module.blocks[1].qkv_proj, MatryoshkaLinear)
+    assert not isinstance(module.blocks[0].qkv_proj, MatryoshkaLinear)
     float_bytes = sum(getattr(model.module().blocks[1], n).w[...].nbytes for n in
-                      ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+                      ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
     assert float_bytes / 4 <= stored < float_bytes / 3.5
+
+
+def test_fused_maps_quantize_as_their_checkpoint_matrices(tiny_dirs, tiny_models, rng):
+    """Scales are per output column, so the fused q/k/v and gate/up quantize exactly as Hugging Face's
+    separate matrices would one by one (each column keeps its own scale), and give the same outputs
+    at every width."""
+    from safetensors.numpy import load_file
+
+    from qsjax.layers import fuse_gate_up, fuse_qkv
+
+    path, _ = tiny_dirs["llama-gqa"]
+    hf = lambda name: jnp.asarray(load_file(path / "model.safetensors")[f"model.layers.1.{name}.weight"].T)
+    module = tiny_models["llama-gqa"][0].module()
+    quantize_blocks(module, 1)
+    blk = module.blocks[1]
+    parts = {"qkv_proj": ([quantize(hf(f"self_attn.{p}_proj")) for p in "qkv"], lambda *a: fuse_qkv(*a, 2)),
+             "gate_up_proj": ([quantize(hf(f"mlp.{p}_proj")) for p in ("gate", "up")], fuse_gate_up)}
+    x = jnp.asarray(rng.normal(0, 1, (2, 3, 32)).astype(np.float32))
+    bits = jnp.array([[8, 4, 2], [2, 8, 4]])
+    for name, (qs, fuse) in parts.items():
+        fused = getattr(blk, name)
+        np.testing.assert_array_equal(fused.codes[...], fuse(*(q.codes for q in qs)))
+        np.testing.assert_array_equal(fused.scale[...], fuse(*(q.scale for q in qs)))
+        separate = fuse(*(matryoshka_linear(x, q, bits) for q in qs))
+        np.testing.assert_allclose(fused(x, bits), separate, rtol=1e-5, atol=1e-5)

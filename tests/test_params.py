@@ -112,3 +112,42 @@ def test_untied_head_missing(model_copy):
 def test_unsupported_dtype(tiny_dirs):
     with pytest.raises(ValueError, match="dtype 'int8' is not supported"):
         load_model(tiny_dirs["gpt2"][0], "int8")
+
+
+def test_fused_qkv_missing_part(model_copy):
+    """Q, K and V fill one fused parameter: each is still required, and named as in the checkpoint."""
+    path, tensors = model_copy("llama-gqa")
+    del tensors["model.layers.0.self_attn.k_proj.weight"]
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(WeightError, match=r"no tensor model\.layers\.0\.self_attn\.k_proj\.weight \(shape \(16, 32\)\); 1 missing"):
+        load_model(path)
+
+
+def test_fused_part_with_the_wrong_shape(model_copy):
+    """A part shaped like another part (V given Q's shape) is refused, not fused."""
+    path, tensors = model_copy("llama-gqa")
+    tensors["model.layers.1.self_attn.v_proj.weight"] = tensors["model.layers.1.self_attn.q_proj.weight"]
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(WeightError, match=r"v_proj\.weight' has shape \(32, 32\), expected \(16, 32\)"):
+        load_model(path)
+
+
+def test_fused_part_given_twice(model_copy):
+    path, tensors = model_copy("llama-bias")
+    tensors["layers.0.mlp.gate_proj.bias"] = tensors["model.layers.0.mlp.gate_proj.bias"]  # the same key unprefixed
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(WeightError, match=r"duplicate key '.*layers\.0\.mlp\.gate_proj\.bias'"):
+        load_model(path)
+
+
+def test_fused_parameters_hold_the_checkpoint_matrices(model_copy):
+    """The loaded fused weights and biases are Hugging Face's, transposed and laid out as `layers` fuses them."""
+    from qsjax.layers import fuse_gate_up, fuse_qkv
+
+    path, tensors = model_copy("llama-bias")
+    blk = load_model(path).module().blocks[1]
+    hf = lambda name: tensors[f"model.layers.1.{name}"]
+    np.testing.assert_array_equal(blk.qkv_proj.w[...], fuse_qkv(*(hf(f"self_attn.{p}_proj.weight").T for p in "qkv"), 2))
+    np.testing.assert_array_equal(blk.qkv_proj.b[...], fuse_qkv(*(hf(f"self_attn.{p}_proj.bias") for p in "qkv"), 2))
+    np.testing.assert_array_equal(blk.gate_up_proj.w[...], fuse_gate_up(hf("mlp.gate_proj.weight").T, hf("mlp.up_proj.weight").T))
+    np.testing.assert_array_equal(blk.gate_up_proj.b[...], fuse_gate_up(hf("mlp.gate_proj.bias"), hf("mlp.up_proj.bias")))

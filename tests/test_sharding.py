@@ -2,6 +2,7 @@
 process (no devices needed), and sharded against single-device results in a child process with 8
 CPU devices (tests/sharding_check.py): this process already initialised JAX with one device."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -84,18 +85,18 @@ def parameter_shapes(cfg: ModelConfig) -> dict:
 
 @pytest.mark.parametrize("cfg, path, mesh, expected", [
     # SmolLM2 on model=4: 9 and 3 heads do not divide, so attention stays whole; the MLP splits
-    (SMOLLM2, ("blocks", 0, "q_proj", "w"), {"data": 2, "model": 4}, P(None, None)),
-    (SMOLLM2, ("blocks", 0, "k_proj", "w"), {"data": 2, "model": 4}, P(None, None)),
+    (SMOLLM2, ("blocks", 0, "qkv_proj", "w"), {"data": 2, "model": 4}, P(None, None)),
     (SMOLLM2, ("blocks", 0, "o_proj", "w"), {"data": 2, "model": 4}, P(None, None)),
-    (SMOLLM2, ("blocks", 0, "gate_proj", "w"), {"data": 2, "model": 4}, P(None, "model")),
+    (SMOLLM2, ("blocks", 0, "gate_up_proj", "w"), {"data": 2, "model": 4}, P(None, "model")),
     (SMOLLM2, ("blocks", 0, "down_proj", "w"), {"data": 2, "model": 4}, P("model", None)),
-    # on model=3 every head group divides
-    (SMOLLM2, ("blocks", 0, "q_proj", "w"), {"data": 1, "model": 3}, P(None, "model")),
-    (SMOLLM2, ("blocks", 0, "v_proj", "w"), {"data": 1, "model": 3}, P(None, "model")),
+    # on model=3 every head group divides: the fused q/k/v in whole key/value groups
+    (SMOLLM2, ("blocks", 0, "qkv_proj", "w"), {"data": 1, "model": 3}, P(None, "model")),
     (SMOLLM2, ("blocks", 0, "o_proj", "w"), {"data": 1, "model": 3}, P("model", None)),
+    # gate/up splits in whole (gate, up) pairs: 2F = 3,068 columns divide by 4, F = 1,534 pairs do not
+    (dataclasses.replace(SMOLLM2, d_ff=1534), ("blocks", 0, "gate_up_proj", "w"), {"data": 1, "model": 4}, P(None, None)),
     # int8 codes shard like the weight, per-channel scales like its output, biases like its output
-    (SMOLLM2, ("blocks", 5, "up_proj", "codes"), {"data": 2, "model": 4}, P(None, "model")),
-    (SMOLLM2, ("blocks", 5, "up_proj", "scale"), {"data": 2, "model": 4}, P(None, "model")),
+    (SMOLLM2, ("blocks", 5, "gate_up_proj", "codes"), {"data": 2, "model": 4}, P(None, "model")),
+    (SMOLLM2, ("blocks", 5, "gate_up_proj", "scale"), {"data": 2, "model": 4}, P(None, "model")),
     (SMOLLM2, ("blocks", 5, "down_proj", "scale"), {"data": 2, "model": 4}, P(None, None)),
     (SMOLLM2, ("blocks", 0, "attn_norm", "scale"), {"data": 2, "model": 4}, P(None)),
     (SMOLLM2, ("tok_embed",), {"data": 2, "model": 4}, P(None, None)),
@@ -162,16 +163,16 @@ def test_sharded_equals_single_device(child_report, name, data, model, check):
 
 
 def test_placement_of_quantized_llama(child_report):
-    """Tiny Llama (4 query heads, 2 key/value heads, AMQ from layer 2) on data=2, model=4: query
-    heads and MLP split, key/value heads (2 over 4) replicated, int8 codes and scales placed too."""
+    """Tiny Llama (4 query heads, 2 key/value heads, AMQ from layer 2) on data=2, model=4: the MLP
+    and the output projection's 4 heads split, the fused q/k/v (2 key/value groups over 4)
+    replicated, int8 codes and scales placed too."""
     specs = child_report["specs"]
-    assert specs["blocks.0.q_proj.w"] == str(P(None, "model"))
+    assert specs["blocks.0.qkv_proj.w"] == str(P(None, None))
     assert specs["blocks.0.o_proj.w"] == str(P("model", None))
-    assert specs["blocks.0.k_proj.w"] == str(P(None, None))
-    assert specs["blocks.1.gate_proj.codes"] == str(P(None, "model"))
-    assert specs["blocks.1.gate_proj.scale"] == str(P(None, "model"))
+    assert specs["blocks.1.gate_up_proj.codes"] == str(P(None, "model"))
+    assert specs["blocks.1.gate_up_proj.scale"] == str(P(None, "model"))
     assert specs["blocks.1.down_proj.codes"] == str(P("model", None))
-    assert "blocks.1.gate_proj.w" not in specs  # the float weights were dropped
+    assert "blocks.1.gate_up_proj.w" not in specs  # the float weights were dropped
 
 
 def test_eval_cli_mesh(child_report):

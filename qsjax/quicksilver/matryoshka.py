@@ -133,7 +133,9 @@ def with_widths(bits):
 
 def quantize_blocks(module, from_layer: int, grouped: bool = True) -> int:
     """Replace, in place, every Linear of blocks[from_layer:] by a MatryoshkaLinear (the float
-    weights are dropped).  Returns the bytes of int8 storage (codes + scales) now held."""
+    weights are dropped).  Returns the bytes of int8 storage (codes + scales) now held.
+    Scales are per output column, so a fused map (Llama's q/k/v, gate/up) quantizes exactly as its
+    separate matrices would, one by one."""
     from qsjax.modules import Linear
 
     stored = 0
