@@ -40,15 +40,17 @@ SECTIONS = ("speed", "perplexity", "passkey")
 ANSWER_TOKENS = 10  # passkey: new tokens per answer (qsjax.passkey's default)
 
 
-def recency(k, c):
-    return QuickSilverConfig(halt="select", select_signal="recency", halt_cutoff_layer=c, keep_top_k=k)
+def recency(k, c, floor=0):
+    return QuickSilverConfig(halt="select", select_signal="recency", halt_cutoff_layer=c, keep_top_k=k,
+                             select_min_keep=floor)
 
 
 # name -> (policy curve, label, config for a model of L layers)
 SETTINGS = {
-    "long": ("long preset", "long", lambda L: preset("long", L)),
-    "recency-50-c10": ("select recency 50%", "c=10", lambda L: recency(0.5, L // 3)),
-    "recency-25-c10": ("select recency 25%", "c=10", lambda L: recency(0.25, L // 3)),
+    "long": ("attention (long preset)", "c=8, 25%", lambda L: preset("long", L)),
+    "recency-long-budget": ("recency", "c=8, 25%", lambda L: recency(0.25, round(L * 8 / 30), 1024)),
+    "recency-50-c10": ("recency", "c=10, 50%", lambda L: recency(0.5, L // 3)),
+    "recency-25-c10": ("recency", "c=10, 25%", lambda L: recency(0.25, L // 3)),
 }
 
 

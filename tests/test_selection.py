@@ -12,7 +12,7 @@ import pytest
 from qs_helpers import run_window
 from qsjax.layers import grouped_scores
 from qsjax.quicksilver import selection
-from qsjax.quicksilver.config import QuickSilverConfig
+from qsjax.quicksilver.config import QuickSilverConfig, preset
 
 L = 6  # the llama-deep fixture
 
@@ -99,7 +99,29 @@ def test_keep_budget_and_recent_window():
     assert np.asarray(selection.keep(score, cand, n, 1))[0].tolist() == [True, False, False, False, True, False]
     # a recent window wider than the budget: the budget's most recent candidates only
     assert np.asarray(selection.keep(score, cand, n, 3))[0].tolist() == [False, False, False, True, True, False]
-    assert selection.budget(jnp.zeros((1, 6), bool), 0.5).tolist() == [1]  # at least one
+    assert selection.budget(cand, 0.01).tolist() == [1]  # at least one ...
+    assert selection.budget(jnp.zeros((1, 6), bool), 0.5).tolist() == [0]  # ... of those there are
+    assert selection.budget(cand, 0.4, 4).tolist() == [4]  # select_min_keep: a floor ...
+    assert selection.budget(cand, 0.4, 9).tolist() == [5]  # ... never above the candidates
+
+
+def test_min_keep_spares_short_prompts_and_the_long_preset_is_one(tiny_models, rng):
+    """With at most select_min_keep eligible tokens nothing halts; above it the floor holds. The
+    `long` preset (floor 1,024) leaves a short window exactly as dense."""
+    model, _ = tiny_models["llama-deep"]
+    base = dict(halt="select", halt_cutoff_layer=2, keep_top_k=0.25)
+    tokens = rng.integers(0, 96, (1, 24))
+    eligible, needed = np.arange(24)[None] < 16, np.arange(24)[None] >= 16  # 12 eligible after the 4 sinks
+    halt = lambda qs: np.asarray(run_window(model, qs, tokens, eligible, needed)[1].halt)[0]
+    assert (halt(QuickSilverConfig(**base, select_min_keep=12)) == L).all()
+    assert (halt(QuickSilverConfig(**base, select_min_keep=8))[4:16] == L).sum() == 8
+    assert (halt(QuickSilverConfig(**base))[4:16] == L).sum() == 3
+    long = preset("long", L)
+    assert long.halt == "select" and long.select_min_keep == 1024 and long.halt_cutoff_layer == 2
+    got, tok = run_window(model, long, tokens, eligible, needed)[:2]
+    want = run_window(model, QuickSilverConfig(**{**base, "keep_top_k": 1.0}), tokens, eligible, needed)[0]
+    assert (np.asarray(tok.halt) == L).all()
+    np.testing.assert_allclose(got[0, 16:], want[0, 16:], atol=1e-5, rtol=0)
 
 
 # on the 6-layer model: plain layers below c, the selection layer(s), compacted layers above
@@ -248,6 +270,7 @@ def test_accumulating_scores_every_layer_up_to_the_last_stage(tiny_models, rng):
     (dict(select_pool=4), "select_pool must be 0, 1 or an odd window"),
     (dict(select_pool_kind="median"), "select_pool_kind must be one of"),
     (dict(select_recent=-1), "select_recent must be >= 0"),
+    (dict(select_min_keep=-1), "select_min_keep must be >= 0"),
     (dict(halt_cutoff_layer2=4), "go together"),
     (dict(halt_cutoff_layer2=2, keep_top_k2=0.2), "halt_cutoff_layer2=2 must be after halt_cutoff_layer=2"),
     (dict(halt_cutoff_layer2=4, keep_top_k2=0.5), r"keep_top_k2=0.5 must be in \(0, keep_top_k=0.5\)"),

@@ -1,6 +1,6 @@
 """QuickSilver's command-line options, shared by `qsjax.generate` and `qsjax.eval`.
 
-`--quicksilver PRESET` starts from a preset (off, paper, fast); any mechanism flag overrides it.
+`--quicksilver PRESET` starts from a preset (off, paper, fast, long); any mechanism flag overrides it.
 Without `--halt`, the policy follows the flags given: `--halt-drift`/`--halt-entropy` mean the
 paper's drift rule, `--keep-top-k` or any other selection flag (`--select-*`, `--halt-cutoff-layer2`,
 `--keep-top-k2`) importance selection, `--halt-cutoff-layer` alone a depth cut-off.
@@ -33,6 +33,7 @@ FLAGS = {
     "--select-pool": ("select_pool", int),
     "--select-pool-kind": ("select_pool_kind", str),
     "--select-recent": ("select_recent", int),
+    "--select-min-keep": ("select_min_keep", int),
     "--halt-cutoff-layer2": ("halt_cutoff_layer2", int),
     "--keep-top-k2": ("keep_top_k2", float),
     "--kv-skip": ("kv_skip", str),
@@ -49,20 +50,21 @@ RANGES = {
     "--halt-drift": (0, None), "--halt-entropy": (0, None), "--keep-top-k": (0, 1),
     "--kv-propagate-span": (0, None), "--fuse-threshold": (-1, 1), "--amq-layer": (1, None),
     "--amq-low": (0, None), "--amq-high": (0, None), "--select-queries": (1, None), "--select-pool": (0, None),
-    "--select-recent": (0, None), "--halt-cutoff-layer2": (1, None), "--keep-top-k2": (0, 1),
+    "--select-recent": (0, None), "--select-min-keep": (0, None), "--halt-cutoff-layer2": (1, None), "--keep-top-k2": (0, 1),
 }  # fmt: skip
 CHOICES = {"scope": SCOPES, "halt": HALT_POLICIES, "kv_skip": KV_MODES, "select_signal": SELECT_SIGNALS,
            "select_heads": SELECT_HEADS, "select_pool_kind": POOL_KINDS}
 # importance selection's fields: any of them given without --halt means --halt select
 SELECT_FIELDS = ("keep_top_k", "select_signal", "select_queries", "select_heads", "select_accumulate", "select_pool",
-                 "select_pool_kind", "select_recent", "halt_cutoff_layer2", "keep_top_k2")
+                 "select_pool_kind", "select_recent", "select_min_keep", "halt_cutoff_layer2", "keep_top_k2")
 
 
 def add_quicksilver_args(parser) -> None:
     group = parser.add_argument_group("QuickSilver (off unless a preset or a mechanism flag is given)")
-    group.add_argument("--quicksilver", default="off", choices=["off", "paper", "fast"],
+    group.add_argument("--quicksilver", default="off", choices=["off", "paper", "fast", "long"],
                        help="preset: paper = the paper's rule on every token, at qsjax's reading of its thresholds (see the "
-                       "README); fast = qsjax's calibrated setting")
+                       "README); fast = qsjax's calibrated setting for short windows; long = context selection for long "
+                       "prompts (no effect up to 1,024 context tokens)")
     for flag, (field, kind) in FLAGS.items():
         if kind is bool:
             group.add_argument(flag, dest=f"qs_{field}", action="store_const", const=True, default=None,

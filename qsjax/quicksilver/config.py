@@ -36,6 +36,7 @@ class QuickSilverConfig:
     select_pool: int = 0  # select: pool the score over this many neighbouring positions (odd; 0 or 1: off)
     select_pool_kind: str = "max"  # max | avg
     select_recent: int = 0  # select: the most recent candidates kept first, inside the keep_top_k budget
+    select_min_keep: int = 0  # select: keep at least this many eligible tokens (short prompts lose nothing)
     halt_cutoff_layer2: int | None = None  # select, a pyramid: a second selection after layer c2 > c ...
     keep_top_k2: float | None = None  # ... keeping this fraction (< keep_top_k) of the eligible tokens
     # KV Cache Skipping for a halted token in the layers above its halt
@@ -69,6 +70,7 @@ class QuickSilverConfig:
         check(self.select_pool >= 0 and (self.select_pool <= 1 or self.select_pool % 2 == 1),
               f"select_pool must be 0, 1 or an odd window, got {self.select_pool}")
         check(self.select_recent >= 0, "select_recent must be >= 0")
+        check(self.select_min_keep >= 0, "select_min_keep must be >= 0")
         check((self.halt_cutoff_layer2 is None) == (self.keep_top_k2 is None),
               "halt_cutoff_layer2 and keep_top_k2 go together (a second selection stage)")
         check(self.amq_low <= self.amq_high, "amq_low must be <= amq_high")
@@ -124,7 +126,7 @@ def preset(name: str, n_layers: int) -> QuickSilverConfig:
     """`paper`: the paper's rule (drift + entropy halting, zero K/V, fusion, Matryoshka widths) on every
     token, at qsjax's reading of its thresholds (the abstract gives none: tau_drift, tau_H, l_min = L/4,
     tau_fuse, l_q = L/2 + 1 and the width thresholds are ours); `fast`: qsjax's calibrated setting
-    (context tokens only)."""
+    (context tokens only); `long`: context selection for long prompts (see below)."""
     if name == "paper":
         return QuickSilverConfig(
             scope="all", halt="drift", halt_min_layer=max(1, n_layers // 4), halt_drift=0.045, halt_entropy=1.15,
@@ -134,6 +136,17 @@ def preset(name: str, n_layers: int) -> QuickSilverConfig:
         # calibrated on SmolLM2-135M (30 layers), strided 2048/512, first 4,096 tokens of WikiText-103 test and
         # of the C4 sample: the deepest-saving cut-off within +0.2 perplexity on both (scripts/sweep.py)
         return QuickSilverConfig(scope="context", halt="cutoff", halt_cutoff_layer=round(n_layers * 5 / 6), kv_skip="mask")
+    if name == "long":
+        # our reading of FastKV / GemFilter / SnapKV for SmolLM2-135M, chosen on passkey at 4,096 tokens and
+        # checked with the tail protocol 8192/512 on WikiText-103 and C4 (README, "Long prompts"): after
+        # layer 8 of 30 (where the question's attention finds a needle best among the early layers), a
+        # quarter of the context keeps computing, at least 1,024 tokens (shorter prompts lose nothing):
+        # the 256 most recent, then the keys the last 16 context queries attend to most (max over
+        # KV heads), pooled over 11 neighbours so that a selected key brings its neighbours
+        return QuickSilverConfig(scope="context", halt="select", halt_cutoff_layer=round(n_layers * 8 / 30),
+                                 keep_top_k=0.25, select_signal="attention", select_queries=16, select_heads="max",
+                                 select_pool=11, select_pool_kind="max", select_recent=256, select_min_keep=1024,
+                                 kv_skip="mask")
     if name == "off":
         return OFF
-    raise ValueError(f"unknown preset {name!r} (choose from paper, fast, off)")
+    raise ValueError(f"unknown preset {name!r} (choose from paper, fast, long, off)")

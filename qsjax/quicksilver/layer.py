@@ -111,7 +111,8 @@ def halting_decision(qs: QuickSilverConfig, module, layer, x_new, x_old, can, ct
         def select():
             s = score if qs.select_signal == "attention" else ctx.layout.positions.astype(jnp.float32)
             s = selection.pool(s, can, qs.select_pool, qs.select_pool_kind)
-            return can & ~selection.keep(s, can, selection.budget(ctx.eligible, fraction), qs.select_recent)
+            return can & ~selection.keep(s, can, selection.budget(ctx.eligible, fraction, qs.select_min_keep),
+                                           qs.select_recent)
 
         return jax.lax.cond(at, select, lambda: zeros), n_checks
     return zeros, n_checks

@@ -3,7 +3,9 @@
 After layer c (and, in a pyramid, again after c2 > c), only a budget of the E eligible tokens of
 a row keeps computing; the other candidates (eligible tokens still computing) halt:
 
-    n_keep = max(1, ceil(k E))            k = keep_top_k at c, keep_top_k2 at c2 (of the same E)
+    n_keep = min(E, max(1, m, ceil(k E)))  k = keep_top_k at c, keep_top_k2 at c2 (of the same E),
+                                           m = select_min_keep (a floor: a prompt of at most m
+                                           eligible tokens loses none)
 
 filled in this order:
 1. the `select_recent` most recent candidates (a recent window, as StreamingLLM keeps next to its
@@ -84,9 +86,10 @@ def rank_within(score, candidates):
     return jnp.argsort(order, axis=-1, stable=True)
 
 
-def budget(eligible, fraction):
-    """n_keep = max(1, ceil(fraction x eligible tokens)) per row.  [B, T] -> [B] int32"""
-    return jnp.maximum(jnp.ceil(fraction * eligible.sum(-1)), 1).astype(jnp.int32)
+def budget(eligible, fraction, floor: int = 0):
+    """n_keep = min(E, max(1, floor, ceil(fraction x E))) per row, E its eligible tokens.  [B, T] -> [B] int32"""
+    E = eligible.sum(-1)
+    return jnp.minimum(E, jnp.maximum(jnp.ceil(fraction * E), max(floor, 1))).astype(jnp.int32)
 
 
 def keep(score, candidates, n_keep, n_recent: int = 0):
