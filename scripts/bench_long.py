@@ -60,7 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--plots", metavar="DIR", help="draw the frontiers into DIR (needs matplotlib)")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure")
     p.add_argument("--settings", nargs="+", default=["long"], help=f"QuickSilver settings: {', '.join(SETTINGS)}")
-    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="speed: prompt lengths")
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8064],
+                   help="speed: prompt lengths (default 2048 4096 8064: 8,064 + 128 new tokens fill the 8,192 context)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="speed: rows per batch (default 1 4)")
     p.add_argument("--new-tokens", type=int, default=128, help="speed: new tokens per row (default 128)")
     p.add_argument("--repeats", type=int, default=2, help="speed: timed repeats, medians reported (default 2)")
@@ -246,9 +247,11 @@ def main(argv=None) -> int:
 
     model_dir = resolve_model(None)
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    longest = max(args.lengths + args.passkey_lengths) + args.new_tokens
-    if max(longest, args.max_length) > model.cfg.max_positions:
-        raise UsageError(f"{max(longest, args.max_length)} tokens do not fit the model's context ({model.cfg.max_positions})")
+    need = {"speed": max(args.lengths) + args.new_tokens, "perplexity": args.max_length,
+            "passkey": max(args.passkey_lengths)}  # a passkey length is prompt and answer together
+    for section in args.sections:
+        if need[section] > model.cfg.max_positions:
+            raise UsageError(f"{section}: {need[section]} tokens do not fit the model's context ({model.cfg.max_positions})")
     enable_compilation_cache()
     L = model.cfg.n_layers
     configs = {name: SETTINGS[name][2](L) for name in args.settings}

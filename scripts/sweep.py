@@ -30,7 +30,8 @@ from qsjax.quicksilver.config import QuickSilverConfig, preset
 def variants(n_layers: int) -> list[tuple[str, str, QuickSilverConfig]]:
     """(policy curve, label, config) for every point of the sweep."""
     L = n_layers
-    out = [("paper", "paper preset", preset("paper", L)), ("fast", "fast preset", preset("fast", L))]
+    out = [("paper", "paper preset", preset("paper", L)), ("fast", "fast preset", preset("fast", L)),
+           ("long", "long preset", preset("long", L))]
     for tau in (0.045, 0.4):  # the paper's rule, every token may halt
         out.append(("all: drift+entropy", f"tau_d={tau}", QuickSilverConfig(
             scope="all", halt="drift", halt_min_layer=L // 4, halt_drift=tau, halt_entropy=1.15, kv_skip="mask")))
