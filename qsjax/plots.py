@@ -95,19 +95,23 @@ def frontier_figure(points: list[Point], axes: Axes, title: str, reference: Poin
 def passkey_grid(report: dict) -> bytes:
     """The needle-in-a-haystack heatmap(s) of a `qsjax.passkey` report (length x depth, colour =
     accuracy; with a dense run beside it when the report compares) -> PNG bytes."""
-    from qsjax.passkey import grid
-
-    plt = pyplot()
     s = report["settings"]
     runs = [("dense", report["dense"]), (s["label"], report)] if "dense" in report else [(s["label"], report)]
-    size = (1.2 + 1.1 * len(s["depths"]) * len(runs), 0.6 + 0.5 * len(s["lengths"]))
+    return passkey_grids(runs, s["lengths"], s["depths"])
+
+
+def passkey_grids(runs: list[tuple[str, dict]], lengths: list[int], depths: list[float]) -> bytes:
+    """One heatmap per named run (a run: `accuracy` and `cells` with length, depth, accuracy), side by
+    side: length x depth, colour = accuracy -> PNG bytes."""
+    plt = pyplot()
+    size = (1.2 + 1.1 * len(depths) * len(runs), 0.6 + 0.5 * len(lengths))
     fig, axes = plt.subplots(1, len(runs), figsize=size, squeeze=False)
     for ax, (name, run) in zip(axes[0], runs):
-        g = grid(run)
-        acc = np.array([[g[n, d]["accuracy"] for d in s["depths"]] for n in s["lengths"]])
+        cell = {(c["length"], c["depth"]): c for c in run["cells"]}
+        acc = np.array([[cell[n, d]["accuracy"] for d in depths] for n in lengths])
         image = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(s["depths"])), [f"{100 * d:.0f}%" for d in s["depths"]])
-        ax.set_yticks(range(len(s["lengths"])), [str(n) for n in s["lengths"]])
+        ax.set_xticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
+        ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
         for (r, c), value in np.ndenumerate(acc):
             ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8)
         ax.set(xlabel="needle depth", title=f"{name}: accuracy {run['accuracy']:.2f}")

@@ -19,13 +19,15 @@ Sections (`--sections`, all by default):
   setting (deterministic: the figures do not depend on the machine's load).
 - passkey: `qsjax.passkey`'s grid (--passkey-lengths x --depths, --trials keys per cell, the filler
   haystack) for dense and each setting.
-`--plots DIR` draws the frontiers (perplexity change and passkey accuracy against the time-to-first-
-token speed-up at the longest length) from the report.
+`--plots DIR` draws the passkey heatmaps (dense and each setting) and the frontiers (perplexity change
+and passkey accuracy against the time-to-first-token speed-up at the longest length, batch 1) from the
+report; `--replot REPORT --plots DIR` draws them again from an earlier report, measuring nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -51,13 +53,17 @@ SETTINGS = {
     "recency-long-budget": ("recency", "c=8, 25%", lambda L: recency(0.25, round(L * 8 / 30), 1024)),
     "recency-50-c10": ("recency", "c=10, 50%", lambda L: recency(0.5, L // 3)),
     "recency-25-c10": ("recency", "c=10, 25%", lambda L: recency(0.25, L // 3)),
+    "attention-50": ("attention (long preset)", "c=8, 50%", lambda L: dataclasses.replace(preset("long", L), keep_top_k=0.5)),
+    "hybrid-50": ("recent window + attention", "c=8, 50%: 3,072 recent",
+                  lambda L: dataclasses.replace(preset("long", L), keep_top_k=0.5, select_recent=3072)),
 }
 
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="scripts/bench_long.py", description=__doc__.splitlines()[0])
     p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE (- for stdout)")
-    p.add_argument("--plots", metavar="DIR", help="draw the frontiers into DIR (needs matplotlib)")
+    p.add_argument("--plots", metavar="DIR", help="draw the heatmaps and frontiers into DIR (needs matplotlib)")
+    p.add_argument("--replot", metavar="JSON", help="measure nothing: draw --plots DIR from this earlier report")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure")
     p.add_argument("--settings", nargs="+", default=["long"], help=f"QuickSilver settings: {', '.join(SETTINGS)}")
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8064],
@@ -90,6 +96,21 @@ def check_args(args) -> None:
     check_json_path(args.json)
     if args.plots is not None and not Path(args.plots).is_dir():
         raise UsageError(f"--plots {args.plots}: no such directory")
+    if args.replot is not None:
+        if args.plots is None:
+            raise UsageError("--replot needs --plots DIR (where to draw)")
+        read_report(args.replot)
+
+
+def read_report(path: str) -> dict:
+    """An earlier report of this script (--replot), or UsageError."""
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"--replot {path}: cannot read a report ({e})") from None
+    if not isinstance(report, dict) or not {"args", "settings"} <= report.keys():
+        raise UsageError(f"--replot {path}: not a report of scripts/bench_long.py")
+    return report
 
 
 def generators(model, tokenizer, configs: dict) -> dict:
@@ -212,11 +233,21 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict, out: Path) -> None:
-    """long_frontier_<data>.png: perplexity change vs TTFT speed-up; long_frontier_passkey.png: passkey
-    accuracy vs the same speed-up (the longest prompt, batch 1)."""
-    from qsjax.plots import Axes, Point, frontier_figure
+def plot(report: dict, out: Path) -> list[Path]:
+    """long_passkey.png: the passkey heatmaps of dense and each setting, side by side; with the speed
+    section, long_frontier_<data>.png: perplexity change vs TTFT speed-up, and long_frontier_passkey.png:
+    passkey accuracy vs the same speed-up (the longest prompt, batch 1). -> the files written."""
+    from qsjax.plots import Axes, Point, frontier_figure, passkey_grids
 
+    written = []
+    if "passkey" in report:
+        cells = report["passkey"]["qsjax"]["cells"]
+        lengths, depths = (sorted({c[key] for c in cells}) for key in ("length", "depth"))
+        runs = [("dense" if n == "qsjax" else n, run) for n, run in report["passkey"].items()]
+        written.append(out / "long_passkey.png")
+        written[-1].write_bytes(passkey_grids(runs, lengths, depths))
+    if "speed" not in report:
+        return written
     speed = report["speed"][f"batch_1_prompt_{max(report['args']['lengths'])}"]
     names = [n for n in report["settings"] if n in speed]
     curve = {n: report["settings"][n] for n in names}
@@ -225,20 +256,26 @@ def plot(report: dict, out: Path) -> None:
                   for n in names if n in entry]
         axes = Axes("time-to-first-token speed-up vs dense qsjax (x)", "perplexity change vs dense", (0.5, 4.0),
                     (-0.25, 2.0), band=(-0.25, 0.2), band_label="within +0.2")
-        (out / f"long_frontier_{data}.png").write_bytes(
-            frontier_figure(points, axes, f"long prompts, {data}", Point("dense", "dense", 1.0, 0.0)))
+        written.append(out / f"long_frontier_{data}.png")
+        written[-1].write_bytes(frontier_figure(points, axes, f"long prompts, {data}", Point("dense", "dense", 1.0, 0.0)))
     if "passkey" in report:
         pk = report["passkey"]
         points = [Point(curve[n]["policy"], curve[n]["label"], speed[n]["ttft_speedup_vs_qsjax"], pk[n]["accuracy"])
                   for n in names if n in pk]
         axes = Axes("time-to-first-token speed-up vs dense qsjax (x)", "passkey accuracy", (0.5, 4.0), (0.0, 1.05))
-        (out / "long_frontier_passkey.png").write_bytes(
-            frontier_figure(points, axes, "long prompts, passkey", Point("dense", "dense", 1.0, pk["qsjax"]["accuracy"])))
+        written.append(out / "long_frontier_passkey.png")
+        written[-1].write_bytes(frontier_figure(points, axes, "long prompts, passkey",
+                                                Point("dense", "dense", 1.0, pk["qsjax"]["accuracy"])))
+    return written
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_args(args)
+    if args.replot is not None:
+        for path in plot(read_report(args.replot), Path(args.plots)):
+            log(f"wrote {path}")
+        return 0
     from qsjax.compilecache import enable_compilation_cache
     from qsjax.data import read_text, resolve_data, tokenize
     from qsjax.params import load_model
@@ -269,8 +306,9 @@ def main(argv=None) -> int:
         report["passkey"] = passkey(args, model, tokenizer, configs)
     report["load_average_at_end"] = machine()["load_average"]
     write_report(args.json, report, format_table(report))
-    if args.plots is not None and "speed" in report:
-        plot(report, Path(args.plots))
+    if args.plots is not None:
+        for path in plot(report, Path(args.plots)):
+            log(f"wrote {path}")
     return 0
 
 

@@ -42,6 +42,8 @@ def run_script(name, *args):
     ("bench_long.py", ["--stride", "8192"], "--stride must be in 1..8191"),
     ("bench_long.py", ["--plots", "/nonexistent-dir"], "no such directory"),
     ("bench_long.py", ["--json", "/nonexistent-dir/out.json"], "does not exist"),
+    ("bench_long.py", ["--replot", "docs/bench_long.json"], "--replot needs --plots DIR"),
+    ("bench_long.py", ["--replot", "README.md", "--plots", "docs"], "--replot README.md: cannot read a report"),
 ])
 def test_argument_errors(script, args, message):
     status, stdout, stderr = run_script(script, *args)
