@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import re
 import sys
@@ -223,10 +224,8 @@ def check_args(args) -> None:
         raise UsageError("--compare runs dense beside a QuickSilver or --kv-budget setting: give one (e.g. "
                          "--quicksilver fast)")
     if args.plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise UsageError("--plot needs matplotlib (pip install matplotlib)") from None
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError("--plot needs matplotlib (pip install matplotlib)")
         if args.plot == "-":
             raise UsageError("--plot needs a file name")
         check_output_file("--plot", args.plot)
