@@ -21,7 +21,8 @@ Sections (`--sections`, all by default):
   haystack) for dense and each setting.
 `--plots DIR` draws the passkey heatmaps (dense and each setting) and the frontiers (perplexity change
 and passkey accuracy against the time-to-first-token speed-up at the longest length, batch 1) from the
-report; `--replot REPORT --plots DIR` draws them again from an earlier report, measuring nothing.
+report; `--replot REPORT [REPORT ...] --plots DIR` draws them from earlier reports, measuring nothing
+(e.g. the speed section measured alone on an idle machine, the quality sections in another run).
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def parse_args(argv=None):
     p = ArgumentParser(prog="scripts/bench_long.py", description=__doc__.splitlines()[0])
     p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE (- for stdout)")
     p.add_argument("--plots", metavar="DIR", help="draw the heatmaps and frontiers into DIR (needs matplotlib)")
-    p.add_argument("--replot", metavar="JSON", help="measure nothing: draw --plots DIR from this earlier report")
+    p.add_argument("--replot", metavar="JSON", nargs="+",
+                   help="measure nothing: draw --plots DIR from earlier reports (their sections together; a later "
+                        "report's section replaces an earlier one's)")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure")
     p.add_argument("--settings", nargs="+", default=["long"], help=f"QuickSilver settings: {', '.join(SETTINGS)}")
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8064],
@@ -101,7 +104,8 @@ def check_args(args) -> None:
     if args.replot is not None:
         if args.plots is None:
             raise UsageError("--replot needs --plots DIR (where to draw)")
-        read_report(args.replot)
+        for path in args.replot:
+            read_report(path)
 
 
 def read_report(path: str) -> dict:
@@ -275,7 +279,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     check_args(args)
     if args.replot is not None:
-        for path in plot(read_report(args.replot), Path(args.plots)):
+        report = {}
+        for path in args.replot:
+            report.update(read_report(path))
+        for path in plot(report, Path(args.plots)):
             log(f"wrote {path}")
         return 0
     from qsjax.compilecache import enable_compilation_cache
