@@ -57,8 +57,6 @@ SETTINGS = {
     "attention-50": ("attention (long preset)", "c=8, 50%", lambda L: dataclasses.replace(preset("long", L), keep_top_k=0.5)),
     "hybrid-25": ("recent window + attention", "c=8, 25%: 1,536 recent",
                   lambda L: dataclasses.replace(preset("long", L), select_recent=1536)),
-    "hybrid-50": ("recent window + attention", "c=8, 50%: 3,072 recent",
-                  lambda L: dataclasses.replace(preset("long", L), keep_top_k=0.5, select_recent=3072)),
 }
 
 
