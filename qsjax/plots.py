@@ -103,12 +103,14 @@ def passkey_grid(report: dict) -> bytes:
 def passkey_grids(runs: list[tuple[str, dict]], lengths: list[int], depths: list[float]) -> bytes:
     """One heatmap per named run (a run: `accuracy` and `cells` with length, depth, accuracy), side by
     side: length x depth, colour = accuracy -> PNG bytes."""
+    from qsjax.passkey import grid
+
     plt = pyplot()
     size = (1.2 + 1.1 * len(depths) * len(runs), 0.6 + 0.5 * len(lengths))
     fig, axes = plt.subplots(1, len(runs), figsize=size, squeeze=False)
     for ax, (name, run) in zip(axes[0], runs):
-        cell = {(c["length"], c["depth"]): c for c in run["cells"]}
-        acc = np.array([[cell[n, d]["accuracy"] for d in depths] for n in lengths])
+        g = grid(run)
+        acc = np.array([[g[n, d]["accuracy"] for d in depths] for n in lengths])
         image = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
         ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])

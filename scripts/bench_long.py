@@ -54,7 +54,6 @@ SETTINGS = {
     "recency-long-budget": ("recency", "c=8, 25%", lambda L: recency(0.25, round(L * 8 / 30), 1024)),
     "recency-50-c10": ("recency", "c=10, 50%", lambda L: recency(0.5, L // 3)),
     "recency-25-c10": ("recency", "c=10, 25%", lambda L: recency(0.25, L // 3)),
-    "attention-50": ("attention (long preset)", "c=8, 50%", lambda L: dataclasses.replace(preset("long", L), keep_top_k=0.5)),
     "hybrid-25": ("recent window + attention", "c=8, 25%: 1,536 recent",
                   lambda L: dataclasses.replace(preset("long", L), select_recent=1536)),
 }
@@ -99,11 +98,8 @@ def check_args(args) -> None:
     check_json_path(args.json)
     if args.plots is not None and not Path(args.plots).is_dir():
         raise UsageError(f"--plots {args.plots}: no such directory")
-    if args.replot is not None:
-        if args.plots is None:
-            raise UsageError("--replot needs --plots DIR (where to draw)")
-        for path in args.replot:
-            read_report(path)
+    if args.replot is not None and args.plots is None:
+        raise UsageError("--replot needs --plots DIR (where to draw)")
 
 
 def read_report(path: str) -> dict:
