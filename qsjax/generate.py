@@ -285,23 +285,37 @@ def check_args(args) -> list[str]:
 class Output:
     """stdout for the streamed text: one writer at a time (the token callback, or the interrupt
     watcher), and a closed pipe (`| head`) ends the process quietly. With several processes, only
-    process 0's output is written (`enabled`)."""
+    process 0's output is written (`enabled`). After `end` nothing more is decoded, written or
+    counted: a token that arrives while the interrupt ends the line must not follow it."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, decoder, enabled: bool = True):
         self.lock = threading.Lock()
+        self.decoder = decoder
         self.new_tokens = 0
         self.enabled = enabled
+        self.ended = False
 
-    def write(self, text: str, *, count: int = 0) -> None:
+    def token(self, token_id: int) -> None:
         with self.lock:
-            self.new_tokens += count
-            if not self.enabled:
-                return
-            try:
-                sys.stdout.write(text)
-                sys.stdout.flush()
-            except BrokenPipeError:  # from inside a compiled program's callback: no exception may escape
-                os._exit(quiet_broken_pipe())
+            if not self.ended:
+                self.new_tokens += 1
+                self._emit(self.decoder.push(token_id))
+
+    def end(self, text: str = "") -> None:
+        """The rest of the streamed text (or `text`, when nothing was streamed), then a newline."""
+        with self.lock:
+            if not self.ended:
+                self.ended = True
+                self._emit(self.decoder.flush() + text + "\n")
+
+    def _emit(self, text: str) -> None:
+        if not self.enabled:
+            return
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:  # from inside a compiled program's callback: no exception may escape
+            os._exit(quiet_broken_pipe())
 
 
 def load_generator(args, prompts: list[str]) -> tuple[Generator, list[list[int]], Path]:
@@ -346,16 +360,16 @@ def main(argv=None) -> int:
     sampling = Sampling(args.do_sample and args.temperature > 0, args.temperature, args.top_k, args.top_p)
     from qsjax.tokenizer import StreamDecoder
 
-    decoder, out = StreamDecoder(gen.tokenizer), Output(enabled=writer)
+    out = Output(StreamDecoder(gen.tokenizer), enabled=writer)
 
     def write_token(token_id):
         if token_id not in gen.eos_ids:
-            out.write(decoder.push(token_id), count=1)
+            out.token(token_id)
 
     def on_interrupt(signum):
         """Ctrl-C: what was streamed so far is final; end its line and say how far it got."""
         if len(prompts) == 1:
-            out.write(decoder.flush() + "\n")
+            out.end()
         if writer:
             print(f"prompt tokens {sum(map(len, ids))}, new tokens {out.new_tokens} (stopped by the interrupt)",
                   file=sys.stderr)
@@ -366,10 +380,7 @@ def main(argv=None) -> int:
         print(f"generating with {model_dir.name} ({cfg.arch}, {cfg.n_layers} layers) ...", file=sys.stderr)
     with exit_on_interrupt(on_interrupt):
         result = gen(ids, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, stream=stream)
-    if stream is not None:
-        out.write(decoder.flush() + "\n")
-    else:
-        out.write("\n----\n".join(result.texts) + "\n")
+    out.end("" if stream is not None else "\n----\n".join(result.texts))
     if writer:
         print(closing_line(result, gen.programs), file=sys.stderr)
     if args.json is not None and writer:

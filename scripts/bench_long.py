@@ -21,8 +21,9 @@ Sections (`--sections`, all by default):
   haystack) for dense and each setting.
 `--plots DIR` draws the passkey heatmaps (dense and each setting) and the frontiers (perplexity change
 and passkey accuracy against the time-to-first-token speed-up at the longest length, batch 1) from the
-report; `--replot REPORT [REPORT ...] --plots DIR` draws them from earlier reports, measuring nothing
-(e.g. the speed section measured alone on an idle machine, the quality sections in another run).
+report; `--replot REPORT [REPORT ...] --plots DIR` draws them from earlier reports merged setting by
+setting, measuring nothing (e.g. the speed section measured alone on an idle machine, the quality
+sections in other runs).
 """
 
 from __future__ import annotations
@@ -51,11 +52,15 @@ def recency(k, c, floor=0):
 # name -> (policy curve, label, config for a model of L layers)
 SETTINGS = {
     "long": ("attention (long preset)", "c=8, 25%", lambda L: preset("long", L)),
+    "attention-50": ("attention (long preset)", "c=8, 50%",
+                     lambda L: dataclasses.replace(preset("long", L), keep_top_k=0.5)),
     "recency-long-budget": ("recency", "c=8, 25%", lambda L: recency(0.25, round(L * 8 / 30), 1024)),
     "recency-50-c10": ("recency", "c=10, 50%", lambda L: recency(0.5, L // 3)),
     "recency-25-c10": ("recency", "c=10, 25%", lambda L: recency(0.25, L // 3)),
     "hybrid-25": ("recent window + attention", "c=8, 25%: 1,536 recent",
                   lambda L: dataclasses.replace(preset("long", L), select_recent=1536)),
+    "hybrid-50": ("recent window + attention", "c=8, 50%: 2,048 recent",
+                  lambda L: dataclasses.replace(preset("long", L), keep_top_k=0.5, select_recent=2048)),
 }
 
 
@@ -111,6 +116,13 @@ def read_report(path: str) -> dict:
     if not isinstance(report, dict) or not {"args", "settings"} <= report.keys():
         raise UsageError(f"--replot {path}: not a report of scripts/bench_long.py")
     return report
+
+
+def merged(earlier: dict, later: dict) -> dict:
+    """Reports (or parts of them) merged key by key, nested dicts in depth: a later report adds its
+    settings to an earlier one's sections; a figure both hold is the later one's."""
+    both = lambda k, v: isinstance(v, dict) and isinstance(earlier.get(k), dict)
+    return {**earlier, **{k: merged(earlier[k], v) if both(k, v) else v for k, v in later.items()}}
 
 
 def generators(model, tokenizer, configs: dict) -> dict:
@@ -275,7 +287,7 @@ def main(argv=None) -> int:
     if args.replot is not None:
         report = {}
         for path in args.replot:
-            report.update(read_report(path))
+            report = merged(report, read_report(path))
         for path in plot(report, Path(args.plots)):
             log(f"wrote {path}")
         return 0

@@ -53,13 +53,36 @@ def test_argument_errors(script, args, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
 
 
-def test_rotated_order():
+def script_module(name):
     sys.path.insert(0, str(SCRIPTS))
     try:
-        from benchlib import rotated
+        return __import__(name)
     finally:
         sys.path.remove(str(SCRIPTS))
+
+
+def test_rotated_order():
+    rotated = script_module("benchlib").rotated
     names = ["a", "b", "c", "d"]
     assert rotated(names, 0) == names
     assert rotated(names, 1) == ["b", "c", "d", "a"]
     assert rotated(names, 5) == ["b", "c", "d", "a"]
+
+
+def test_replot_merges_reports_setting_by_setting():
+    """bench_long --replot: quality sections from two runs (each with its own settings) and a speed
+    run together; a figure present in two reports is the later one's."""
+    merged = script_module("bench_long").merged
+    first = {"args": {"lengths": [8064]}, "settings": {"long": {"policy": "attention"}},
+             "perplexity": {"c4": {"qsjax": {"perplexity": 34.8}, "long": {"change": 0.1}}},
+             "passkey": {"qsjax": {"accuracy": 0.8}, "long": {"accuracy": 0.9}}}
+    second = {"args": {"lengths": [2048]}, "settings": {"hybrid": {"policy": "recent"}},
+              "perplexity": {"c4": {"qsjax": {"perplexity": 34.8}, "hybrid": {"change": 0.0}}},
+              "passkey": {"qsjax": {"accuracy": 0.8}, "hybrid": {"accuracy": 0.5}}}
+    speed = {"args": {"lengths": [8064]}, "settings": {"long": {"policy": "attention"}, "hybrid": {"policy": "recent"}},
+             "speed": {"batch_1_prompt_8064": {"long": {"ttft_speedup_vs_qsjax": 2.6}}}}
+    report = merged(merged(merged({}, first), second), speed)
+    assert report["settings"] == {"long": {"policy": "attention"}, "hybrid": {"policy": "recent"}}
+    assert report["perplexity"]["c4"] == {"qsjax": {"perplexity": 34.8}, "long": {"change": 0.1}, "hybrid": {"change": 0.0}}
+    assert set(report["passkey"]) == {"qsjax", "long", "hybrid"} and report["args"]["lengths"] == [8064]
+    assert report["speed"] == speed["speed"] and first["settings"] == {"long": {"policy": "attention"}}  # inputs untouched

@@ -176,3 +176,22 @@ def test_real_default_model(default_model_dir, cache_dir):
     assert status == 0, err
     assert "Paris" in out
     assert summary(err)[:2] == (5, 8)
+
+
+def test_output_after_end_writes_and_counts_nothing(tmp_path, capsys):
+    """The interrupt ends the streamed line while the token callback may still deliver a token:
+    that token must neither follow the newline nor be counted in the closing line."""
+    from qsjax.generate import Output
+    from qsjax.tokenizer import StreamDecoder
+
+    save_tiny_gpt2_with_tokenizer(tmp_path, SENTENCES)
+    tokenizer = load_tokenizer(tmp_path)
+    ids = tokenizer.encode("The quick brown fox")
+    out = Output(StreamDecoder(tokenizer))
+    for token_id in ids[:2]:
+        out.token(token_id)
+    out.end()
+    out.token(ids[2])
+    out.end()
+    assert capsys.readouterr().out == tokenizer.decode(ids[:2]) + "\n"
+    assert out.new_tokens == 2
