@@ -4,7 +4,8 @@ qsjax, QuickSilver settings and transformers (PyTorch), in one run.
     python scripts/bench_long.py --json docs/bench_long.json
 
 The default model, float32. Settings are named in `SETTINGS` (`long` is the preset; the others are
-the frontier's points, one curve per policy); `--settings` picks them (default: long).
+the frontier's points, one curve per policy, and `truncate-2048`, the plain alternative: dense qsjax
+on the last 2,048 tokens of each prompt); `--settings` picks them (default: long).
 Sections (`--sections`, all by default):
 - speed: one prompt of each --lengths (WikiText-103 text) per row, --batches rows: greedy generation
   of --new-tokens tokens by dense qsjax, each setting (compacted) and transformers `generate`. qsjax
@@ -49,7 +50,9 @@ def recency(k, c, floor=0):
                              select_min_keep=floor)
 
 
-# name -> (policy curve, label, config for a model of L layers)
+# name -> (policy curve, label, config for a model of L layers (L -> QuickSilverConfig), or an int N for
+# truncation, the plain alternative: dense qsjax on the last N tokens of every prompt (a passkey prompt
+# keeps its instruction), every scored token of the tail protocol seeing N tokens of context)
 SETTINGS = {
     "long": ("attention (long preset)", "c=8, 25%", lambda L: preset("long", L)),
     "attention-50": ("attention (long preset)", "c=8, 50%",
@@ -61,6 +64,7 @@ SETTINGS = {
                   lambda L: dataclasses.replace(preset("long", L), select_recent=1536)),
     "hybrid-50": ("recent window + attention", "c=8, 50%: 2,048 recent",
                   lambda L: dataclasses.replace(preset("long", L), keep_top_k=0.5, select_recent=2048)),
+    "truncate-2048": ("truncation (dense, last N tokens)", "2,048 tokens", 2048),
 }
 
 
@@ -100,6 +104,9 @@ def check_args(args) -> None:
         raise UsageError("--lengths, --batches and --passkey-lengths take positive numbers")
     if not 0 < args.stride < args.max_length:
         raise UsageError(f"--stride must be in 1..{args.max_length - 1} (the window keeps context), got {args.stride}")
+    short = [SETTINGS[s][2] for s in args.settings if isinstance(SETTINGS[s][2], int)]
+    if "perplexity" in args.sections and short and max(short) + args.stride >= args.max_length:
+        raise UsageError(f"a truncation to {max(short)} tokens needs --max-length above {max(short) + args.stride}")
     check_json_path(args.json)
     if args.plots is not None and not Path(args.plots).is_dir():
         raise UsageError(f"--plots {args.plots}: no such directory")
@@ -126,9 +133,18 @@ def merged(earlier: dict, later: dict) -> dict:
 
 
 def generators(model, tokenizer, configs: dict) -> dict:
+    """A generator per variant: dense qsjax, each QuickSilver setting, dense again for a truncation."""
     from qsjax.generate import Generator
 
-    return {"qsjax": Generator(model, tokenizer), **{name: Generator(model, tokenizer, qs) for name, qs in configs.items()}}
+    make = lambda qs: Generator(model, tokenizer) if isinstance(qs, int) else Generator(model, tokenizer, qs)
+    return {"qsjax": Generator(model, tokenizer), **{name: make(qs) for name, qs in configs.items()}}
+
+
+def cut(prompts, qs, keep: int = 0):
+    """The prompts a variant sees: a truncation keeps the first `keep` tokens and the last qs - keep."""
+    if not isinstance(qs, int):
+        return prompts
+    return [p if len(p) <= qs else p[:keep] + p[len(p) - (qs - keep):] for p in prompts]
 
 
 def speed(args, model, tokenizer, stream, configs: dict, hf) -> dict:
@@ -138,7 +154,7 @@ def speed(args, model, tokenizer, stream, configs: dict, hf) -> dict:
     runs, first = {}, {}
     for case, prompts in cases.items():
         for name, gen in gens.items():  # qsjax times its prefill and decode programs apart
-            runs[case, name] = lambda g=gen, p=prompts: g(p, max_new_tokens=args.new_tokens)
+            runs[case, name] = lambda g=gen, p=cut(prompts, configs.get(name)): g(p, max_new_tokens=args.new_tokens)
             first[case, name] = runs[case, name]()  # compiles (timed apart) and warms up
             log(f"compiled and warmed up {case} {name}: {first[case, name].seconds_compile:.1f} s compiling")
         if hf is not None:  # transformers: one new token, then all of them
@@ -200,10 +216,14 @@ def perplexity(args, model, tokenizer, configs: dict) -> dict:
         dense = evaluate(Scorer(model), stream, windows, progress=True, desc=f"{data} dense")
         entry = {"qsjax": dict(perplexity=dense.perplexity, seconds=dense.seconds, windows=len(windows))}
         for name, qs in configs.items():
-            result, stats, _ = evaluate_quicksilver(QuickSilverScorer(model, qs), stream, windows, progress=True)
+            if isinstance(qs, int):  # the same scored tokens, each seeing qs tokens of context
+                short = tail_windows(len(stream), qs + args.stride, args.stride)[-len(windows):]
+                result, reduction = evaluate(Scorer(model), stream, short, progress=True, desc=f"{data} {name}"), None
+            else:
+                result, stats, _ = evaluate_quicksilver(QuickSilverScorer(model, qs), stream, windows, progress=True)
+                reduction = stats["executed_flops_reduction"]
             entry[name] = dict(perplexity=result.perplexity, change=result.perplexity - dense.perplexity,
-                               seconds=result.seconds, speedup=dense.seconds / result.seconds,
-                               flops_reduction=stats["executed_flops_reduction"])
+                               seconds=result.seconds, speedup=dense.seconds / result.seconds, flops_reduction=reduction)
             log(f"{data} {name}: perplexity {result.perplexity:.4f} ({result.perplexity - dense.perplexity:+.4f})")
         out[data] = entry
     return out
@@ -211,13 +231,17 @@ def perplexity(args, model, tokenizer, configs: dict) -> dict:
 
 def passkey(args, model, tokenizer, configs: dict) -> dict:
     """qsjax.passkey's grid, dense and each setting: accuracy overall and per cell."""
-    from qsjax.passkey import FILLER, depth_fractions, make_cells, run_cells
+    from qsjax.passkey import FILLER, depth_fractions, make_cells, prompt_frame, run_cells
 
     cells = make_cells(tokenizer, FILLER + " ", args.passkey_lengths, depth_fractions(args.depths), args.trials, 0,
                        ANSWER_TOKENS, False)
+    head = len(prompt_frame(tokenizer, False)[0])  # BOS and the instruction
     out = {}
     for name, gen in generators(model, tokenizer, configs).items():
-        run = run_cells(gen, cells, ANSWER_TOKENS, True, name)
+        qs = configs.get(name)
+        n = qs - ANSWER_TOKENS if isinstance(qs, int) else qs  # a passkey length counts the answer too
+        seen = [{**c, "prompts": cut(c["prompts"], n, head)} for c in cells]
+        run = run_cells(gen, seen, ANSWER_TOKENS, True, name)
         out[name] = dict(accuracy=run["accuracy"], seconds=run["seconds"],
                          cells=[{k: c[k] for k in ("length", "depth", "correct", "trials_run", "accuracy")}
                                 for c in run["cells"]])
@@ -306,10 +330,11 @@ def main(argv=None) -> int:
             raise UsageError(f"{section}: {need[section]} tokens do not fit the model's context ({model.cfg.max_positions})")
     enable_compilation_cache()
     L = model.cfg.n_layers
-    configs = {name: SETTINGS[name][2](L) for name in args.settings}
+    configs = {name: make if isinstance(make := SETTINGS[name][2], int) else make(L) for name in args.settings}
     report = {"command": " ".join(["python", "scripts/bench_long.py", *(sys.argv[1:] if argv is None else argv)]),
               "args": vars(args), "model": model_dir.name, "machine_at_start": machine(),
-              "settings": {n: dict(policy=SETTINGS[n][0], label=SETTINGS[n][1], config=dataclasses.asdict(qs))
+              "settings": {n: dict(policy=SETTINGS[n][0], label=SETTINGS[n][1],
+                                   config={"truncate": qs} if isinstance(qs, int) else dataclasses.asdict(qs))
                            for n, qs in configs.items()}}
     if "speed" in args.sections:
         stream = tokenize(tokenizer, read_text(resolve_data("wikitext103"))).astype(np.int32)

@@ -40,6 +40,7 @@ def run_script(name, *args):
     ("bench_long.py", ["--new-tokens", "1"], "--new-tokens must be at least 2"),
     ("bench_long.py", ["--windows", "0"], "--windows must be at least 1"),
     ("bench_long.py", ["--stride", "8192"], "--stride must be in 1..8191"),
+    ("bench_long.py", ["--settings", "truncate-2048", "--max-length", "2048"], "needs --max-length above 2560"),
     ("bench_long.py", ["--plots", "/nonexistent-dir"], "no such directory"),
     ("bench_long.py", ["--json", "/nonexistent-dir/out.json"], "does not exist"),
     ("bench_long.py", ["--replot", "docs/bench_long.json"], "--replot needs --plots DIR"),
@@ -86,3 +87,11 @@ def test_replot_merges_reports_setting_by_setting():
     assert report["perplexity"]["c4"] == {"qsjax": {"perplexity": 34.8}, "long": {"change": 0.1}, "hybrid": {"change": 0.0}}
     assert set(report["passkey"]) == {"qsjax", "long", "hybrid"} and report["args"]["lengths"] == [8064]
     assert report["speed"] == speed["speed"] and first["settings"] == {"long": {"policy": "attention"}}  # inputs untouched
+
+
+def test_truncation_keeps_the_head_and_the_last_tokens():
+    cut = script_module("bench_long").cut
+    prompts = [list(range(10)), list(range(3))]
+    assert cut(prompts, 5, keep=2) == [[0, 1, 7, 8, 9], [0, 1, 2]]
+    assert cut(prompts, 4) == [[6, 7, 8, 9], [0, 1, 2]]
+    assert cut(prompts, None) is prompts  # a QuickSilver setting or dense: the whole prompt
