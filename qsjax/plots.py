@@ -100,15 +100,21 @@ def passkey_grid(report: dict) -> bytes:
     return passkey_grids(runs, s["lengths"], s["depths"])
 
 
+GRIDS_PER_ROW = 4
+
+
 def passkey_grids(runs: list[tuple[str, dict]], lengths: list[int], depths: list[float]) -> bytes:
     """One heatmap per named run (a run: `accuracy` and `cells` with length, depth, accuracy), side by
-    side: length x depth, colour = accuracy -> PNG bytes."""
+    side, at most `GRIDS_PER_ROW` to a row: length x depth, colour = accuracy -> PNG bytes."""
     from qsjax.passkey import grid
 
     plt = pyplot()
-    size = (1.2 + 1.1 * len(depths) * len(runs), 0.6 + 0.5 * len(lengths))
-    fig, axes = plt.subplots(1, len(runs), figsize=size, squeeze=False)
-    for ax, (name, run) in zip(axes[0], runs):
+    rows, cols = -(-len(runs) // GRIDS_PER_ROW), min(len(runs), GRIDS_PER_ROW)
+    size = (1.2 + 1.1 * len(depths) * cols, (0.9 + 0.5 * len(lengths)) * rows)
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False, layout="constrained")
+    for ax in axes.flat[len(runs):]:
+        ax.set_axis_off()
+    for ax, (name, run) in zip(axes.flat, runs):
         g = grid(run)
         acc = np.array([[g[n, d]["accuracy"] for d in depths] for n in lengths])
         image = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
@@ -117,8 +123,9 @@ def passkey_grids(runs: list[tuple[str, dict]], lengths: list[int], depths: list
         for (r, c), value in np.ndenumerate(acc):
             ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8)
         ax.set(xlabel="needle depth", title=f"{name}: accuracy {run['accuracy']:.2f}")
-    axes[0][0].set_ylabel("length (tokens)")
-    fig.colorbar(image, ax=list(axes[0]), label="accuracy")
+    for row in axes:
+        row[0].set_ylabel("length (tokens)")
+    fig.colorbar(image, ax=list(axes.flat), label="accuracy")
     return png(fig)
 
 
