@@ -129,12 +129,12 @@ def parts(args) -> dict:
             times[n].append(time.perf_counter() - t0)
     med = {n: median(ts) for n, ts in times.items()}
     matmul = 2 * B * K * G * bq * bk * DH
-    steps = {T: sum(((min(T, (i + 1) * bq) - 1) // bk + 1) for i in range(-(-T // bq))) for T in args.lengths}
+    steps = {T: A.causal_pairs_executed(T) // (bq * bk) for T in args.lengths if T * T > A.DIRECT_MAX}  # blockwise only
     return {"block": [bq, bk], "seconds": med,
             "gflops_per_second": {n: matmul / med[n] / 1e9 for n in ("scores_qk", "values_pv")},
             "share_of_step": {n: med[n] / med["step"] for n in ("scores_qk", "values_pv", "max", "exp_sum")},
             "steps_per_layer": steps,
-            "causal_share_of_executed_pairs": {T: T * (T + 1) / 2 / (A.causal_pairs_executed(T)) for T in args.lengths}}
+            "causal_share_of_executed_pairs": {T: T * (T + 1) / 2 / A.causal_pairs_executed(T) for T in args.lengths}}
 
 
 def format_table(report: dict) -> str:
