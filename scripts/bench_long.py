@@ -4,8 +4,9 @@ qsjax, QuickSilver settings and transformers (PyTorch), in one run.
     python scripts/bench_long.py --json docs/bench_long.json
 
 The default model, float32. Settings are named in `SETTINGS` (`long` is the preset; the others are
-the frontier's points, one curve per policy, and `truncate-2048`, the plain alternative: dense qsjax
-on the last 2,048 tokens of each prompt); `--settings` picks them (default: long).
+the frontier's points, one curve per policy and cut-off layer, and `truncate-2048`, the plain
+alternative: dense qsjax on the last 2,048 tokens of each prompt); `--settings` picks them (default:
+long).
 Sections (`--sections`, all by default):
 - speed: one prompt of each --lengths (WikiText-103 text) per row, --batches rows: greedy generation
   of --new-tokens tokens by dense qsjax, each setting (compacted) and transformers `generate`. qsjax
@@ -290,9 +291,9 @@ def plot(report: dict, out: Path) -> list[Path]:
         return written
     speed = report["speed"][f"batch_1_prompt_{max(report['args']['lengths'])}"]
     names = [n for n in report["settings"] if n in speed]
-    curve = {n: report["settings"][n] for n in names}
+    curve = {n: curve_name(report["settings"][n]) for n in names}
     for data, entry in report.get("perplexity", {}).items():
-        points = [Point(curve[n]["policy"], curve[n]["label"], speed[n]["ttft_speedup_vs_qsjax"], entry[n]["change"])
+        points = [Point(curve[n], report["settings"][n]["label"], speed[n]["ttft_speedup_vs_qsjax"], entry[n]["change"])
                   for n in names if n in entry]
         axes = Axes("time-to-first-token speed-up vs dense qsjax (x)", "perplexity change vs dense", (0.5, 4.0),
                     (-0.25, 2.0), band=(-0.25, 0.2), band_label="within +0.2")
@@ -300,13 +301,19 @@ def plot(report: dict, out: Path) -> list[Path]:
         written[-1].write_bytes(frontier_figure(points, axes, f"long prompts, {data}", Point("dense", "dense", 1.0, 0.0)))
     if "passkey" in report:
         pk = report["passkey"]
-        points = [Point(curve[n]["policy"], curve[n]["label"], speed[n]["ttft_speedup_vs_qsjax"], pk[n]["accuracy"])
+        points = [Point(curve[n], report["settings"][n]["label"], speed[n]["ttft_speedup_vs_qsjax"], pk[n]["accuracy"])
                   for n in names if n in pk]
         axes = Axes("time-to-first-token speed-up vs dense qsjax (x)", "passkey accuracy", (0.5, 4.0), (0.0, 1.05))
         written.append(out / "long_frontier_passkey.png")
         written[-1].write_bytes(frontier_figure(points, axes, "long prompts, passkey",
                                                 Point("dense", "dense", 1.0, pk["qsjax"]["accuracy"])))
     return written
+
+
+def curve_name(setting: dict) -> str:
+    """A frontier curve: the setting's policy after its cut-off layer (a curve traces the budget)."""
+    layer = setting["config"].get("halt_cutoff_layer")
+    return setting["policy"] if layer is None else f"{setting['policy']}, after layer {layer}"
 
 
 def main(argv=None) -> int:

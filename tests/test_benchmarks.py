@@ -1,6 +1,7 @@
 """The benchmark scripts without a benchmark: bad arguments exit with status 2 and one `error:` line
 before any model is loaded, and the run order rotates between repeats."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -87,6 +88,19 @@ def test_replot_merges_reports_setting_by_setting():
     assert report["perplexity"]["c4"] == {"qsjax": {"perplexity": 34.8}, "long": {"change": 0.1}, "hybrid": {"change": 0.0}}
     assert set(report["passkey"]) == {"qsjax", "long", "hybrid"} and report["args"]["lengths"] == [8064]
     assert report["speed"] == speed["speed"] and first["settings"] == {"long": {"policy": "attention"}}  # inputs untouched
+
+
+def test_frontier_curves_split_a_policy_by_cut_off_layer():
+    """bench_long's frontier: settings of one policy at different cut-off layers are different curves
+    (a curve traces the budget); a truncation has no layer."""
+    bl = script_module("bench_long")
+    settings = {n: {"policy": bl.SETTINGS[n][0], "config": dataclasses.asdict(bl.SETTINGS[n][2](30))}
+                for n in ("recency-25-c10", "recency-50-c10", "recency-30-c2", "long", "attention-c5")}
+    curves = {n: bl.curve_name(s) for n, s in settings.items()}
+    assert curves["recency-25-c10"] == curves["recency-50-c10"] == "recency, after layer 10"
+    assert curves["recency-30-c2"] == "recency, after layer 2"
+    assert curves["long"] != curves["attention-c5"] and curves["long"].endswith("after layer 8")
+    assert bl.curve_name({"policy": "truncation", "config": {"truncate": 2048}}) == "truncation"
 
 
 def test_truncation_keeps_the_head_and_the_last_tokens():
