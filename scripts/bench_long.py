@@ -290,19 +290,18 @@ def plot(report: dict, out: Path) -> list[Path]:
     if "speed" not in report:
         return written
     speed = report["speed"][f"batch_1_prompt_{max(report['args']['lengths'])}"]
-    names = [n for n in report["settings"] if n in speed]
-    curve = {n: curve_name(report["settings"][n]) for n in names}
+    settings = report["settings"]
+    names = [n for n in settings if n in speed]
+    point = lambda n, y: Point(curve_name(settings[n]), settings[n]["label"], speed[n]["ttft_speedup_vs_qsjax"], y)
     for data, entry in report.get("perplexity", {}).items():
-        points = [Point(curve[n], report["settings"][n]["label"], speed[n]["ttft_speedup_vs_qsjax"], entry[n]["change"])
-                  for n in names if n in entry]
+        points = [point(n, entry[n]["change"]) for n in names if n in entry]
         axes = Axes("time-to-first-token speed-up vs dense qsjax (x)", "perplexity change vs dense", (0.5, 4.0),
                     (-0.25, 2.0), band=(-0.25, 0.2), band_label="within +0.2")
         written.append(out / f"long_frontier_{data}.png")
         written[-1].write_bytes(frontier_figure(points, axes, f"long prompts, {data}", Point("dense", "dense", 1.0, 0.0)))
     if "passkey" in report:
         pk = report["passkey"]
-        points = [Point(curve[n], report["settings"][n]["label"], speed[n]["ttft_speedup_vs_qsjax"], pk[n]["accuracy"])
-                  for n in names if n in pk]
+        points = [point(n, pk[n]["accuracy"]) for n in names if n in pk]
         axes = Axes("time-to-first-token speed-up vs dense qsjax (x)", "passkey accuracy", (0.5, 4.0), (0.0, 1.05))
         written.append(out / "long_frontier_passkey.png")
         written[-1].write_bytes(frontier_figure(points, axes, "long prompts, passkey",
