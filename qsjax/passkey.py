@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import re
 import sys
@@ -53,6 +52,7 @@ from qsjax.cli import (
     write_file_atomic,
 )
 from qsjax.eviction import add_eviction_args, eviction_from_args
+from qsjax.plots import require as require_matplotlib
 from qsjax.quicksilver.cli import add_quicksilver_args, check_quicksilver_args, quicksilver_from_args
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -224,8 +224,7 @@ def check_args(args) -> None:
         raise UsageError("--compare runs dense beside a QuickSilver or --kv-budget setting: give one (e.g. "
                          "--quicksilver fast)")
     if args.plot is not None:
-        if importlib.util.find_spec("matplotlib") is None:
-            raise UsageError("--plot needs matplotlib (pip install matplotlib)")
+        require_matplotlib("--plot")
         if args.plot == "-":
             raise UsageError("--plot needs a file name")
         check_output_file("--plot", args.plot)

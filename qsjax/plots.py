@@ -9,10 +9,13 @@ the legend sits outside the axes, and a quality budget (e.g. +0.2 perplexity) is
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import io
 import itertools
 
 import numpy as np
+
+from qsjax.cli import UsageError
 
 MARKERS = "osD^vP*Xph<>"
 
@@ -36,6 +39,13 @@ class Axes:
     ylim: tuple[float, float]
     band: tuple[float, float] | None = None
     band_label: str = ""
+
+
+def require(flag: str) -> None:
+    """Raise UsageError if matplotlib is missing: checked before slow work, so that a run asked to
+    draw (`flag`) does not measure for an hour and then fail."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError(f"{flag} needs matplotlib (pip install -e '.[plot]')")
 
 
 def pyplot():

@@ -40,6 +40,7 @@ import numpy as np
 
 from benchlib import check_json_path, check_positive, fmt, load_hf, log, machine, median, ratio, rotated, write_report
 from qsjax.cli import ArgumentParser, UsageError, run_cli
+from qsjax.plots import require as require_matplotlib
 from qsjax.quicksilver.config import QuickSilverConfig, preset
 
 SECTIONS = ("speed", "perplexity", "passkey")
@@ -115,6 +116,8 @@ def check_args(args) -> None:
     check_json_path(args.json)
     if args.plots is not None and not Path(args.plots).is_dir():
         raise UsageError(f"--plots {args.plots}: no such directory")
+    if args.plots is not None:
+        require_matplotlib("--plots")
     if args.replot is not None and args.plots is None:
         raise UsageError("--replot needs --plots DIR (where to draw)")
 

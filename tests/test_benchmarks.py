@@ -103,6 +103,19 @@ def test_frontier_curves_split_a_policy_by_cut_off_layer():
     assert bl.curve_name({"policy": "truncation", "config": {"truncate": 2048}}) == "truncation"
 
 
+def test_plots_without_matplotlib_fail_before_any_measurement(monkeypatch):
+    """bench_long --plots: a missing matplotlib is found by the argument checks (before the model
+    loads), not after an hour of measuring."""
+    from test_plots import hide_matplotlib
+
+    bl = script_module("bench_long")
+    args = bl.parse_args(["--sections", "passkey", "--plots", "docs"])
+    bl.check_args(args)
+    hide_matplotlib(monkeypatch)
+    with pytest.raises(bl.UsageError, match="--plots needs matplotlib"):
+        bl.check_args(args)
+
+
 def test_truncation_keeps_the_head_and_the_last_tokens():
     cut = script_module("bench_long").cut
     prompts = [list(range(10)), list(range(3))]

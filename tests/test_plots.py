@@ -1,6 +1,24 @@
-"""The frontier figures: off-range points pinned to the edge they overflow, one style per policy."""
+"""The frontier figures: off-range points pinned to the edge they overflow, one style per policy;
+a missing matplotlib is a usage error naming the flag that asked for a figure."""
 
-from qsjax.plots import Axes, Point, frontier_figure, pinned, styles
+import importlib.util
+
+import pytest
+
+from qsjax.cli import UsageError
+from qsjax.plots import Axes, Point, frontier_figure, pinned, require, styles
+
+
+def hide_matplotlib(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+
+
+def test_require_names_the_flag_when_matplotlib_is_missing(monkeypatch):
+    require("--plots")  # installed for the tests: nothing raised
+    hide_matplotlib(monkeypatch)
+    with pytest.raises(UsageError, match=r"--plots needs matplotlib \(pip install -e '.\[plot\]'\)"):
+        require("--plots")
 
 
 def test_pinned_clips_to_the_edge_it_overflows():
