@@ -51,8 +51,13 @@ def attention(q, k, v, q_slot, k_slot, k_ok, bias=None, *, self_visible=False):
     T, S, Dh = q.shape[1], k.shape[1], q.shape[-1]
     if (jax.default_backend() == "gpu" and T == S and bias is None and not self_visible and Dh % 8 == 0
             and Dh <= 128 and q.dtype in (jnp.bfloat16, jnp.float16)):  # what cuDNN flash attention takes
-        fallback = lambda q, k, v, *slots: attention_heads_major(q, _heads(k), _heads(v), *slots)
-        return _on_plain_causal(q, k, v, q_slot, k_slot, k_ok, fallback, "cudnn")
+        return _on_plain_causal(q, k, v, q_slot, k_slot, k_ok, attention_xla, "cudnn")
+    return attention_xla(q, k, v, q_slot, k_slot, k_ok, bias, self_visible=self_visible)
+
+
+def attention_xla(q, k, v, q_slot, k_slot, k_ok, bias=None, *, self_visible=False):
+    """`attention` without the library dispatch: XLA's paths only (the CPU path, the GPU fallback,
+    and the benchmarks' variant without cuDNN)."""
     return attention_heads_major(q, _heads(k), _heads(v), q_slot, k_slot, k_ok, bias, self_visible=self_visible)
 
 

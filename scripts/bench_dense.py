@@ -22,8 +22,8 @@ from unittest import mock
 
 import numpy as np
 
-from benchlib import (check_json_path, check_positive, fmt, load_hf, log, machine, masked_attention, median, ratio,
-                      rotated, write_report)
+from benchlib import (check_json_path, check_positive, fmt, load_hf, log, machine, median, ratio,
+                      rotated, torch_run, write_report)
 from qsjax.cli import ArgumentParser, UsageError, run_cli
 
 
@@ -53,7 +53,23 @@ def check_args(args) -> None:
     check_json_path(args.json)
 
 
-def qsjax_runs(model, cases, new_tokens: int, masked: bool) -> tuple[dict, dict]:
+def prefill_attentions(masked: bool, dtype: str) -> dict:
+    """Prefill variant -> the attention function it runs: qsjax's; the old masked one (the baseline);
+    on a GPU in bfloat16, also qsjax's without cuDNN (XLA's blockwise loops)."""
+    import jax
+
+    from benchlib import masked_attention
+    from qsjax.attention import attention, attention_xla
+
+    out = {"qsjax": attention}
+    if masked:
+        out["qsjax_masked_attention"] = masked_attention
+    if jax.default_backend() == "gpu" and dtype == "bfloat16":
+        out["qsjax_xla_attention"] = attention_xla
+    return out
+
+
+def qsjax_runs(model, cases, new_tokens: int, attentions: dict) -> tuple[dict, dict]:
     """(case, variant) -> run() returning arrays; and the compile seconds of each."""
     import jax
     import jax.numpy as jnp
@@ -70,9 +86,7 @@ def qsjax_runs(model, cases, new_tokens: int, masked: bool) -> tuple[dict, dict]
             # one function object per variant: jax.jit caches traces by function, so a shared one
             # would hand the second variant the first one's trace, whatever `attention` is then
             prefill = lambda: lambda s, t, st, P=P: dense.prefill(model.module(s), t, st, P + 128)
-            variants = {"qsjax": prefill()}
-            if masked:
-                variants["qsjax_masked_attention"] = prefill()
+            variants = {name: prefill() for name in attentions}
         else:
             def f(s, t, st, n):
                 return generate(model.module(s), t, st, jax.random.key(0), (1.0, 1.0), max_new=n,
@@ -80,9 +94,10 @@ def qsjax_runs(model, cases, new_tokens: int, masked: bool) -> tuple[dict, dict]
             variants = {"qsjax": lambda s, t, st: f(s, t, st, new_tokens), "qsjax_first": lambda s, t, st: f(s, t, st, 1)}
         for name, fn in variants.items():
             t0 = time.perf_counter()
-            with mock.patch.object(dense, "attention", masked_attention if name.endswith("masked_attention") else dense.attention):
+            with mock.patch.object(dense, "attention", attentions.get(name, attentions["qsjax"])):  # decode: qsjax's
                 compiled = jax.jit(fn).lower(model.state, jnp.asarray(tokens), start).compile()
             compile_s[(case, name)] = time.perf_counter() - t0
+            log(f"compiled {case} {name}: {compile_s[(case, name)]:.1f} s")
             runs[(case, name)] = lambda c=compiled, t=jnp.asarray(tokens), st=start: jax.block_until_ready(c(model.state, t, st))
     return runs, compile_s
 
@@ -92,7 +107,7 @@ def hf_runs(hf, cases, new_tokens: int) -> dict:
 
     runs = {}
     for case, tokens in cases.items():
-        ids = torch.from_numpy(tokens.astype(np.int64))
+        ids = torch.from_numpy(tokens.astype(np.int64)).to(hf.device)
         if case.startswith("prefill"):
             runs[(case, "hf")] = lambda ids=ids: hf(ids, use_cache=True, logits_to_keep=1)
         else:
@@ -100,14 +115,7 @@ def hf_runs(hf, cases, new_tokens: int) -> dict:
                 runs[(case, name)] = lambda ids=ids, n=n: hf.generate(
                     ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                     eos_token_id=None, pad_token_id=0)
-    return {key: (lambda f=f: _inference(f)) for key, f in runs.items()}
-
-
-def _inference(f):
-    import torch
-
-    with torch.inference_mode():
-        return f()
+    return {key: (lambda f=f: torch_run(f)) for key, f in runs.items()}
 
 
 def measure(runs: dict, repeats: int) -> dict:
@@ -139,6 +147,7 @@ def summarize(med: dict, compile_s: dict, cases: dict, new_tokens: int) -> dict:
             for e in entry.values():
                 e["speedup_vs_hf"] = ratio(entry.get("hf", {}).get("seconds"), e["seconds"])
                 e["speedup_vs_masked_attention"] = ratio(entry.get("qsjax_masked_attention", {}).get("seconds"), e["seconds"])
+                e["speedup_vs_xla_attention"] = ratio(entry.get("qsjax_xla_attention", {}).get("seconds"), e["seconds"])
             out["prefill"][str(P)] = entry
         else:
             entry = {}
@@ -185,7 +194,7 @@ def main(argv=None) -> int:
     for P in args.decode_prompts:
         for B in args.batches:
             cases[f"decode_{B}x{P}"] = np.stack([stream[i * P:(i + 1) * P] for i in range(B)])
-    runs, compile_s = qsjax_runs(model, cases, args.new_tokens, not args.skip_masked)
+    runs, compile_s = qsjax_runs(model, cases, args.new_tokens, prefill_attentions(not args.skip_masked, args.dtype))
     if not args.skip_hf:
         import torch
 

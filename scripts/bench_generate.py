@@ -18,7 +18,8 @@ from __future__ import annotations
 import sys
 import time
 
-from benchlib import check_json_path, check_positive, fmt, load_hf, log, machine, median, ratio, rotated, write_report
+from benchlib import (check_json_path, check_positive, fmt, load_hf, log, machine, median, ratio, rotated, torch_run,
+                      write_report)
 from qsjax.cli import ArgumentParser, UsageError, run_cli
 
 DECODE_BATCHES = (1, 8)
@@ -59,11 +60,11 @@ def bench(gens: dict, hf_model, tokenizer, stream, args) -> dict:
         if name == "hf_dense":
             import torch
 
-            ids = torch.tensor(prompts)
+            ids = torch.tensor(prompts, device=hf_model.device)
             t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                        do_sample=False, eos_token_id=None, pad_token_id=tokenizer.pad_id or 0)
+            out = torch_run(lambda: hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                                      min_new_tokens=n, do_sample=False, eos_token_id=None,
+                                                      pad_token_id=tokenizer.pad_id or 0))
             return time.perf_counter() - t0, 0.0, out[:, len(prompts[0]):].tolist()
         res = gens[name](prompts, max_new_tokens=n)
         assert all(len(t) == n for t in res.token_ids), [len(t) for t in res.token_ids]

@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import check_json_path, check_positive, fmt, load_hf, log, machine, median, ratio, rotated, write_report
+from benchlib import (check_json_path, check_positive, fmt, load_hf, log, machine, median, ratio, rotated, torch_run,
+                      write_report)
 from qsjax.cli import ArgumentParser, UsageError, run_cli
 from qsjax.plots import require as require_matplotlib
 from qsjax.quicksilver.config import QuickSilverConfig, preset
@@ -50,6 +51,11 @@ ANSWER_TOKENS = 10  # passkey: new tokens per answer (qsjax.passkey's default)
 def recency(k, c, floor=0):
     return QuickSilverConfig(halt="select", select_signal="recency", halt_cutoff_layer=c, keep_top_k=k,
                              select_min_keep=floor)
+
+
+def hybrid(L, k, share):
+    """`long`'s votes after layer 8 keeping k of the context, `share` of that the most recent tokens."""
+    return dataclasses.replace(preset("long", L), keep_top_k=k, select_recent=share)
 
 
 # name -> (policy curve, label, config for a model of L layers (L -> QuickSilverConfig), or an int N for
@@ -70,6 +76,9 @@ SETTINGS = {
                   lambda L: dataclasses.replace(preset("long", L), select_recent=1536)),
     "hybrid-50": ("recent window + attention", "c=8, 50%: 2,048 recent",
                   lambda L: dataclasses.replace(preset("long", L), keep_top_k=0.5, select_recent=2048)),
+    "hybrid-40-r70": ("recent window + attention", "c=8, 40%: 70% of it recent", lambda L: hybrid(L, 0.4, 0.7)),
+    "hybrid-40-r75": ("recent window + attention", "c=8, 40%: 75% of it recent", lambda L: hybrid(L, 0.4, 0.75)),
+    "hybrid-35-r80": ("recent window + attention", "c=8, 35%: 80% of it recent", lambda L: hybrid(L, 0.35, 0.8)),
     "truncate-2048": ("truncation (dense, last N tokens)", "2,048 tokens", 2048),
 }
 
@@ -205,10 +214,9 @@ def speed(args, model, tokenizer, stream, configs: dict, hf) -> dict:
 def hf_generate(hf, prompts, n: int):
     import torch
 
-    ids = torch.tensor(prompts, dtype=torch.int64)
-    with torch.inference_mode():
-        return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, eos_token_id=None, pad_token_id=0)
+    ids = torch.tensor(prompts, dtype=torch.int64, device=hf.device)
+    return torch_run(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                         do_sample=False, eos_token_id=None, pad_token_id=0))
 
 
 def perplexity(args, model, tokenizer, configs: dict) -> dict:

@@ -92,9 +92,10 @@ def machine() -> dict:
     for name in ("torch", "transformers"):
         if name in sys.modules:
             versions[name] = sys.modules[name].__version__
+    device = jax.devices()[0]
     return {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "cpu_flags": {f: f in flags for f in CPU_FLAGS}, "device": str(jax.devices()[0]),
-            "load_average": os.getloadavg(), "versions": versions}
+            "cpu_flags": {f: f in flags for f in CPU_FLAGS}, "device": str(device),
+            "device_kind": device.device_kind, "load_average": os.getloadavg(), "versions": versions}
 
 
 def write_report(path: str | None, report: dict, table: str) -> None:
@@ -107,7 +108,8 @@ def write_report(path: str | None, report: dict, table: str) -> None:
 
 
 def load_hf(model_dir: Path, threads: int):
-    """transformers' LlamaForCausalLM from the GGUF in the default model's folder, float32, `threads` threads."""
+    """transformers' LlamaForCausalLM from the GGUF in the default model's folder, float32, `threads`
+    threads; on the GPU when PyTorch sees one, with TF32 float32 matmuls there as XLA's default has."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -117,7 +119,22 @@ def load_hf(model_dir: Path, threads: int):
     if gguf is None:
         raise UsageError(f"{model_dir} holds no GGUF file for transformers to load; use --skip-hf")
     torch.set_num_threads(threads)
-    return AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf.name, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf.name, dtype=torch.float32).eval()
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        hf = hf.to("cuda")
+    return hf
+
+
+def torch_run(f):
+    """f() under inference mode, waiting for the GPU's queued work (so that wall-clock times hold)."""
+    import torch
+
+    with torch.inference_mode():
+        out = f()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out
 
 
 class HFScorer:
@@ -142,7 +159,7 @@ class HFScorer:
         import torch
 
         T = int(lengths[0])
-        ids = torch.from_numpy(tokens[:, :T].astype(np.int64))
+        ids = torch.from_numpy(tokens[:, :T].astype(np.int64)).to(self.hf.device)
         with torch.inference_mode():
             if self.scored_only:
                 z = self.hf(ids, use_cache=False, logits_to_keep=torch.arange(offset, T - 1)).logits[0]
@@ -151,7 +168,7 @@ class HFScorer:
             z = z.float()
             nll = torch.logsumexp(z, dim=-1) - z.gather(-1, ids[0, offset + 1:, None])[:, 0]
         out = np.full((1, tokens.shape[1] - 1 - offset), np.nan, np.float32)
-        out[0, : len(nll)] = nll.numpy()
+        out[0, : len(nll)] = nll.cpu().numpy()
         return out, None
 
 

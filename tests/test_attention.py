@@ -152,6 +152,24 @@ def test_library_path_plumbing():
         assert jnp.isnan(lib(nan)(q, k, v, *slots)).all()  # the fallback ran
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs an NVIDIA GPU")
+def test_cudnn_on_gpu():
+    """On a GPU, a bfloat16 left-padded causal window goes to cuDNN's fused attention (a cuDNN call
+    in the compiled program) and matches the float32 reference within bfloat16's rounding; slots
+    that are not a plain causal window go to the XLA fallback and match too."""
+    T, Dh = 256, 64
+    q, k, v = qkv(3, T, T, 9, 3, Dh)
+    bf = lambda x: x.astype(jnp.bfloat16)
+    f32 = lambda x: bf(x).astype(jnp.float32)  # the reference sees the same rounded inputs
+    plain = causal_slots(3, T, [0, 100, 255])
+    holes = (plain[0], plain[1], plain[2].at[0, 5].set(False))
+    run = jax.jit(attention)
+    assert "cudnn" in run.lower(bf(q), bf(k), bf(v), *plain).compile().as_text().lower()
+    for slots in [plain, holes]:
+        got = run(bf(q), bf(k), bf(v), *slots).astype(jnp.float32)
+        np.testing.assert_allclose(got, reference(f32(q), f32(k), f32(v), *slots)[0], atol=3e-2)
+
+
 def test_memory_is_linear_in_length():
     """8,192 tokens, SmolLM2's heads (B=1, H=9, K=3, Dh=64): the compiled temporaries stay O(T x
     block), far below the T x T float32 scores (2.25 GiB for 9 heads, 256 MiB for one). Bound: 96 MiB,

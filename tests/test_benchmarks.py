@@ -122,3 +122,19 @@ def test_truncation_keeps_the_head_and_the_last_tokens():
     assert cut(prompts, 5, keep=2) == [[0, 1, 7, 8, 9], [0, 1, 2]]
     assert cut(prompts, 4) == [[6, 7, 8, 9], [0, 1, 2]]
     assert cut(prompts, None) is prompts  # a QuickSilver setting or dense: the whole prompt
+
+
+def test_dense_benchmark_adds_the_xla_variant_on_a_gpu_in_bfloat16(monkeypatch):
+    """bench_dense's prefill variants: on a GPU in bfloat16 (where `attention` would hand the window
+    to cuDNN) also qsjax's XLA path, so that the library's gain is measured; elsewhere not."""
+    import jax
+
+    from qsjax.attention import attention, attention_xla
+
+    variants = script_module("bench_dense").prefill_attentions
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert variants(False, "bfloat16") == {"qsjax": attention}
+    assert list(variants(True, "float32")) == ["qsjax", "qsjax_masked_attention"]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert variants(False, "float32") == {"qsjax": attention}  # float32: cuDNN never runs
+    assert variants(False, "bfloat16") == {"qsjax": attention, "qsjax_xla_attention": attention_xla}

@@ -90,6 +90,8 @@ def test_cli_flags_build_the_config():
                                    select_heads="max", select_accumulate=True, select_recent=64, select_queries=8,
                                    halt_cutoff_layer2=20, keep_top_k2=0.25)
     assert parse("--halt-cutoff-layer", "10", "--select-recent", "8").halt == "select"  # any selection flag implies it
+    share = parse("--halt-cutoff-layer", "10", "--select-recent", "0.7").select_recent
+    assert (share, type(qs.select_recent)) == (0.7, int)  # a share of the budget; a whole number stays a count
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -99,7 +101,8 @@ def test_cli_flags_build_the_config():
     (("--amq-layer", "0"), "--amq-layer 0"),
     (("--halt", "cutoff",), "needs --halt-cutoff-layer"),
     (("--halt-cutoff-layer", "3", "--select-pool", "4"), "--select-pool must be 0, 1 or an odd window, got 4"),
-    (("--halt-cutoff-layer", "3", "--select-recent", "-1"), "--select-recent must be >= 0"),
+    (("--halt-cutoff-layer", "3", "--select-recent", "-1"), "--select-recent must be a count"),
+    (("--halt-cutoff-layer", "3", "--select-recent", "2.5"), "--select-recent must be a count .* or a share"),
     (("--halt-cutoff-layer", "3", "--keep-top-k2", "0.2"), "--halt-cutoff-layer2 and --keep-top-k2 go together"),
     (("--halt-cutoff-layer", "3", "--halt-cutoff-layer2", "3", "--keep-top-k2", "0.2"),
      "--halt-cutoff-layer2 3 must be after --halt-cutoff-layer 3"),

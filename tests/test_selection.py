@@ -99,6 +99,12 @@ def test_keep_budget_and_recent_window():
     assert np.asarray(selection.keep(score, cand, n, 1))[0].tolist() == [True, False, False, False, True, False]
     # a recent window wider than the budget: the budget's most recent candidates only
     assert np.asarray(selection.keep(score, cand, n, 3))[0].tolist() == [False, False, False, True, True, False]
+    # a share of the budget, rounded up: 0.3 of 2 -> the one most recent, then the best score ...
+    assert np.asarray(selection.keep(score, cand, n, 0.3))[0].tolist() == [True, False, False, False, True, False]
+    # ... per row: budgets 2 and 4 with a share of 0.5 keep 1 and 2 recent tokens (4; 4, 3), then scores
+    two = jnp.concatenate([score, score]), jnp.concatenate([cand, cand])
+    got = np.asarray(selection.keep(*two, jnp.array([2, 4]), 0.5))
+    assert got.tolist() == [[True, False, False, False, True, False], [True, False, True, True, True, False]]
     assert selection.budget(cand, 0.01).tolist() == [1]  # at least one ...
     assert selection.budget(jnp.zeros((1, 6), bool), 0.5).tolist() == [0]  # ... of those there are
     assert selection.budget(cand, 0.4, 4).tolist() == [4]  # select_min_keep: a floor ...
@@ -133,6 +139,8 @@ SETTINGS = {
     "accumulate-pool-max": QuickSilverConfig(halt="select", halt_cutoff_layer=3, keep_top_k=0.4, select_accumulate=True,
                                              select_pool=3),
     "recent": QuickSilverConfig(halt="select", halt_cutoff_layer=2, keep_top_k=0.5, select_recent=3),
+    "recent-share": QuickSilverConfig(halt="select", halt_cutoff_layer=2, keep_top_k=0.5, select_recent=0.5,
+                                      select_pool=3),
     "pyramid-accumulate-propagate": QuickSilverConfig(
         halt="select", halt_cutoff_layer=2, keep_top_k=0.6, halt_cutoff_layer2=4, keep_top_k2=0.3, select_recent=2,
         select_accumulate=True, kv_skip="propagate", kv_propagate_span=1),
@@ -230,9 +238,10 @@ def test_accumulated_score_is_the_sum_of_the_layers_votes(tiny_models):
     assert max(changed) > 0, changed
 
 
-def test_recent_window_is_always_kept(tiny_models, rng):
+@pytest.mark.parametrize("recent", [3, 0.5])  # a count, a share of the budget of 6
+def test_recent_window_is_always_kept(recent, tiny_models, rng):
     model, _ = tiny_models["llama-deep"]
-    qs = QuickSilverConfig(halt="select", halt_cutoff_layer=2, keep_top_k=0.5, select_recent=3)
+    qs = QuickSilverConfig(halt="select", halt_cutoff_layer=2, keep_top_k=0.5, select_recent=recent)
     for seed in range(3):
         halt = np.asarray(context_window(model, qs, np.random.default_rng(seed))[1].halt)[0]
         kept = np.flatnonzero(halt[4:16] == L) + 4  # eligible: positions 4..15, 12 tokens, budget 6
@@ -269,7 +278,8 @@ def test_accumulating_scores_every_layer_up_to_the_last_stage(tiny_models, rng):
     (dict(select_heads="min"), "select_heads must be one of"),
     (dict(select_pool=4), "select_pool must be 0, 1 or an odd window"),
     (dict(select_pool_kind="median"), "select_pool_kind must be one of"),
-    (dict(select_recent=-1), "select_recent must be >= 0"),
+    (dict(select_recent=-1), "select_recent must be a count"),
+    (dict(select_recent=2.5), "select_recent must be a count"),
     (dict(select_min_keep=-1), "select_min_keep must be >= 0"),
     (dict(halt_cutoff_layer2=4), "go together"),
     (dict(halt_cutoff_layer2=2, keep_top_k2=0.2), "halt_cutoff_layer2=2 must be after halt_cutoff_layer=2"),

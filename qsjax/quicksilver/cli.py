@@ -16,6 +16,13 @@ from qsjax.cli import UsageError
 from qsjax.quicksilver.config import (HALT_POLICIES, KV_MODES, POOL_KINDS, SCOPES, SELECT_HEADS, SELECT_SIGNALS,
                                      QuickSilverConfig, preset)
 
+
+def count_or_share(text: str) -> int | float:
+    """A whole number (a count: 256) or a share below 1 (0.7)."""
+    value = float(text)
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
 # flag -> (config field, type)
 FLAGS = {
     "--scope": ("scope", str),
@@ -32,7 +39,7 @@ FLAGS = {
     "--select-accumulate": ("select_accumulate", bool),
     "--select-pool": ("select_pool", int),
     "--select-pool-kind": ("select_pool_kind", str),
-    "--select-recent": ("select_recent", int),
+    "--select-recent": ("select_recent", count_or_share),
     "--select-min-keep": ("select_min_keep", int),
     "--halt-cutoff-layer2": ("halt_cutoff_layer2", int),
     "--keep-top-k2": ("keep_top_k2", float),
@@ -70,7 +77,7 @@ def add_quicksilver_args(parser) -> None:
             group.add_argument(flag, dest=f"qs_{field}", action="store_const", const=True, default=None,
                                help=f"QuickSilverConfig.{field} = True")
             continue
-        metavar = None if field in CHOICES else {int: "N", float: "X"}[kind]
+        metavar = None if field in CHOICES else {int: "N", float: "X", count_or_share: "N|X"}[kind]
         group.add_argument(flag, dest=f"qs_{field}", type=kind, default=None, choices=CHOICES.get(field),
                            metavar=metavar, help=f"QuickSilverConfig.{field}")
     group.add_argument("--no-drift-test", action="store_true", help="drift rule: skip the drift test (entropy only)")

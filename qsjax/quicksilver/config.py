@@ -35,7 +35,8 @@ class QuickSilverConfig:
     select_accumulate: bool = False  # select/attention: sum the votes of layers 1..c (H2O), not layer c's alone
     select_pool: int = 0  # select: pool the score over this many neighbouring positions (odd; 0 or 1: off)
     select_pool_kind: str = "max"  # max | avg
-    select_recent: int = 0  # select: the most recent candidates kept first, inside the keep_top_k budget
+    select_recent: float = 0  # select: the most recent candidates kept first, inside the keep_top_k budget:
+    #   a count (a whole number >= 1), or below 1 a share of the budget
     select_min_keep: int = 0  # select: keep at least this many eligible tokens (short prompts lose nothing)
     halt_cutoff_layer2: int | None = None  # select, a pyramid: a second selection after layer c2 > c ...
     keep_top_k2: float | None = None  # ... keeping this fraction (< keep_top_k) of the eligible tokens
@@ -69,7 +70,9 @@ class QuickSilverConfig:
         check(self.select_pool_kind in POOL_KINDS, f"select_pool_kind must be one of {POOL_KINDS}")
         check(self.select_pool >= 0 and (self.select_pool <= 1 or self.select_pool % 2 == 1),
               f"select_pool must be 0, 1 or an odd window, got {self.select_pool}")
-        check(self.select_recent >= 0, "select_recent must be >= 0")
+        check(self.select_recent >= 0 and (self.select_recent < 1 or float(self.select_recent).is_integer()),
+              f"select_recent must be a count (a whole number >= 1) or a share of the budget in [0, 1), "
+              f"got {self.select_recent}")
         check(self.select_min_keep >= 0, "select_min_keep must be >= 0")
         check((self.halt_cutoff_layer2 is None) == (self.keep_top_k2 is None),
               "halt_cutoff_layer2 and keep_top_k2 go together (a second selection stage)")

@@ -8,8 +8,10 @@ a row keeps computing; the other candidates (eligible tokens still computing) ha
                                            eligible tokens loses none)
 
 filled in this order:
-1. the `select_recent` most recent candidates (a recent window, as StreamingLLM keeps next to its
-   sinks; the first n_sink tokens are never candidates), at most n_keep of them;
+1. the r most recent candidates (a recent window, as StreamingLLM keeps next to its sinks; the
+   first n_sink tokens are never candidates):  r = min(n_keep, select_recent) for a count, or
+   r = ceil(select_recent x n_keep) for a share (select_recent < 1), so that the window and the
+   voted keys split every prompt's budget alike, whatever its length;
 2. the rest by score s_j, highest first (ties: the earlier token):
    - recency: s_j = position j;
    - attention received from the voters V, the last `select_queries` eligible tokens still
@@ -92,9 +94,11 @@ def budget(eligible, fraction, floor: int = 0):
     return jnp.minimum(E, jnp.maximum(jnp.ceil(fraction * E), max(floor, 1))).astype(jnp.int32)
 
 
-def keep(score, candidates, n_keep, n_recent: int = 0):
-    """The n_keep [B] candidates that keep computing: the n_recent most recent first (at most
-    n_keep), then the highest scores (ties: the earlier token).  -> [B, T] bool"""
-    recent = last_n(candidates, jnp.minimum(n_recent, n_keep)[:, None])
-    ranked = rank_within(jnp.where(recent, jnp.inf, score), candidates)
+def keep(score, candidates, n_keep, recent: float = 0):
+    """The n_keep [B] candidates that keep computing: the most recent first (`recent` of them, at
+    most n_keep, or below 1 that share of n_keep, rounded up), then the highest scores (ties: the
+    earlier token).  -> [B, T] bool"""
+    n_recent = jnp.ceil(recent * n_keep) if recent < 1 else jnp.minimum(recent, n_keep)
+    window = last_n(candidates, n_recent[:, None])
+    ranked = rank_within(jnp.where(window, jnp.inf, score), candidates)
     return candidates & (ranked < n_keep[:, None])
