@@ -76,9 +76,9 @@ SETTINGS = {
                   lambda L: dataclasses.replace(preset("long", L), select_recent=1536)),
     "hybrid-50": ("recent window + attention", "c=8, 50%: 2,048 recent",
                   lambda L: dataclasses.replace(preset("long", L), keep_top_k=0.5, select_recent=2048)),
-    "hybrid-40-r70": ("recent window + attention", "c=8, 40%: 70% of it recent", lambda L: hybrid(L, 0.4, 0.7)),
-    "hybrid-40-r75": ("recent window + attention", "c=8, 40%: 75% of it recent", lambda L: hybrid(L, 0.4, 0.75)),
-    "hybrid-35-r80": ("recent window + attention", "c=8, 35%: 80% of it recent", lambda L: hybrid(L, 0.35, 0.8)),
+    "hybrid-40-r70": ("recent share + attention", "c=8, 40%: 70% of it recent", lambda L: hybrid(L, 0.4, 0.7)),
+    "hybrid-40-r75": ("recent share + attention", "c=8, 40%: 75% of it recent", lambda L: hybrid(L, 0.4, 0.75)),
+    "hybrid-35-r80": ("recent share + attention", "c=8, 35%: 80% of it recent", lambda L: hybrid(L, 0.35, 0.8)),
     "truncate-2048": ("truncation (dense, last N tokens)", "2,048 tokens", 2048),
 }
 
