@@ -22,7 +22,7 @@ from unittest import mock
 
 import numpy as np
 
-from benchlib import (check_json_path, check_positive, fmt, load_hf, log, machine, median, ratio,
+from benchlib import (check_json_path, check_positive, fmt, load_hf, log, machine, masked_attention, median, ratio,
                       rotated, torch_run, write_report)
 from qsjax.cli import ArgumentParser, UsageError, run_cli
 
@@ -58,7 +58,6 @@ def prefill_attentions(masked: bool, dtype: str) -> dict:
     on a GPU in bfloat16, also qsjax's without cuDNN (XLA's blockwise loops)."""
     import jax
 
-    from benchlib import masked_attention
     from qsjax.attention import attention, attention_xla
 
     out = {"qsjax": attention}

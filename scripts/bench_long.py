@@ -53,9 +53,10 @@ def recency(k, c, floor=0):
                              select_min_keep=floor)
 
 
-def hybrid(L, k, share):
-    """`long`'s votes after layer 8 keeping k of the context, `share` of that the most recent tokens."""
-    return dataclasses.replace(preset("long", L), keep_top_k=k, select_recent=share)
+def hybrid(L, k, recent):
+    """`long`'s votes after layer 8 keeping k of the context, the most recent first: `recent` tokens,
+    or below 1 that share of the budget."""
+    return dataclasses.replace(preset("long", L), keep_top_k=k, select_recent=recent)
 
 
 # name -> (policy curve, label, config for a model of L layers (L -> QuickSilverConfig), or an int N for
@@ -72,10 +73,8 @@ SETTINGS = {
     "recency-25-c10": ("recency", "c=10, 25%", lambda L: recency(0.25, L // 3)),
     "recency-40-c2": ("recency", "c=2, 40%", lambda L: recency(0.4, round(L * 2 / 30))),
     "recency-30-c2": ("recency", "c=2, 30%", lambda L: recency(0.3, round(L * 2 / 30))),
-    "hybrid-25": ("recent window + attention", "c=8, 25%: 1,536 recent",
-                  lambda L: dataclasses.replace(preset("long", L), select_recent=1536)),
-    "hybrid-50": ("recent window + attention", "c=8, 50%: 2,048 recent",
-                  lambda L: dataclasses.replace(preset("long", L), keep_top_k=0.5, select_recent=2048)),
+    "hybrid-25": ("recent window + attention", "c=8, 25%: 1,536 recent", lambda L: hybrid(L, 0.25, 1536)),
+    "hybrid-50": ("recent window + attention", "c=8, 50%: 2,048 recent", lambda L: hybrid(L, 0.5, 2048)),
     "hybrid-40-r70": ("recent share + attention", "c=8, 40%: 70% of it recent", lambda L: hybrid(L, 0.4, 0.7)),
     "hybrid-40-r75": ("recent share + attention", "c=8, 40%: 75% of it recent", lambda L: hybrid(L, 0.4, 0.75)),
     "hybrid-35-r80": ("recent share + attention", "c=8, 35%: 80% of it recent", lambda L: hybrid(L, 0.35, 0.8)),
