@@ -18,7 +18,8 @@ Sections (`--sections`, all by default):
   bytes of the cache each qsjax variant decodes from (its arrays' real sizes), beside the dense one.
 - perplexity: the tail protocol (--max-length 8192, --stride 512: every scored token sees 7,680
   tokens of context) over --windows windows of WikiText-103 and of the C4 sample, dense and each
-  setting (deterministic: the figures do not depend on the machine's load).
+  setting, overall and per window (`window_perplexity`); deterministic: the figures do not depend on
+  the machine's load.
 - passkey: `qsjax.passkey`'s grid (--passkey-lengths x --depths, --trials keys per cell, the filler
   haystack) for dense and each setting.
 `--plots DIR` draws the passkey heatmaps (dense and each setting) and the frontiers (perplexity change
@@ -53,31 +54,30 @@ def recency(k, c, floor=0):
                              select_min_keep=floor)
 
 
-def hybrid(L, k, recent):
-    """`long`'s votes after layer 8 keeping k of the context, the most recent first: `recent` tokens,
-    or below 1 that share of the budget."""
-    return dataclasses.replace(preset("long", L), keep_top_k=k, select_recent=recent)
+def hybrid(L, k, recent, cutoff=8):
+    """The long preset's votes after layer `cutoff` (of 30) keeping k of the context, the most recent
+    first: `recent` tokens, or below 1 that share of the budget."""
+    return dataclasses.replace(preset("long", L), keep_top_k=k, select_recent=recent,
+                               halt_cutoff_layer=round(L * cutoff / 30))
 
 
 # name -> (policy curve, label, config for a model of L layers (L -> QuickSilverConfig), or an int N for
 # truncation, the plain alternative: dense qsjax on the last N tokens of every prompt (a passkey prompt
 # keeps its instruction), every scored token of the tail protocol seeing N tokens of context)
 SETTINGS = {
-    "long": ("attention (long preset)", "c=8, 25%", lambda L: preset("long", L)),
-    "attention-50": ("attention (long preset)", "c=8, 50%",
-                     lambda L: dataclasses.replace(preset("long", L), keep_top_k=0.5)),
-    "attention-c5": ("attention (long preset)", "c=5, 25%",
-                     lambda L: dataclasses.replace(preset("long", L), halt_cutoff_layer=round(L * 5 / 30))),
+    "long": ("recent share + attention", "c=8, 40%: 75% of it recent (long preset)", lambda L: preset("long", L)),
+    "hybrid-40-r70": ("recent share + attention", "c=8, 40%: 70% of it recent", lambda L: hybrid(L, 0.4, 0.7)),
+    "hybrid-35-r80": ("recent share + attention", "c=8, 35%: 80% of it recent", lambda L: hybrid(L, 0.35, 0.8)),
+    "attention-25": ("attention, 256 recent", "c=8, 25%", lambda L: hybrid(L, 0.25, 256)),
+    "attention-50": ("attention, 256 recent", "c=8, 50%", lambda L: hybrid(L, 0.5, 256)),
+    "attention-c5": ("attention, 256 recent", "c=5, 25%", lambda L: hybrid(L, 0.25, 256, cutoff=5)),
+    "hybrid-25": ("recent window + attention", "c=8, 25%: 1,536 recent", lambda L: hybrid(L, 0.25, 1536)),
+    "hybrid-50": ("recent window + attention", "c=8, 50%: 2,048 recent", lambda L: hybrid(L, 0.5, 2048)),
     "recency-long-budget": ("recency", "c=8, 25%", lambda L: recency(0.25, round(L * 8 / 30), 1024)),
     "recency-50-c10": ("recency", "c=10, 50%", lambda L: recency(0.5, L // 3)),
     "recency-25-c10": ("recency", "c=10, 25%", lambda L: recency(0.25, L // 3)),
     "recency-40-c2": ("recency", "c=2, 40%", lambda L: recency(0.4, round(L * 2 / 30))),
     "recency-30-c2": ("recency", "c=2, 30%", lambda L: recency(0.3, round(L * 2 / 30))),
-    "hybrid-25": ("recent window + attention", "c=8, 25%: 1,536 recent", lambda L: hybrid(L, 0.25, 1536)),
-    "hybrid-50": ("recent window + attention", "c=8, 50%: 2,048 recent", lambda L: hybrid(L, 0.5, 2048)),
-    "hybrid-40-r70": ("recent share + attention", "c=8, 40%: 70% of it recent", lambda L: hybrid(L, 0.4, 0.7)),
-    "hybrid-40-r75": ("recent share + attention", "c=8, 40%: 75% of it recent", lambda L: hybrid(L, 0.4, 0.75)),
-    "hybrid-35-r80": ("recent share + attention", "c=8, 35%: 80% of it recent", lambda L: hybrid(L, 0.35, 0.8)),
     "truncate-2048": ("truncation (dense, last N tokens)", "2,048 tokens", 2048),
 }
 
@@ -228,8 +228,10 @@ def perplexity(args, model, tokenizer, configs: dict) -> dict:
     for data in ("wikitext103", "c4"):
         stream = tokenize(tokenizer, read_text(resolve_data(data)), args.max_length + args.stride * (args.windows - 1))
         windows = tail_windows(len(stream), args.max_length, args.stride)
+        per_window = lambda r: [float(np.exp(np.mean(r.token_nll[w.first_scored:w.end]))) for w in windows]
         dense = evaluate(Scorer(model), stream, windows, progress=True, desc=f"{data} dense")
-        entry = {"qsjax": dict(perplexity=dense.perplexity, seconds=dense.seconds, windows=len(windows))}
+        entry = {"qsjax": dict(perplexity=dense.perplexity, seconds=dense.seconds, windows=len(windows),
+                               window_perplexity=per_window(dense))}
         for name, qs in configs.items():
             if isinstance(qs, int):  # the same scored tokens, each seeing qs tokens of context
                 short = tail_windows(len(stream), qs + args.stride, args.stride)[-len(windows):]
@@ -238,7 +240,8 @@ def perplexity(args, model, tokenizer, configs: dict) -> dict:
                 result, stats, _ = evaluate_quicksilver(QuickSilverScorer(model, qs), stream, windows, progress=True)
                 reduction = stats["executed_flops_reduction"]
             entry[name] = dict(perplexity=result.perplexity, change=result.perplexity - dense.perplexity,
-                               seconds=result.seconds, speedup=dense.seconds / result.seconds, flops_reduction=reduction)
+                               seconds=result.seconds, speedup=dense.seconds / result.seconds, flops_reduction=reduction,
+                               window_perplexity=per_window(result))
             log(f"{data} {name}: perplexity {result.perplexity:.4f} ({result.perplexity - dense.perplexity:+.4f})")
         out[data] = entry
     return out

@@ -95,12 +95,28 @@ def test_frontier_curves_split_a_policy_by_cut_off_layer():
     (a curve traces the budget); a truncation has no layer."""
     bl = script_module("bench_long")
     settings = {n: {"policy": bl.SETTINGS[n][0], "config": dataclasses.asdict(bl.SETTINGS[n][2](30))}
-                for n in ("recency-25-c10", "recency-50-c10", "recency-30-c2", "long", "attention-c5")}
+                for n in ("recency-25-c10", "recency-50-c10", "recency-30-c2", "attention-25", "attention-c5", "long",
+                          "hybrid-40-r70")}
     curves = {n: bl.curve_name(s) for n, s in settings.items()}
     assert curves["recency-25-c10"] == curves["recency-50-c10"] == "recency, after layer 10"
     assert curves["recency-30-c2"] == "recency, after layer 2"
-    assert curves["long"] != curves["attention-c5"] and curves["long"].endswith("after layer 8")
+    assert curves["attention-25"] != curves["attention-c5"] and curves["attention-25"].endswith("after layer 8")
+    assert curves["long"] == curves["hybrid-40-r70"]  # the preset is a point of its policy's curve
     assert bl.curve_name({"policy": "truncation", "config": {"truncate": 2048}}) == "truncation"
+
+
+def test_the_long_reports_in_docs_name_todays_settings():
+    """Every setting in docs/bench_long*.json is measured with the config (and drawn on the curve) its
+    name gives today, so a replot, the README's commands and the figures agree after a rename."""
+    bl = script_module("bench_long")
+    reports = sorted((ROOT / "docs").glob("bench_long*.json"))
+    assert reports
+    for path in reports:
+        for name, setting in bl.read_report(str(path))["settings"].items():
+            make = bl.SETTINGS[name][2]
+            config = {"truncate": make} if isinstance(make, int) else dataclasses.asdict(make(30))
+            assert (setting["config"], setting["policy"], setting["label"]) == (config, *bl.SETTINGS[name][:2]), \
+                f"{path.name}: {name}"
 
 
 def test_plots_without_matplotlib_fail_before_any_measurement(monkeypatch):

@@ -140,15 +140,16 @@ def preset(name: str, n_layers: int) -> QuickSilverConfig:
         # of the C4 sample: the deepest-saving cut-off within +0.2 perplexity on both (scripts/sweep.py)
         return QuickSilverConfig(scope="context", halt="cutoff", halt_cutoff_layer=round(n_layers * 5 / 6), kv_skip="mask")
     if name == "long":
-        # our reading of FastKV / GemFilter / SnapKV for SmolLM2-135M, chosen on passkey at 4,096 tokens and
-        # checked with the tail protocol 8192/512 on WikiText-103 and C4 (README, "Long prompts"): after
-        # layer 8 of 30 (where the question's attention finds a needle best among the early layers), a
-        # quarter of the context keeps computing, at least 1,024 tokens (shorter prompts lose nothing):
-        # the 256 most recent, then the keys the last 16 context queries attend to most (max over
+        # our reading of FastKV / GemFilter / SnapKV + StreamingLLM for SmolLM2-135M, calibrated with the tail
+        # protocol 8192/512 on WikiText-103 and C4 and on passkey at 2,048-8,192 tokens (README, "Long
+        # prompts"): after layer 8 of 30 (where the question's attention finds a needle best among the early
+        # layers), 40% of the context keeps computing, at least 1,024 tokens (shorter prompts lose
+        # nothing): three quarters of that budget the most recent tokens (long coherent text needs its
+        # newest ~2,300 at 8,192), the rest the keys the last 16 context queries attend to most (max over
         # KV heads), pooled over 11 neighbours so that a selected key brings its neighbours
         return QuickSilverConfig(scope="context", halt="select", halt_cutoff_layer=round(n_layers * 8 / 30),
-                                 keep_top_k=0.25, select_signal="attention", select_queries=16, select_heads="max",
-                                 select_pool=11, select_pool_kind="max", select_recent=256, select_min_keep=1024,
+                                 keep_top_k=0.4, select_signal="attention", select_queries=16, select_heads="max",
+                                 select_pool=11, select_pool_kind="max", select_recent=0.75, select_min_keep=1024,
                                  kv_skip="mask")
     if name == "off":
         return OFF
