@@ -49,9 +49,9 @@ SECTIONS = ("speed", "perplexity", "passkey")
 ANSWER_TOKENS = 10  # passkey: new tokens per answer (qsjax.passkey's default)
 
 
-def recency(k, c, floor=0):
-    return QuickSilverConfig(halt="select", select_signal="recency", halt_cutoff_layer=c, keep_top_k=k,
-                             select_min_keep=floor)
+def recency(k, c):
+    """The newest share k of the context keeps computing after layer c."""
+    return QuickSilverConfig(halt="select", select_signal="recency", halt_cutoff_layer=c, keep_top_k=k)
 
 
 def hybrid(L, k, recent, cutoff=8):
@@ -73,7 +73,6 @@ SETTINGS = {
     "attention-c5": ("attention, 256 recent", "c=5, 25%", lambda L: hybrid(L, 0.25, 256, cutoff=5)),
     "hybrid-25": ("recent window + attention", "c=8, 25%: 1,536 recent", lambda L: hybrid(L, 0.25, 1536)),
     "hybrid-50": ("recent window + attention", "c=8, 50%: 2,048 recent", lambda L: hybrid(L, 0.5, 2048)),
-    "recency-long-budget": ("recency", "c=8, 25%", lambda L: recency(0.25, round(L * 8 / 30), 1024)),
     "recency-50-c10": ("recency", "c=10, 50%", lambda L: recency(0.5, L // 3)),
     "recency-25-c10": ("recency", "c=10, 25%", lambda L: recency(0.25, L // 3)),
     "recency-40-c2": ("recency", "c=2, 40%", lambda L: recency(0.4, round(L * 2 / 30))),
