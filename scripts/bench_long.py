@@ -81,6 +81,19 @@ SETTINGS = {
 }
 
 
+def config(name: str, L: int):
+    """Setting `name`'s QuickSilverConfig for a model of L layers, or its truncation length."""
+    make = SETTINGS[name][2]
+    return make if isinstance(make, int) else make(L)
+
+
+def recorded(name: str, L: int) -> dict:
+    """How a report records setting `name`: its policy curve, label and config."""
+    qs = config(name, L)
+    return dict(policy=SETTINGS[name][0], label=SETTINGS[name][1],
+                config={"truncate": qs} if isinstance(qs, int) else dataclasses.asdict(qs))
+
+
 def parse_args(argv=None):
     p = ArgumentParser(prog="scripts/bench_long.py", description=__doc__.splitlines()[0])
     p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE (- for stdout)")
@@ -352,12 +365,10 @@ def main(argv=None) -> int:
             raise UsageError(f"{section}: {need[section]} tokens do not fit the model's context ({model.cfg.max_positions})")
     enable_compilation_cache()
     L = model.cfg.n_layers
-    configs = {name: make if isinstance(make := SETTINGS[name][2], int) else make(L) for name in args.settings}
+    configs = {name: config(name, L) for name in args.settings}
     report = {"command": " ".join(["python", "scripts/bench_long.py", *(sys.argv[1:] if argv is None else argv)]),
               "args": vars(args), "model": model_dir.name, "machine_at_start": machine(),
-              "settings": {n: dict(policy=SETTINGS[n][0], label=SETTINGS[n][1],
-                                   config={"truncate": qs} if isinstance(qs, int) else dataclasses.asdict(qs))
-                           for n, qs in configs.items()}}
+              "settings": {name: recorded(name, L) for name in args.settings}}
     if "speed" in args.sections:
         stream = tokenize(tokenizer, read_text(resolve_data("wikitext103"))).astype(np.int32)
         hf = None if args.skip_hf else load_hf(model_dir, args.threads)

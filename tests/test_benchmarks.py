@@ -1,7 +1,6 @@
 """The benchmark scripts without a benchmark: bad arguments exit with status 2 and one `error:` line
 before any model is loaded, and the run order rotates between repeats."""
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -94,7 +93,7 @@ def test_frontier_curves_split_a_policy_by_cut_off_layer():
     """bench_long's frontier: settings of one policy at different cut-off layers are different curves
     (a curve traces the budget); a truncation has no layer."""
     bl = script_module("bench_long")
-    settings = {n: {"policy": bl.SETTINGS[n][0], "config": dataclasses.asdict(bl.SETTINGS[n][2](30))}
+    settings = {n: bl.recorded(n, 30)
                 for n in ("recency-25-c10", "recency-50-c10", "recency-30-c2", "attention-25", "attention-c5", "long",
                           "hybrid-40-r70")}
     curves = {n: bl.curve_name(s) for n, s in settings.items()}
@@ -113,10 +112,7 @@ def test_the_long_reports_in_docs_name_todays_settings():
     assert reports
     for path in reports:
         for name, setting in bl.read_report(str(path))["settings"].items():
-            make = bl.SETTINGS[name][2]
-            config = {"truncate": make} if isinstance(make, int) else dataclasses.asdict(make(30))
-            assert (setting["config"], setting["policy"], setting["label"]) == (config, *bl.SETTINGS[name][:2]), \
-                f"{path.name}: {name}"
+            assert setting == bl.recorded(name, 30), f"{path.name}: {name}"
 
 
 def test_plots_without_matplotlib_fail_before_any_measurement(monkeypatch):
