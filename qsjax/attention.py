@@ -3,6 +3,7 @@
 For query i (slot q_i) and key j (slot k_j), with G = H // K query heads sharing key/value head h // G:
 
     visible(i, j) = k_j <= q_i  and  (ok_j  or  (self_visible and k_j == q_i))
+                    [and  (k_j >= from_i  or  anchor_j)   with a local `Window`]
     s_ij   = q_i . k_j / sqrt(Dh) + bias_j                                  (float32)
     out_i  = sum_{j visible} exp(s_ij - m_i) v_j  /  sum_{j visible} exp(s_ij - m_i),   m_i = max_j s_ij
     out_i  = 0  when no key is visible to query i (a padding query).
@@ -22,6 +23,8 @@ so K and V are never repeated. Memory is O(T x block), not O(T x S).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -35,12 +38,23 @@ _NO_Q = jnp.iinfo(jnp.int32).min  # slot of a padding query row: sees nothing
 _NO_K = jnp.iinfo(jnp.int32).max  # slot of a padding key row: seen by nothing
 
 
-def attention(q, k, v, q_slot, k_slot, k_ok, bias=None, *, self_visible=False):
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """Local attention (a sliding window): query i sees only keys with k_slot >= q_from[i], and the
+    anchor keys (e.g. attention sinks) wherever they are.  q_from [B, T] int32, k_anchor [B, S] bool"""
+
+    q_from: jax.Array
+    k_anchor: jax.Array
+
+
+def attention(q, k, v, q_slot, k_slot, k_ok, bias=None, *, self_visible=False, window=None):
     """q [B, T, H, Dh]; k, v [B, S, K, Dh] (H a multiple of K: grouped heads, G = H // K);
     q_slot [B, T] int32, k_slot [B, S] int32; k_ok [B, S] bool; bias [B, S] float32 or None.
     Query i may attend key j  iff  k_slot[j] <= q_slot[i]  and  (k_ok[j]  or  (self_visible and k_slot[j] == q_slot[i])).
     scores = q.k / sqrt(Dh) + bias[j]; softmax over the visible keys in float32; -> [B, T, H, Dh] in q's dtype.
-    A query with no visible key returns zeros.
+    A query with no visible key returns zeros. window (a `Window`, or None): besides, query i sees
+    only keys with k_slot[j] >= window.q_from[i] or window.k_anchor[j] (a sliding window with sinks).
 
     Dispatch (static, on shapes, dtype and backend): on GPU, a left-padded causal window without bias
     (checked at run time) goes to `jax.nn.dot_product_attention` (cuDNN flash attention). When
@@ -49,26 +63,27 @@ def attention(q, k, v, q_slot, k_slot, k_ok, bias=None, *, self_visible=False):
     slower at 1,024 (the loops skip the upper triangle). Otherwise the blockwise loops above. Slots
     need not be ascending for correctness; ascending slots (every caller) let the key loop stop early."""
     T, S, Dh = q.shape[1], k.shape[1], q.shape[-1]
-    if (jax.default_backend() == "gpu" and T == S and bias is None and not self_visible and Dh % 8 == 0
-            and Dh <= 128 and q.dtype in (jnp.bfloat16, jnp.float16)):  # what cuDNN flash attention takes
+    if (jax.default_backend() == "gpu" and T == S and bias is None and not self_visible and window is None
+            and Dh % 8 == 0 and Dh <= 128 and q.dtype in (jnp.bfloat16, jnp.float16)):  # what cuDNN flash attention takes
         return _on_plain_causal(q, k, v, q_slot, k_slot, k_ok, attention_xla, "cudnn")
-    return attention_xla(q, k, v, q_slot, k_slot, k_ok, bias, self_visible=self_visible)
+    return attention_xla(q, k, v, q_slot, k_slot, k_ok, bias, self_visible=self_visible, window=window)
 
 
-def attention_xla(q, k, v, q_slot, k_slot, k_ok, bias=None, *, self_visible=False):
+def attention_xla(q, k, v, q_slot, k_slot, k_ok, bias=None, *, self_visible=False, window=None):
     """`attention` without the library dispatch: XLA's paths only (the CPU path, the GPU fallback,
     and the benchmarks' variant without cuDNN)."""
-    return attention_heads_major(q, _heads(k), _heads(v), q_slot, k_slot, k_ok, bias, self_visible=self_visible)
+    return attention_heads_major(q, _heads(k), _heads(v), q_slot, k_slot, k_ok, bias, self_visible=self_visible,
+                                 window=window)
 
 
-def attention_heads_major(q, kh, vh, q_slot, k_slot, k_ok, bias=None, *, self_visible=False):
+def attention_heads_major(q, kh, vh, q_slot, k_slot, k_ok, bias=None, *, self_visible=False, window=None):
     """`attention` with the keys and values stored heads-major, kh, vh [B, K, S, Dh]: the KV cache's
     layout, so that a decode step reads a layer's cache as it lies (no transpose, i.e. no copy, of the
     whole cache at every step)."""
     T, S = q.shape[1], kh.shape[2]
     if T * S <= DIRECT_MAX:
-        return _direct(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible)
-    return _blockwise(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, QUERY_BLOCK, KEY_BLOCK)
+        return _direct(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, window)
+    return _blockwise(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, window, QUERY_BLOCK, KEY_BLOCK)
 
 
 def causal_pairs_executed(T: int) -> int:
@@ -81,10 +96,12 @@ def causal_pairs_executed(T: int) -> int:
     return sum(bq * bk * ((min(T, (i + 1) * bq) - 1) // bk + 1) for i in range(-(-T // bq)))
 
 
-def _mask(q_slot, k_slot, k_ok, self_visible):
+def _mask(q_slot, k_slot, k_ok, self_visible, window=None):
     """[B, Tq], [B, Sk], [B, Sk] -> [B, Tq, Sk] bool: which keys each query sees."""
     qs, ks = q_slot[:, :, None], k_slot[:, None, :]
     ok = k_ok[:, None, :] | (ks == qs) if self_visible else k_ok[:, None, :]
+    if window is not None:
+        ok = ok & ((ks >= window.q_from[:, :, None]) | window.k_anchor[:, None, :])
     return (ks <= qs) & ok
 
 
@@ -133,15 +150,16 @@ def _heads_last(o, dtype):
     return o.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, Dh).astype(dtype)
 
 
-def _direct(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible):
+def _direct(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, window):
     """All keys as one block: one [B, H, T, S] score tensor, no loop (small T x S)."""
     B, T, H, Dh = q.shape
     qh = _queries(q, kh.shape[1])
-    carry = _update(_init(B, kh.shape[1], qh.shape[2], T, Dh), qh, kh, vh, _mask(q_slot, k_slot, k_ok, self_visible), bias)
+    mask = _mask(q_slot, k_slot, k_ok, self_visible, window)
+    carry = _update(_init(B, kh.shape[1], qh.shape[2], T, Dh), qh, kh, vh, mask, bias)
     return _heads_last(_finish(carry), q.dtype)
 
 
-def _blockwise(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, bq, bk):
+def _blockwise(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, window, bq, bk):
     """Query blocks of bq (a `lax.map`), each scanning key blocks of bk (a `fori_loop` with a
     dynamic end); T and S are padded up to the block sizes with rows that see / are seen by nothing."""
     B, T, H, Dh = q.shape
@@ -151,6 +169,9 @@ def _blockwise(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, bq, bk):
     pad_t, pad_s = nq * bq - T, nk * bk - S
     qh = _queries(q, K)  # [B, K, G, T, Dh]
     G = qh.shape[2]
+    q_from = jnp.zeros((B, T), jnp.int32) if window is None else window.q_from
+    q_from = jnp.pad(q_from.astype(jnp.int32), ((0, 0), (0, pad_t)))
+    k_anchor = None if window is None else jnp.pad(window.k_anchor, ((0, 0), (0, pad_s)))
     qh = jnp.pad(qh, ((0, 0),) * 3 + ((0, pad_t), (0, 0)))
     kh = jnp.pad(kh, ((0, 0),) * 2 + ((0, pad_s), (0, 0)))
     vh = jnp.pad(vh, ((0, 0),) * 2 + ((0, pad_s), (0, 0)))
@@ -162,15 +183,17 @@ def _blockwise(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, bq, bk):
 
     qblocks = qh.reshape(B, K, G, nq, bq, Dh).transpose(3, 0, 1, 2, 4, 5)  # [nq, B, K, G, bq, Dh]
     qslots = q_slot.reshape(B, nq, bq).transpose(1, 0, 2)  # [nq, B, bq]
+    qfrom = q_from.reshape(B, nq, bq).transpose(1, 0, 2)  # [nq, B, bq]
 
     def query_block(args):
-        qb, qs = args  # [B, K, G, bq, Dh], [B, bq]
+        qb, qs, qf = args  # [B, K, G, bq, Dh], [B, bq], [B, bq]
         # key blocks past the last one holding a slot <= this block's largest slot are all masked
         end = jnp.max(jnp.where(k_first <= qs.max(), jnp.arange(1, nk + 1), 0))
 
         def key_block(j, carry):
             sl = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, j * bk, bk, axis)
-            mask = _mask(qs, sl(k_slot, 1), sl(k_ok, 1), self_visible)  # [B, bq, bk]
+            win = None if window is None else Window(qf, sl(k_anchor, 1))
+            mask = _mask(qs, sl(k_slot, 1), sl(k_ok, 1), self_visible, win)  # [B, bq, bk]
             kb, vb, bb = sl(kh, 2), sl(vh, 2), None if bias is None else sl(bias, 1)
             skip = lambda c: c  # nothing visible: not computed at all
             partial = lambda c: _update(c, qb, kb, vb, mask, bb)
@@ -179,7 +202,7 @@ def _blockwise(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, bq, bk):
 
         return _finish(jax.lax.fori_loop(0, end, key_block, _init(B, K, G, bq, Dh)))
 
-    out = jax.lax.map(query_block, (qblocks, qslots))  # [nq, B, K, G, bq, Dh]
+    out = jax.lax.map(query_block, (qblocks, qslots, qfrom))  # [nq, B, K, G, bq, Dh]
     out = out.transpose(1, 2, 3, 0, 4, 5).reshape(B, K, G, nq * bq, Dh)[:, :, :, :T]
     return _heads_last(out, q.dtype)
 

@@ -69,10 +69,11 @@ class Layout:
         return cls(positions, cos, sin, jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)), valid)
 
 
-def block(blk, x, w: Layout, linear=blocks.call):
-    """One transformer block over full causal windows.  x [B, T, D] -> x [B, T, D], (k, v [B, T, K, Dh])"""
+def block(blk, x, w: Layout, linear=blocks.call, window=None):
+    """One transformer block over full causal windows.  x [B, T, D] -> x [B, T, D], (k, v [B, T, K, Dh])
+    window: a local attention rule (`attention`'s), None for full causal attention."""
     q, k, v = blocks.qkv(blk, x, w.cos, w.sin, linear)  # [B, T, H, Dh], [B, T, K, Dh] x 2
-    o = attention(q, k, v, w.slots, w.slots, w.valid)
+    o = attention(q, k, v, w.slots, w.slots, w.valid, window=window)
     return blocks.tail(blk, x, o, linear), (k, v)
 
 

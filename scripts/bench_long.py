@@ -61,6 +61,12 @@ def hybrid(L, k, recent, cutoff=8):
                                halt_cutoff_layer=round(L * cutoff / 30))
 
 
+def local(L, window, full=512, prefix=0):
+    """The long preset with local attention for far context: a window of `window` slots, the last
+    `full` context tokens seeing everything, the first `prefix` tokens seen by all."""
+    return dataclasses.replace(preset("long", L), local_window=window, local_full=full, local_prefix=prefix)
+
+
 # name -> (policy curve, label, config for a model of L layers (L -> QuickSilverConfig), or an int N for
 # truncation, the plain alternative: dense qsjax on the last N tokens of every prompt (a passkey prompt
 # keeps its instruction), every scored token of the tail protocol seeing N tokens of context)
@@ -77,6 +83,11 @@ SETTINGS = {
     "recency-25-c10": ("recency", "c=10, 25%", lambda L: recency(0.25, L // 3)),
     "recency-40-c2": ("recency", "c=2, 40%", lambda L: recency(0.4, round(L * 2 / 30))),
     "recency-30-c2": ("recency", "c=2, 30%", lambda L: recency(0.3, round(L * 2 / 30))),
+    "local-512": ("local attention, 512-token head", "W=512, 1,024 full", lambda L: local(L, 512, 1024, 512)),
+    "local-256": ("local attention, 512-token head", "W=256, 1,024 full", lambda L: local(L, 256, 1024, 512)),
+    "local-1024-p0": ("local attention", "W=1,024, 512 full", lambda L: local(L, 1024)),
+    "local-512-p0": ("local attention", "W=512, 512 full", lambda L: local(L, 512)),
+    "local-512-f16-p0": ("local attention", "W=512, 16 full", lambda L: local(L, 512, full=16)),
     "truncate-2048": ("truncation (dense, last N tokens)", "2,048 tokens", 2048),
 }
 

@@ -9,7 +9,7 @@ from qsjax import attention as A
 from qsjax.attention import attention
 
 
-def reference(q, k, v, q_slot, k_slot, k_ok, bias=None, self_visible=False):
+def reference(q, k, v, q_slot, k_slot, k_ok, bias=None, self_visible=False, window=None):
     """The definition, written out: a [B, T, S] mask and a softmax over every key."""
     B, T, H, Dh = q.shape
     G = H // k.shape[2]
@@ -19,6 +19,8 @@ def reference(q, k, v, q_slot, k_slot, k_ok, bias=None, self_visible=False):
         s = s + bias[:, None, None, :]
     ok = k_ok[:, None, :] | ((k_slot[:, None, :] == q_slot[:, :, None]) & self_visible)
     mask = (k_slot[:, None, :] <= q_slot[:, :, None]) & ok  # [B, T, S]
+    if window is not None:  # local: keys from slot q_from[i] on, and anchors anywhere
+        mask &= (k_slot[:, None, :] >= window.q_from[:, :, None]) | window.k_anchor[:, None, :]
     p = jax.nn.softmax(jnp.where(mask[:, None], s, -jnp.inf), axis=-1)
     p = jnp.where(mask[:, None], p, 0.0)  # rows with no visible key: NaN -> 0
     return jnp.einsum("bhts,bshd->bthd", p, vr), mask
@@ -40,10 +42,11 @@ def path(request, monkeypatch):
     return request.param
 
 
-def check(q, k, v, q_slot, k_slot, k_ok, bias=None, self_visible=False):
+def check(q, k, v, q_slot, k_slot, k_ok, bias=None, self_visible=False, window=None):
     # a fresh jit per call: the block-size globals are read when tracing
-    got = jax.jit(lambda *a: attention(*a, self_visible=self_visible))(q, k, v, q_slot, k_slot, k_ok, bias)
-    want, mask = jax.jit(reference, static_argnums=7)(q, k, v, q_slot, k_slot, k_ok, bias, self_visible)
+    got = jax.jit(lambda *a: attention(*a[:7], self_visible=self_visible, window=a[7]))(q, k, v, q_slot, k_slot, k_ok,
+                                                                                        bias, window)
+    want, mask = jax.jit(reference, static_argnums=7)(q, k, v, q_slot, k_slot, k_ok, bias, self_visible, window)
     assert got.shape == q.shape and got.dtype == q.dtype
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     return got, mask
@@ -87,6 +90,21 @@ def test_compacted_rows(path):
     bias = jnp.asarray(r.normal(size=(B, n)), jnp.float32)
     _, mask = check(q, k, v, slots, slots, k_ok, bias, self_visible=True)
     assert mask[:, 3, 3].all()  # its own key, though not ok, is visible to it
+
+
+@pytest.mark.parametrize("W", [1, 7, 30])
+def test_local_window(path, W):
+    """Sliding-window queries (some rows' last queries see everything), two anchors, left padding, bias:
+    the loops skip the key blocks the window leaves out and give the definition's result."""
+    B, T = 2, 70
+    q, k, v = qkv(B, T, T, 6, 2, seed=4)
+    slots, _, k_ok = causal_slots(B, T, [0, 9])
+    q_from = jnp.where(slots < jnp.asarray([[60], [T]]), slots - W + 1, jnp.iinfo(jnp.int32).min)
+    anchor = (slots == jnp.asarray([[0], [9]])) | (slots == jnp.asarray([[1], [10]]))
+    bias = jnp.asarray(np.random.default_rng(5).normal(size=(B, T)), jnp.float32)
+    _, mask = check(q, k, v, slots, slots, k_ok, bias, window=A.Window(q_from, anchor))
+    assert mask[0, 50].sum() == min(W, 49) + 2 and mask[0, 65].sum() == 66  # a far query, a full one
+    assert not mask[1, 5].any()  # padding still sees nothing
 
 
 def test_not_ok_first_key_without_self_visible(path):

@@ -15,6 +15,8 @@ MECHANISMS = {
     "cutoff-propagate": QuickSilverConfig(scope="all", halt="cutoff", halt_cutoff_layer=1, kv_skip="propagate"),
     "cutoff-mask": QuickSilverConfig(scope="all", halt="cutoff", halt_cutoff_layer=1, kv_skip="mask"),
     "recency": QuickSilverConfig(scope="context", halt="select", select_signal="recency", halt_cutoff_layer=1, keep_top_k=0.5),
+    "recency-local": QuickSilverConfig(scope="context", halt="select", select_signal="recency", halt_cutoff_layer=1,
+                                       keep_top_k=0.5, local_window=5, local_full=3),
     "fusion": QuickSilverConfig(scope="all", fuse_threshold=0.2),
     "amq": QuickSilverConfig(scope="all", amq_layer=2, amq_low=6.54, amq_high=6.56),
 }
@@ -154,6 +156,8 @@ DEEP = {
     "fast": preset("fast", 6),  # cut-off after layer 5: 4 plain layers, the decision layer, 1 compacted
     "recency-3": QuickSilverConfig(halt="select", select_signal="recency", halt_cutoff_layer=3, keep_top_k=0.25),
     "attention-2": QuickSilverConfig(halt="select", halt_cutoff_layer=2, keep_top_k=0.4, select_queries=8),
+    "attention-3-local": QuickSilverConfig(halt="select", halt_cutoff_layer=3, keep_top_k=0.4, select_queries=8,
+                                           local_window=9, local_full=12),  # local attention in the plain layers too
     "cutoff-propagate-span": QuickSilverConfig(halt="cutoff", halt_cutoff_layer=2, kv_skip="propagate", kv_propagate_span=2),
     "cutoff-fusion-amq": QuickSilverConfig(halt="cutoff", halt_cutoff_layer=4, fuse_threshold=0.2, halt_min_layer=2,
                                            amq_layer=3, amq_low=6.54, amq_high=6.56),

@@ -17,6 +17,8 @@ SETTINGS = {
     "cutoff-mask": QuickSilverConfig(halt="cutoff", halt_cutoff_layer=1, kv_skip="mask"),
     "cutoff-zero": QuickSilverConfig(halt="cutoff", halt_cutoff_layer=1, kv_skip="zero"),
     "attention-select": QuickSilverConfig(halt="select", halt_cutoff_layer=1, keep_top_k=0.5, select_queries=4),
+    "attention-select-local": QuickSilverConfig(halt="select", halt_cutoff_layer=1, keep_top_k=0.5, select_queries=4,
+                                                local_window=3, local_full=4),
     "drift": QuickSilverConfig(halt="drift", halt_drift=0.9, halt_entropy=6.555),
     "fusion": QuickSilverConfig(fuse_threshold=0.2),
     "amq": QuickSilverConfig(amq_layer=2, amq_low=6.54, amq_high=6.56),
@@ -90,6 +92,9 @@ def test_cli_flags_build_the_config():
                                    select_heads="max", select_accumulate=True, select_recent=64, select_queries=8,
                                    halt_cutoff_layer2=20, keep_top_k2=0.25)
     assert parse("--halt-cutoff-layer", "10", "--select-recent", "8").halt == "select"  # any selection flag implies it
+    local = parse("--quicksilver", "long", "--local-window", "256", "--local-full", "64")
+    assert (local.local_window, local.local_full, local.halt) == (256, 64, "select") and local.enabled
+    assert parse("--local-window", "8").enabled  # local attention alone
     share = parse("--halt-cutoff-layer", "10", "--select-recent", "0.7").select_recent
     assert (share, type(qs.select_recent)) == (0.7, int)  # a share of the budget; a whole number stays a count
 
@@ -112,6 +117,9 @@ def test_cli_flags_build_the_config():
      "--halt-cutoff-layer2 31 but the model has 30 layers"),
     (("--halt-cutoff-layer", "3", "--select-signal", "recency", "--select-accumulate"),
      "--select-pool shape the attention signal: they need --select-signal attention"),
+    (("--local-window", "0"), "--local-window must be >= 1"),
+    (("--local-full", "-2"), "--local-full must be >= 0"),
+    (("--scope", "all", "--local-window", "8"), "local attention needs --scope context"),
     (("--select-pool", "3",), r"--halt select \(implied by --select-pool\) needs --halt-cutoff-layer >= 1"),
 ])
 def test_cli_flag_errors(argv, message):

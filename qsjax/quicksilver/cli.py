@@ -43,6 +43,9 @@ FLAGS = {
     "--select-min-keep": ("select_min_keep", int),
     "--halt-cutoff-layer2": ("halt_cutoff_layer2", int),
     "--keep-top-k2": ("keep_top_k2", float),
+    "--local-window": ("local_window", int),
+    "--local-full": ("local_full", int),
+    "--local-prefix": ("local_prefix", int),
     "--kv-skip": ("kv_skip", str),
     "--kv-propagate-span": ("kv_propagate_span", int),
     "--fuse-threshold": ("fuse_threshold", float),
@@ -58,6 +61,7 @@ RANGES = {
     "--kv-propagate-span": (0, None), "--fuse-threshold": (-1, 1), "--amq-layer": (1, None),
     "--amq-low": (0, None), "--amq-high": (0, None), "--select-queries": (1, None), "--select-pool": (0, None),
     "--select-recent": (0, None), "--select-min-keep": (0, None), "--halt-cutoff-layer2": (1, None), "--keep-top-k2": (0, 1),
+    "--local-window": (1, None), "--local-full": (0, None), "--local-prefix": (0, None),
 }  # fmt: skip
 CHOICES = {"scope": SCOPES, "halt": HALT_POLICIES, "kv_skip": KV_MODES, "select_signal": SELECT_SIGNALS,
            "select_heads": SELECT_HEADS, "select_pool_kind": POOL_KINDS}

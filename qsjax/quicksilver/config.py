@@ -40,6 +40,11 @@ class QuickSilverConfig:
     select_min_keep: int = 0  # select: keep at least this many eligible tokens (short prompts lose nothing)
     halt_cutoff_layer2: int | None = None  # select, a pyramid: a second selection after layer c2 > c ...
     keep_top_k2: float | None = None  # ... keeping this fraction (< keep_top_k) of the eligible tokens
+    # local attention (`local`): context tokens but the last local_full attend only to the sinks, the
+    # first local_prefix tokens and the last local_window slots up to their own, in every layer; None: off
+    local_window: int | None = None
+    local_full: int = 512
+    local_prefix: int = 0
     # KV Cache Skipping for a halted token in the layers above its halt
     kv_skip: str = "mask"  # mask | zero | propagate
     kv_propagate_span: int | None = None  # propagate: only this many layers above the halt, mask beyond
@@ -74,6 +79,11 @@ class QuickSilverConfig:
               f"select_recent must be a count (a whole number >= 1) or a share of the budget in [0, 1), "
               f"got {self.select_recent}")
         check(self.select_min_keep >= 0, "select_min_keep must be >= 0")
+        check(self.local_window is None or self.local_window >= 1, f"local_window must be >= 1, got {self.local_window}")
+        check(self.local_full >= 0, f"local_full must be >= 0, got {self.local_full}")
+        check(self.local_prefix >= 0, f"local_prefix must be >= 0, got {self.local_prefix}")
+        check(self.local_window is None or self.scope == "context",
+              "local attention needs scope=context (only tokens whose predictions nobody needs attend locally)")
         check((self.halt_cutoff_layer2 is None) == (self.keep_top_k2 is None),
               "halt_cutoff_layer2 and keep_top_k2 go together (a second selection stage)")
         check(self.amq_low <= self.amq_high, "amq_low must be <= amq_high")
@@ -102,7 +112,8 @@ class QuickSilverConfig:
     @property
     def enabled(self) -> bool:
         """Whether any mechanism is on (all off: the dense forward is used)."""
-        return self.halt != "none" or self.fuse_threshold is not None or self.amq_layer is not None
+        return (self.halt != "none" or self.fuse_threshold is not None or self.amq_layer is not None
+                or self.local_window is not None)
 
     @property
     def select_stages(self) -> tuple[tuple[int, float], ...]:

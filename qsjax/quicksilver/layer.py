@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from qsjax import blocks
-from qsjax.attention import attention
-from qsjax.quicksilver import fusion, halting, kvskip, selection
+from qsjax.attention import Window, attention
+from qsjax.quicksilver import fusion, halting, kvskip, local, selection
 from qsjax.quicksilver.compaction import on_rows
 from qsjax.quicksilver.config import QuickSilverConfig
 from qsjax.quicksilver.matryoshka import choose_bits, with_widths
@@ -47,10 +47,10 @@ def amq_bits(qs: QuickSilverConfig, module, x, eligible):
     return jnp.where(eligible, choose_bits(h, qs.amq_low, qs.amq_high), 8)
 
 
-def attended_pairs(visible, computing):
-    """(query, key) pairs the computing tokens attend: the visible keys up to their own slot, plus
-    their own key when it is not visible.  [B, T] -> [B] int32"""
-    seen = jnp.cumsum(visible, axis=-1) + ~visible
+def attended_pairs(visible, computing, win=None):
+    """(query, key) pairs the computing tokens attend: the visible keys up to their own slot (inside
+    their local window, `local`), plus their own key when it is not visible.  [B, T] -> [B] int32"""
+    seen = local.seen(visible, win) + ~visible
     return jnp.where(computing, seen, 0).sum(-1).astype(jnp.int32)
 
 
@@ -140,18 +140,18 @@ def fuse_step(qs: QuickSilverConfig, layer, tok: Tokens, can_be_absorbed, needed
     return tok, cand
 
 
-def masked_block(blk, tok: Tokens, computing, visible, bias, halted, mode, ctx: Context, linear, qkv=None):
+def masked_block(blk, tok: Tokens, computing, visible, bias, halted, mode, ctx: Context, linear, qkv=None, win=None):
     """The reference: the block runs on every row; rows not computing keep their state.
     `qkv`: the rows' queries, keys and values if already projected.  -> x [B, T, D], k and v [B, T, K, Dh]"""
     w = ctx.layout
     q, k, v = blocks.qkv(blk, tok.x, w.cos, w.sin, linear) if qkv is None else qkv
     k, v = kvskip.zero_halted(k, v, halted, mode)
-    o = attention(q, k, v, w.slots, w.slots, visible, bias, self_visible=True)
+    o = attention(q, k, v, w.slots, w.slots, visible, bias, self_visible=True, window=win)
     x_new = blocks.tail(blk, tok.x, o, linear)
     return jnp.where(computing[..., None], x_new, tok.x), k, v
 
 
-def compacted_block(blk, tok: Tokens, computing, visible, bias, mode, ctx: Context, linear, buckets):
+def compacted_block(blk, tok: Tokens, computing, visible, bias, mode, ctx: Context, linear, buckets, win=None):
     """The fast path: only the computing rows run the block, gathered per sequence (in slot order)
     into the smallest bucket that holds them (`lax.switch` on one scalar) and scattered back.
 
@@ -167,7 +167,7 @@ def compacted_block(blk, tok: Tokens, computing, visible, bias, mode, ctx: Conte
 
     def full(x):  # the full bucket: the plain window pass, nothing gathered
         qkv = None if own_rows else (q_all, k_all, v_all)
-        return masked_block(blk, tok, computing, visible, bias, None, mode, ctx, linear, qkv)
+        return masked_block(blk, tok, computing, visible, bias, None, mode, ctx, linear, qkv, win)
 
     def gathered(n):
         def branch(x):
@@ -178,11 +178,13 @@ def compacted_block(blk, tok: Tokens, computing, visible, bias, mode, ctx: Conte
             xa = take(x)
             if own_rows:  # slot T marks an unused place: after every real query, seen by none
                 q, k, v = blocks.qkv(blk, xa, take(w.cos), take(w.sin), lin)  # [B, n, H or K, Dh]
-                o = attention(q, k, v, idx, idx, take(visible), take(bias), self_visible=True)
+                o = attention(q, k, v, idx, idx, take(visible), take(bias), self_visible=True,
+                              window=None if win is None else Window(take(win.q_from), take(win.k_anchor)))
                 scatter = lambda a: jnp.zeros((B, T, *a.shape[2:]), a.dtype).at[rows, idx].set(a, mode="drop")
                 k, v = scatter(k), scatter(v)
             else:
-                o = attention(take(q_all), k_all, v_all, idx, w.slots, visible, bias, self_visible=True)
+                o = attention(take(q_all), k_all, v_all, idx, w.slots, visible, bias, self_visible=True,
+                              window=None if win is None else Window(take(win.q_from), win.k_anchor))
                 k, v = k_all, v_all
             xa = blocks.tail(blk, xa, o, lin)
             return x.at[rows, idx].set(xa, mode="drop"), k, v
@@ -204,10 +206,11 @@ def layer_step(qs: QuickSilverConfig, module, blk, layer, tok: Tokens, ctx: Cont
     bias = jnp.where(visible | computing, jnp.log(tok.size), 0.0)
     linear = with_widths(tok.bits)
     writes = kvskip.writes_kv(qs.kv_skip, computing, halted, tok.halt, layer, qs.kv_propagate_span)
+    win = local.window(qs, ctx)
     if buckets is None:
-        x, k, v = masked_block(blk, tok, computing, visible, bias, halted, qs.kv_skip, ctx, linear)
+        x, k, v = masked_block(blk, tok, computing, visible, bias, halted, qs.kv_skip, ctx, linear, win=win)
     else:
-        x, k, v = compacted_block(blk, tok, computing, visible, bias, qs.kv_skip, ctx, linear, buckets)
+        x, k, v = compacted_block(blk, tok, computing, visible, bias, qs.kv_skip, ctx, linear, buckets, win)
 
     score, n_voters = selection_score(qs, blk, layer, tok, k, visible, ctx, computing)
     can = ctx.eligible & computing & (layer < module.cfg.n_layers)  # nothing to save after the last layer
@@ -220,7 +223,7 @@ def layer_step(qs: QuickSilverConfig, module, blk, layer, tok: Tokens, ctx: Cont
         view = dataclasses.replace(view, candidate=cand[:, -1])
     stats = LayerStats(
         computing=computing.sum(-1).astype(jnp.int32),
-        pairs=attended_pairs(visible, computing),
+        pairs=attended_pairs(visible, computing, win),
         entropy_checks=n_checks,
         propagated=(writes & ~computing).sum(-1).astype(jnp.int32),
         kv_skipped=(w.valid & ~writes).sum(-1).astype(jnp.int32),

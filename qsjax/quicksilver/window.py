@@ -23,6 +23,7 @@ from qsjax import blocks
 from qsjax.model import Layout, block, scan_layers
 from qsjax.quicksilver.compaction import compaction_buckets
 from qsjax.quicksilver.config import QuickSilverConfig
+from qsjax.quicksilver import local
 from qsjax.quicksilver.layer import amq_bits, attended_pairs, layer_step, selection_score
 from qsjax.quicksilver.state import CacheEntries, Context, FusionView, LayerOut, LayerStats, Tokens, WindowResult
 
@@ -68,10 +69,11 @@ def dense_layers(qs: QuickSilverConfig, module, last: int, tok: Tokens, ctx: Con
     absorbable = (ctx.eligible & w.valid)[:, -1]  # every layer here is below the last one
 
     def step(tok, blk, layer):
-        x_new, (k, v) = block(blk, tok.x, w)
+        win = local.window(qs, ctx)
+        x_new, (k, v) = block(blk, tok.x, w, window=win)
         x_new = jnp.where(w.valid[..., None], x_new, tok.x)
         score, n_voters = selection_score(qs, blk, layer, tok, k, w.valid, ctx, w.valid)
-        stats = LayerStats(computing=w.valid.sum(-1).astype(jnp.int32), pairs=attended_pairs(w.valid, w.valid),
+        stats = LayerStats(computing=w.valid.sum(-1).astype(jnp.int32), pairs=attended_pairs(w.valid, w.valid, win),
                            entropy_checks=zeros, propagated=zeros, kv_skipped=zeros,
                            selection_pairs=n_voters * w.valid.shape[1], selection_queries=n_voters)
         view = FusionView(x_new[:, -1], tok.size[:, -1], absorbable, jnp.zeros_like(absorbable))
