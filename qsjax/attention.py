@@ -169,9 +169,6 @@ def _blockwise(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, window, bq, 
     pad_t, pad_s = nq * bq - T, nk * bk - S
     qh = _queries(q, K)  # [B, K, G, T, Dh]
     G = qh.shape[2]
-    q_from = jnp.zeros((B, T), jnp.int32) if window is None else window.q_from
-    q_from = jnp.pad(q_from.astype(jnp.int32), ((0, 0), (0, pad_t)))
-    k_anchor = None if window is None else jnp.pad(window.k_anchor, ((0, 0), (0, pad_s)))
     qh = jnp.pad(qh, ((0, 0),) * 3 + ((0, pad_t), (0, 0)))
     kh = jnp.pad(kh, ((0, 0),) * 2 + ((0, pad_s), (0, 0)))
     vh = jnp.pad(vh, ((0, 0),) * 2 + ((0, pad_s), (0, 0)))
@@ -183,7 +180,11 @@ def _blockwise(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, window, bq, 
 
     qblocks = qh.reshape(B, K, G, nq, bq, Dh).transpose(3, 0, 1, 2, 4, 5)  # [nq, B, K, G, bq, Dh]
     qslots = q_slot.reshape(B, nq, bq).transpose(1, 0, 2)  # [nq, B, bq]
-    qfrom = q_from.reshape(B, nq, bq).transpose(1, 0, 2)  # [nq, B, bq]
+    qfrom, k_anchor = None, None  # no window: nothing to carry per block
+    if window is not None:
+        q_from = jnp.pad(window.q_from.astype(jnp.int32), ((0, 0), (0, pad_t)))
+        qfrom = q_from.reshape(B, nq, bq).transpose(1, 0, 2)  # [nq, B, bq]
+        k_anchor = jnp.pad(window.k_anchor, ((0, 0), (0, pad_s)))
 
     def query_block(args):
         qb, qs, qf = args  # [B, K, G, bq, Dh], [B, bq], [B, bq]

@@ -43,8 +43,8 @@ def profile(model, qs, tokens: np.ndarray, offset: int, repeats: int) -> dict:
     from qsjax.quicksilver.compaction import compaction_buckets
     from qsjax.quicksilver.evaluate import QuickSilverScorer
     from qsjax.quicksilver.layer import layer_step
-    from qsjax.quicksilver.state import Context, Tokens
-    from qsjax.quicksilver.window import eligible_tokens, first_decision_layer
+    from qsjax.quicksilver.state import Tokens
+    from qsjax.quicksilver.window import context, first_decision_layer
 
     cfg = model.cfg
     L, T = cfg.n_layers, tokens.shape[1]
@@ -54,7 +54,7 @@ def profile(model, qs, tokens: np.ndarray, offset: int, repeats: int) -> dict:
     halt = np.asarray(scorer.score(tokens, lengths, offset)[1].halt)  # [1, T]: layer after which each stopped
     positions = jnp.arange(T)[None]
     w = Layout.of(cfg, positions, jnp.ones((1, T), bool))
-    ctx = Context(w, eligible_tokens(qs, w, positions < offset), positions >= offset)
+    ctx = context(qs, w, positions < offset, positions >= offset)
 
     def qs_step(layer, active):
         def f(m, x):

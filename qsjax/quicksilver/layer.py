@@ -206,7 +206,7 @@ def layer_step(qs: QuickSilverConfig, module, blk, layer, tok: Tokens, ctx: Cont
     bias = jnp.where(visible | computing, jnp.log(tok.size), 0.0)
     linear = with_widths(tok.bits)
     writes = kvskip.writes_kv(qs.kv_skip, computing, halted, tok.halt, layer, qs.kv_propagate_span)
-    win = local.window(qs, ctx)
+    win = ctx.local
     if buckets is None:
         x, k, v = masked_block(blk, tok, computing, visible, bias, halted, qs.kv_skip, ctx, linear, win=win)
     else:

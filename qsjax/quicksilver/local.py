@@ -23,22 +23,21 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from qsjax.attention import Window
+from qsjax.model import Layout
 from qsjax.quicksilver.config import QuickSilverConfig
 from qsjax.quicksilver.selection import last_n
-from qsjax.quicksilver.state import Context
 
 EVERY_SLOT = jnp.iinfo(jnp.int32).min
 
 
-def window(qs: QuickSilverConfig, ctx: Context) -> Window | None:
-    """The rule as `qsjax.attention.attention` takes it (the same in every layer), or None when local
-    attention is off: a far query sees keys from slot s_i - W + 1 on, the others every slot; the
-    anchors are the real tokens that are not eligible or lie in the prefix."""
+def window(qs: QuickSilverConfig, w: Layout, eligible) -> Window | None:
+    """The rule as `qsjax.attention.attention` takes it (the same in every layer: `Context.local`), or
+    None when local attention is off: a far query sees keys from slot s_i - W + 1 on, the others every
+    slot; the anchors are the real tokens that are not eligible or lie in the prefix.  eligible [B, T]"""
     if qs.local_window is None:
         return None
-    w = ctx.layout
-    far = ctx.eligible & ~last_n(ctx.eligible, qs.local_full)
-    anchor = w.valid & (~ctx.eligible | (w.positions < qs.local_prefix))
+    far = eligible & ~last_n(eligible, qs.local_full)
+    anchor = w.valid & (~eligible | (w.positions < qs.local_prefix))
     return Window(jnp.where(far, w.slots - qs.local_window + 1, EVERY_SLOT), anchor)
 
 

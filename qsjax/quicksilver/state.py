@@ -12,6 +12,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from qsjax.attention import Window
 from qsjax.model import Layout
 
 
@@ -47,11 +48,13 @@ class Tokens:
 class Context:
     """What every layer of a QuickSilver pass needs besides the tokens' state: where the tokens sit
     (`model.Layout`), and, [B, T] each, which tokens the mechanisms may touch (`eligible`: real,
-    past the sinks, in scope) and whose own logits will be read (`needed`: see `layer` on fusion)."""
+    past the sinks, in scope) and whose own logits will be read (`needed`: see `layer` on fusion);
+    `local`: the far context's attention window (`quicksilver.local`), None when it is off."""
 
     layout: Layout
     eligible: jax.Array
     needed: jax.Array
+    local: Window | None = None
 
 
 @_pytree

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 
 from qsjax import blocks
 from qsjax.model import Layout, block, scan_layers
+from qsjax.quicksilver import local
 from qsjax.quicksilver.compaction import compaction_buckets
 from qsjax.quicksilver.config import QuickSilverConfig
-from qsjax.quicksilver import local
 from qsjax.quicksilver.layer import amq_bits, attended_pairs, layer_step, selection_score
 from qsjax.quicksilver.state import CacheEntries, Context, FusionView, LayerOut, LayerStats, Tokens, WindowResult
 
@@ -32,6 +32,13 @@ def eligible_tokens(qs: QuickSilverConfig, w: Layout, in_scope):
     """The tokens the mechanisms may touch: real, in scope, and not among the first n_sink positions
     (attention sinks are never halted, fused or narrowed).  -> [B, T] bool"""
     return in_scope & w.valid & (w.positions >= qs.n_sink)
+
+
+def context(qs: QuickSilverConfig, w: Layout, in_scope, needed) -> Context:
+    """What every layer of the pass needs: the layout, the eligible tokens, the needed ones, and
+    the far context's attention window.  in_scope, needed [B, T]"""
+    eligible = eligible_tokens(qs, w, in_scope)
+    return Context(w, eligible, needed, local.window(qs, w, eligible))
 
 
 def first_decision_layer(qs: QuickSilverConfig, n_layers: int) -> int:
@@ -69,11 +76,10 @@ def dense_layers(qs: QuickSilverConfig, module, last: int, tok: Tokens, ctx: Con
     absorbable = (ctx.eligible & w.valid)[:, -1]  # every layer here is below the last one
 
     def step(tok, blk, layer):
-        win = local.window(qs, ctx)
-        x_new, (k, v) = block(blk, tok.x, w, window=win)
+        x_new, (k, v) = block(blk, tok.x, w, window=ctx.local)
         x_new = jnp.where(w.valid[..., None], x_new, tok.x)
         score, n_voters = selection_score(qs, blk, layer, tok, k, w.valid, ctx, w.valid)
-        stats = LayerStats(computing=w.valid.sum(-1).astype(jnp.int32), pairs=attended_pairs(w.valid, w.valid, win),
+        stats = LayerStats(computing=w.valid.sum(-1).astype(jnp.int32), pairs=attended_pairs(w.valid, w.valid, ctx.local),
                            entropy_checks=zeros, propagated=zeros, kv_skipped=zeros,
                            selection_pairs=n_voters * w.valid.shape[1], selection_queries=n_voters)
         view = FusionView(x_new[:, -1], tok.size[:, -1], absorbable, jnp.zeros_like(absorbable))
@@ -91,7 +97,7 @@ def quicksilver_window(qs: QuickSilverConfig, module, tokens, w: Layout, in_scop
     needed [B, T]: tokens whose own logits will be read (see `layer`)."""
     B, T = tokens.shape
     L = module.cfg.n_layers
-    ctx = Context(w, eligible_tokens(qs, w, in_scope), needed)
+    ctx = context(qs, w, in_scope, needed)
     tok = Tokens.start(blocks.embed(module, tokens, w.positions), w.valid, L)
     outs, amq_checks = [], jnp.zeros(B, jnp.int32)
     buckets = compaction_buckets(T) if qs.compact and qs.kv_skip != "zero" else None
