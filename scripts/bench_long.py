@@ -41,6 +41,7 @@ import numpy as np
 from benchlib import (check_json_path, check_positive, fmt, load_hf, log, machine, median, ratio, rotated, torch_run,
                       write_report)
 from long_settings import SETTINGS, config, recorded
+from long_settings import check as check_settings
 from qsjax.cli import ArgumentParser, UsageError, run_cli
 from qsjax.plots import require as require_matplotlib
 
@@ -77,9 +78,7 @@ def check_args(args) -> None:
     check_positive(args, "repeats", "threads", "windows", "depths", "trials")
     if args.new_tokens < 2:
         raise UsageError(f"--new-tokens must be at least 2 (decode speed is measured past the first), got {args.new_tokens}")
-    unknown = [s for s in args.settings if s not in SETTINGS]
-    if unknown:
-        raise UsageError(f"unknown setting {unknown[0]!r} (choose from {', '.join(SETTINGS)})")
+    check_settings(args.settings)
     if min(args.lengths + args.batches + args.passkey_lengths) < 1:
         raise UsageError("--lengths, --batches and --passkey-lengths take positive numbers")
     if not 0 < args.stride < args.max_length:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from qsjax.cli import UsageError
 from qsjax.quicksilver.config import QuickSilverConfig, preset
 
 
@@ -57,6 +58,16 @@ SETTINGS = {
     "local-512-f16-p0": ("local attention", "W=512, 16 full", lambda L: local(L, 512, full=16)),
     "truncate-2048": ("truncation (dense, last N tokens)", "2,048 tokens", 2048),
 }
+
+
+def check(names, *, truncation: bool = True) -> None:
+    """UsageError for a name that is not a setting (or, with truncation=False, is a truncation)."""
+    unknown = [s for s in names if s not in SETTINGS]
+    if unknown:
+        raise UsageError(f"unknown setting {unknown[0]!r} (choose from {', '.join(SETTINGS)})")
+    short = [s for s in names if isinstance(SETTINGS[s][2], int)]
+    if short and not truncation:
+        raise UsageError(f"setting {short[0]!r} is a truncation; this script measures QuickSilver settings")
 
 
 def config(name: str, L: int):

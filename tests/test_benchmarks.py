@@ -45,6 +45,13 @@ def run_script(name, *args):
     ("bench_long.py", ["--json", "/nonexistent-dir/out.json"], "does not exist"),
     ("bench_long.py", ["--replot", "docs/bench_long.json"], "--replot needs --plots DIR"),
     ("bench_long.py", ["--replot", "README.md", "--plots", "docs"], "--replot README.md: cannot read a report"),
+    ("passkey_margin.py", ["--settings", "nope"], "unknown setting 'nope'"),
+    ("passkey_margin.py", ["--settings", "truncate-2048"], "'truncate-2048' is a truncation"),
+    ("passkey_margin.py", ["--cells", "4096:0.3"], "--cells 4096:0.3: not a cell of the grid"),
+    ("passkey_margin.py", ["--cells", "4096"], "give LENGTH:DEPTH"),
+    ("passkey_margin.py", ["--lengths", "0"], "lengths must be positive"),
+    ("passkey_margin.py", ["--trials", "0"], "--trials must be at least 1"),
+    ("passkey_margin.py", ["--json", "/nonexistent-dir/out.json"], "does not exist"),
 ])
 def test_argument_errors(script, args, message):
     status, stdout, stderr = run_script(script, *args)
