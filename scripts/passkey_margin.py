@@ -7,7 +7,7 @@ filler haystack, 10 answer tokens: the same keys as `python -m qsjax.passkey` an
 section with the same grid), of which --cells picks some (LENGTH:DEPTH; default all). The correct
 answer is " " and the key's digits (the tokenizer's ids for " 71432"). For each prompt and variant
 (dense qsjax and each --settings, named in `long_settings.SETTINGS`), one prefill of the prompt, left
-padded as `qsjax.generate` pads it, then the answer teacher-forced through the decode steps:
+padded to the bucket `qsjax.generate` uses, then the answer teacher-forced through the decode steps:
 
     margin        = z_a1 - max_{t != a1} z_t      (z the prompt's last logits, a1 the answer's first token)
     first_logprob = log p(a1 | prompt)
@@ -25,10 +25,10 @@ import sys
 
 import numpy as np
 
-from benchlib import check_json_path, check_positive, log, write_report
+from benchlib import check_json_path, check_positive, write_report
 from long_settings import SETTINGS, config, recorded
 from long_settings import check as check_settings
-from qsjax.cli import ArgumentParser, UsageError, run_cli
+from qsjax.cli import ArgumentParser, UsageError, exit_on_interrupt, run_cli
 from qsjax.passkey import depth_fractions, parse_lengths
 
 ANSWER_TOKENS = 10  # the answer room a passkey length counts (qsjax.passkey's default)
@@ -38,7 +38,8 @@ def parse_args(argv=None):
     p = ArgumentParser(prog="scripts/passkey_margin.py", description=__doc__.splitlines()[0])
     p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE (- for stdout)")
     p.add_argument("--settings", nargs="+", default=["long"], help=f"QuickSilver settings: {', '.join(SETTINGS)}")
-    p.add_argument("--lengths", type=parse_lengths, default=[2048, 4096, 8192], help="the grid's lengths (default 2048,4096,8192)")
+    p.add_argument("--lengths", type=parse_lengths, default=[2048, 4096, 8192],
+                   help="the grid's lengths (default 2048,4096,8192)")
     p.add_argument("--depths", type=int, default=5, help="the grid's depths from 0%% to 100%% (default 5)")
     p.add_argument("--trials", type=int, default=1, help="keys per cell (default 1)")
     p.add_argument("--seed", type=int, default=0, help="the keys' seed (default 0)")
@@ -100,11 +101,11 @@ def scorer(model, qs, cache_length: int):
     return lambda tokens, start, answer: compiled(model.state, tokens, start, answer)
 
 
-def measure(score, prompt: list[int], answer: list[int], bucket: int, pad_id: int) -> dict:
+def measure(score, prompt: list[int], answer: list[int], bucket: int) -> dict:
     """One prompt under one variant: margin, the first token picked, first_logprob and key_logprob."""
     import jax.numpy as jnp
 
-    tokens = np.full((1, bucket), pad_id, np.int32)
+    tokens = np.zeros((1, bucket), np.int32)  # the padding's ids are never seen (its slots are masked)
     tokens[0, bucket - len(prompt):] = prompt
     z, logp = score(jnp.asarray(tokens), jnp.asarray([bucket - len(prompt)], jnp.int32), jnp.asarray(answer, jnp.int32))
     z, logp = np.asarray(z, np.float64), np.asarray(logp, np.float64)
@@ -115,9 +116,10 @@ def measure(score, prompt: list[int], answer: list[int], bucket: int, pad_id: in
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_args(args)
+    from tqdm import tqdm
+
     from qsjax.compilecache import enable_compilation_cache
     from qsjax.load import load_model_checked, load_tokenizer_checked, read_config
-    from qsjax.buckets import cache_slots, prompt_bucket
     from qsjax.passkey import FILLER, make_cells
     from qsjax.weights import resolve_model
 
@@ -132,28 +134,39 @@ def main(argv=None) -> int:
     enable_compilation_cache()
     model = load_model_checked(None, model_dir, "float32")
     L = model.cfg.n_layers
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (model.cfg.eos_ids or (0,))[0]
     variants = {"qsjax": None, **{name: config(name, L) for name in args.settings}}
     report = dict(command=" ".join(["python", "scripts/passkey_margin.py", *(sys.argv[1:] if argv is None else argv)]),
                   args={k: v for k, v in vars(args).items() if k != "picked"}, model=model_dir.name,
                   settings={name: recorded(name, L) for name in args.settings}, cells=[])
-    for cell in cells:
-        bucket = prompt_bucket(max(map(len, cell["prompts"])), context)
-        scores = {name: scorer(model, qs, cache_slots(bucket, ANSWER_TOKENS)) for name, qs in variants.items()}
-        trials = []
-        for key, prompt in zip(cell["keys"], cell["prompts"]):
-            answer = tokenizer.encode(f" {key}", add_special_tokens=False)
-            row = {name: measure(score, prompt, answer, bucket, pad_id) for name, score in scores.items()}
-            for r in row.values():
-                r["top"] = tokenizer.decode([r["top"]])
-            trials.append(dict(key=key, **row))
-            log(f"{cell['length']}@{cell['depth']:.0%} key {key}: " +
-                "  ".join(f"{n} {r['margin']:+.3f} ({r['top']!r})" for n, r in row.items()))
-        means = {name: {m: float(np.mean([t[name][m] for t in trials])) for m in ("margin", "key_logprob")}
-                 for name in variants}
-        report["cells"].append(dict(length=cell["length"], depth=cell["depth"], mean=means, trials=trials))
+    bar = tqdm(total=sum(len(c["prompts"]) for c in cells) * len(variants), desc="prompt x variant", file=sys.stderr)
+    # from here to the report nothing is written: Ctrl-C ends the run at once, even inside XLA
+    with exit_on_interrupt(lambda signum: sys.stderr.write("\n")), bar:
+        for cell in cells:
+            report["cells"].append(score_cell(cell, variants, model, tokenizer, context, bar))
     write_report(args.json, report, format_table(report, list(variants)))
     return 0
+
+
+def score_cell(cell: dict, variants: dict, model, tokenizer, context: int, bar) -> dict:
+    """Every prompt of a grid cell under every variant (name -> QuickSilverConfig or None: dense)."""
+    from qsjax.buckets import cache_slots, prompt_bucket
+
+    bucket = prompt_bucket(max(map(len, cell["prompts"])), context)
+    scores = {name: scorer(model, qs, cache_slots(bucket, ANSWER_TOKENS)) for name, qs in variants.items()}
+    trials = []
+    for key, prompt in zip(cell["keys"], cell["prompts"]):
+        answer = tokenizer.encode(f" {key}", add_special_tokens=False)
+        row = {}
+        for name, score in scores.items():
+            row[name] = measure(score, prompt, answer, bucket)
+            row[name]["top"] = tokenizer.decode([row[name]["top"]])
+            bar.update()
+        trials.append(dict(key=key, **row))
+        bar.write(f"{cell['length']}@{cell['depth']:.0%} key {key}: " +
+                  "  ".join(f"{n} {r['margin']:+.3f} ({r['top']!r})" for n, r in row.items()), file=sys.stderr)
+    means = {name: {m: float(np.mean([t[name][m] for t in trials])) for m in ("margin", "key_logprob")}
+             for name in variants}
+    return dict(length=cell["length"], depth=cell["depth"], mean=means, trials=trials)
 
 
 def format_table(report: dict, names: list[str]) -> str:

@@ -23,7 +23,7 @@ def measured(model, qs, prompt, answer):
     tokens[0, BUCKET - PROMPT:] = prompt
     start = np.array([BUCKET - PROMPT], np.int32)
     z, logp = (np.asarray(a) for a in score(tokens, start, np.asarray(answer, np.int32)))
-    return margin.measure(score, list(prompt), list(answer), BUCKET, 0), z, logp
+    return margin.measure(score, list(prompt), list(answer), BUCKET), z, logp
 
 
 def expected(logits, answer):
