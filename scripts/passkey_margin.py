@@ -3,8 +3,8 @@
     python scripts/passkey_margin.py --cells 4096:1.0 8192:1.0 --trials 3 --settings long local-512-r256 --json m.json
 
 The prompts are `qsjax.passkey`'s grid (--lengths x --depths N, --trials keys per cell, --seed, the
-filler haystack, 10 answer tokens: the same keys as `python -m qsjax.passkey` and bench_long's passkey
-section with the same grid), of which --cells picks some (LENGTH:DEPTH; default all). The correct
+filler haystack, 10 answer tokens, plain or --chat: the same keys as `python -m qsjax.passkey` and
+bench_long's passkey section with the same grid), of which --cells picks some (LENGTH:DEPTH; default all). The correct
 answer is " " and the key's digits (the tokenizer's ids for " 71432"). For each prompt and variant
 (dense qsjax and each --settings, named in `long_settings.SETTINGS`), one prefill of the prompt, left
 padded to the bucket `qsjax.generate` uses, then the answer teacher-forced through the decode steps:
@@ -44,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--trials", type=int, default=1, help="keys per cell (default 1)")
     p.add_argument("--seed", type=int, default=0, help="the keys' seed (default 0)")
     p.add_argument("--cells", nargs="+", metavar="LENGTH:DEPTH", help="measure only these cells (e.g. 4096:1.0)")
+    p.add_argument("--chat", action="store_true", help="the prompts in the model's chat template (qsjax.passkey --chat)")
     return p.parse_args(argv)
 
 
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
         raise UsageError(f"--lengths {max(args.lengths)} is longer than the model's context ({context} tokens)")
     tokenizer = load_tokenizer_checked(None, model_dir)
     cells = make_cells(tokenizer, FILLER + " ", args.lengths, depth_fractions(args.depths), args.trials, args.seed,
-                       ANSWER_TOKENS, False)
+                       ANSWER_TOKENS, args.chat)
     cells = [c for c in cells if (c["length"], c["depth"]) in args.picked]
     enable_compilation_cache()
     model = load_model_checked(None, model_dir, "float32")
