@@ -4,8 +4,8 @@
 
 The prompts are `qsjax.passkey`'s grid (--lengths x --depths N, --trials keys per cell, --seed, the
 filler haystack, 10 answer tokens, plain or --chat: the same keys as `python -m qsjax.passkey` and
-bench_long's passkey section with the same grid), of which --cells picks some (LENGTH:DEPTH; default all). The correct
-answer is " " and the key's digits (the tokenizer's ids for " 71432"). For each prompt and variant
+bench_long's passkey section with the same grid), of which --cells picks some (LENGTH:DEPTH; default
+all). The correct answer is " " and the key's digits (the tokenizer's ids for " 71432"). For each prompt and variant
 (dense qsjax and each --settings, named in `long_settings.SETTINGS`), one prefill of the prompt, left
 padded to the bucket `qsjax.generate` uses, then the answer teacher-forced through the decode steps:
 
@@ -21,6 +21,7 @@ key_logprob is retrieval with the format given: a variant can lose the first tok
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import numpy as np
@@ -78,16 +79,18 @@ def scorer(model, qs, cache_length: int):
     from qsjax.quicksilver.generation import prepare, quicksilver_decode, quicksilver_prefill
     from qsjax.sampler import dense_decode, dense_prefill
 
+    def qs_prefill(module, tokens, start, n):
+        p = quicksilver_prefill(qs, module, tokens, start, n)
+        return p.logits, p.state
+
     if qs is None:
-        prefill_fn, decode_fn = dense_prefill, dense_decode
+        prefill_fn, decode_fn = (lambda *a: dense_prefill(*a)[:2]), dense_decode
     else:
-        model = prepare(model, qs)
-        prefill_fn = lambda m, t, s, n: (lambda p: (p.logits, p.state))(quicksilver_prefill(qs, m, t, s, n))
-        decode_fn = lambda m, state, t: quicksilver_decode(qs, m, state, t)
+        model, prefill_fn, decode_fn = prepare(model, qs), qs_prefill, functools.partial(quicksilver_decode, qs)
 
     def score(state, tokens, start, answer):
         module = model.module(state)
-        logits, cache = prefill_fn(module, tokens, start, cache_length)[:2]
+        logits, cache = prefill_fn(module, tokens, start, cache_length)
 
         def step(cache, token):
             out, cache, _ = decode_fn(module, cache, token[None])
@@ -119,6 +122,7 @@ def main(argv=None) -> int:
     check_args(args)
     from tqdm import tqdm
 
+    from qsjax.buckets import cache_slots, prompt_bucket
     from qsjax.compilecache import enable_compilation_cache
     from qsjax.load import load_model_checked, load_tokenizer_checked, read_config
     from qsjax.passkey import FILLER, make_cells
@@ -140,20 +144,22 @@ def main(argv=None) -> int:
                   args={k: v for k, v in vars(args).items() if k != "picked"}, model=model_dir.name,
                   settings={name: recorded(name, L) for name in args.settings}, cells=[])
     bar = tqdm(total=sum(len(c["prompts"]) for c in cells) * len(variants), desc="prompt x variant", file=sys.stderr)
+    scorers = {}  # (variant, prompt bucket) -> its compiled scorer, shared by the cells of one length
     # from here to the report nothing is written: Ctrl-C ends the run at once, even inside XLA
     with exit_on_interrupt(lambda signum: sys.stderr.write("\n")), bar:
         for cell in cells:
-            report["cells"].append(score_cell(cell, variants, model, tokenizer, context, bar))
+            bucket = prompt_bucket(max(map(len, cell["prompts"])), context)
+            for name, qs in variants.items():
+                if (name, bucket) not in scorers:
+                    scorers[name, bucket] = scorer(model, qs, cache_slots(bucket, ANSWER_TOKENS))
+            scores = {name: scorers[name, bucket] for name in variants}
+            report["cells"].append(score_cell(cell, scores, bucket, tokenizer, bar))
     write_report(args.json, report, format_table(report, list(variants)))
     return 0
 
 
-def score_cell(cell: dict, variants: dict, model, tokenizer, context: int, bar) -> dict:
-    """Every prompt of a grid cell under every variant (name -> QuickSilverConfig or None: dense)."""
-    from qsjax.buckets import cache_slots, prompt_bucket
-
-    bucket = prompt_bucket(max(map(len, cell["prompts"])), context)
-    scores = {name: scorer(model, qs, cache_slots(bucket, ANSWER_TOKENS)) for name, qs in variants.items()}
+def score_cell(cell: dict, scores: dict, bucket: int, tokenizer, bar) -> dict:
+    """Every prompt of a grid cell (padded to `bucket`) under every variant (name -> its `scorer`)."""
     trials = []
     for key, prompt in zip(cell["keys"], cell["prompts"]):
         answer = tokenizer.encode(f" {key}", add_special_tokens=False)
@@ -166,7 +172,7 @@ def score_cell(cell: dict, variants: dict, model, tokenizer, context: int, bar) 
         bar.write(f"{cell['length']}@{cell['depth']:.0%} key {key}: " +
                   "  ".join(f"{n} {r['margin']:+.3f} ({r['top']!r})" for n, r in row.items()), file=sys.stderr)
     means = {name: {m: float(np.mean([t[name][m] for t in trials])) for m in ("margin", "key_logprob")}
-             for name in variants}
+             for name in scores}
     return dict(length=cell["length"], depth=cell["depth"], mean=means, trials=trials)
 
 
