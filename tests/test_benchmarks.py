@@ -157,3 +157,20 @@ def test_dense_benchmark_adds_the_xla_variant_on_a_gpu_in_bfloat16(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert variants(False, "float32") == {"qsjax": attention}  # float32: cuDNN never runs
     assert variants(False, "bfloat16") == {"qsjax": attention, "qsjax_xla_attention": attention_xla}
+
+
+def test_attention_benchmark_runs_its_block_variants_and_parts(tmp_path):
+    """bench_attention end to end at a small length: the extra block sizes and the one-step parts run,
+    and every variant agrees with the attention it is measured against (a broken variant, e.g. after
+    a change of `_blockwise`'s arguments, fails here rather than in an hour-long run)."""
+    import json
+
+    out = tmp_path / "attention.json"
+    status, _, stderr = run_script("bench_attention.py", "--lengths", "300", "--repeats", "1", "--blocks", "128x64",
+                                   "--parts", "--skip-torch", "--json", out)
+    assert status == 0, stderr
+    report = json.loads(out.read_text())
+    diffs = report["results"][0]["max_abs_diff_vs_masked_attention"]
+    assert set(diffs) == {"masked_attention", "attention", "attention_128x64"}
+    assert max(diffs.values()) < 1e-5
+    assert report["parts"]["seconds"]["step"] > 0
