@@ -172,15 +172,18 @@ class HFScorer:
         return out, None
 
 
-def masked_attention(q, k, v, q_slot, k_slot, k_ok, bias=None, *, self_visible=False):
+def masked_attention(q, k, v, q_slot, k_slot, k_ok, bias=None, *, self_visible=False, window=None):
     """The attention qsjax used before `qsjax.attention` (the baseline of the attention benchmarks):
     a stored [B, T, S] mask and, for a square window, blocks of 128 queries each scoring the keys up
-    to its end with a full score tensor (masked scores set to the most negative float)."""
+    to its end with a full score tensor (masked scores set to the most negative float). It predates
+    local attention: the dense model passes `window=None`, anything else is refused."""
     import jax
     import jax.numpy as jnp
 
     from qsjax.layers import grouped_scores
 
+    if window is not None:
+        raise ValueError("the masked-attention baseline has no local attention")
     mask = (k_slot[:, None, :] <= q_slot[:, :, None]) & (
         k_ok[:, None, :] | (self_visible & (k_slot[:, None, :] == q_slot[:, :, None])))
 

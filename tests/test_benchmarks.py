@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,3 +175,26 @@ def test_attention_benchmark_runs_its_block_variants_and_parts(tmp_path):
     assert set(diffs) == {"masked_attention", "attention", "attention_128x64"}
     assert max(diffs.values()) < 1e-5
     assert report["parts"]["seconds"]["step"] > 0
+
+
+def test_dense_benchmark_prefill_variants_agree(tiny_models):
+    """Every prefill variant bench_dense times (qsjax's attention, the masked baseline it is compared
+    with) runs inside the dense model's prefill and gives its logits and cache."""
+    from unittest import mock
+
+    import jax.numpy as jnp
+
+    from qsjax import model as dense
+
+    model, T = tiny_models["llama-gqa"][0], 200  # over 128: the baseline's blocks of 128 queries
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, T)), jnp.int32)
+    start = jnp.asarray([0, 5], jnp.int32)
+    outs = {}
+    for name, attention in script_module("bench_dense").prefill_attentions(True, "float32").items():
+        with mock.patch.object(dense, "attention", attention):
+            outs[name] = dense.prefill(model.module(model.state), tokens, start, T + 8)
+    (logits, cache), (base_logits, base_cache) = outs["qsjax"], outs["qsjax_masked_attention"]
+    np.testing.assert_allclose(logits, base_logits, atol=1e-5)
+    for row, first in enumerate(np.asarray(start)):  # the real slots (padding's states differ and are never seen)
+        for a, b in ((cache.k[-1], base_cache.k[-1]), (cache.v[-1], base_cache.v[-1])):
+            np.testing.assert_allclose(a[row, :, first:T], b[row, :, first:T], atol=1e-5)
