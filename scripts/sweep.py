@@ -15,15 +15,19 @@ Matplotlib is needed for the plots (`pip install -e ".[plot]"`).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
+import io
 import json
 import sys
 import time
 from pathlib import Path
 
+from benchlib import check_positive
+from qsjax.cli import ArgumentParser, UsageError, exit_on_interrupt, run_cli, write_file_atomic
+from qsjax.data import resolve_data
 from qsjax.plots import Axes, Point, decision_map, frontier_figure
+from qsjax.plots import require as require_matplotlib
 from qsjax.quicksilver.config import QuickSilverConfig, preset
 
 
@@ -79,7 +83,7 @@ def plot_frontiers(rows: list[dict], data: str, out: Path) -> list[Path]:
         axes = Axes(xlabel, "perplexity change vs dense", xlim, (-0.25, 2.0), band=(-0.25, 0.2), band_label="within +0.2")
         dense = Point("dense", "dense", 0.0 if key == "flops_reduction" else 1.0, 0.0)
         figure = frontier_figure(frontier_points(rows, data, key), axes, f"QuickSilver frontier, {data}", dense)
-        (out / name).write_bytes(figure)
+        write_file_atomic(str(out / name), figure)
         written.append(out / name)
     return written
 
@@ -92,54 +96,94 @@ def heatmap(decision: dict, tokenizer, n_layers: int, n_tokens: int = 96) -> byt
     return decision_map(decision["halt_layer"][sl], decision["fused"][sl], decision["bits"][sl], labels, n_layers)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None)
-    p.add_argument("--data", nargs="+", default=["wikitext103", "c4"])
-    p.add_argument("--out", default="sweep")
+def parse_args(argv=None):
+    p = ArgumentParser(prog="scripts/sweep.py", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="a Hugging Face model directory (default: the default model)")
+    p.add_argument("--data", nargs="+", default=["wikitext103", "c4"], help="wikitext103, c4 or text files")
+    p.add_argument("--out", default="sweep", help="the directory to write into (created; default sweep)")
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--stride", type=int, default=512)
     p.add_argument("--max-eval-tokens", type=int, default=8192)
     p.add_argument("--only", nargs="*", help="run only the policies whose name contains one of these words")
-    p.add_argument("--heatmap", default="fast", help="the policy (curve name) whose decisions the heatmap shows")
+    p.add_argument("--heatmap", help="the policy (curve name) or label whose decisions the heatmap shows "
+                                     "(default: fast, when it runs)")
     p.add_argument("--replot", action="store_true", help="only redraw the frontiers from OUT/sweep.json")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    """Checks that need neither the model nor the data's tokens: the numbers, the data files, --out,
+    and for --replot the finished sweep (read into args.rows)."""
+    check_positive(args, "max_length", "max_eval_tokens", minimum=2)
+    if not 0 < args.stride <= args.max_length:
+        raise UsageError(f"--stride must be in 1..--max-length ({args.max_length}), got {args.stride}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a directory")
     if args.replot:
-        rows = json.loads((Path(args.out) / "sweep.json").read_text())["rows"]
-        for data in dict.fromkeys(r["data"] for r in rows):
-            for path in plot_frontiers(rows, data, Path(args.out)):
+        require_matplotlib("--replot")
+        try:
+            args.rows = json.loads((out / "sweep.json").read_text())["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"--replot: cannot read a sweep from {out / 'sweep.json'} ({e})") from None
+        return
+    if not out.exists() and not out.parent.is_dir():
+        raise UsageError(f"--out {args.out}: directory {out.parent} does not exist")
+    for data in args.data:
+        resolve_data(data)
+
+
+def pick_variants(args, n_layers: int) -> list[tuple[str, str, QuickSilverConfig]]:
+    """The variants --only selects; UsageError when --only, or a --heatmap given, names none of them."""
+    todo = [v for v in variants(n_layers) if not args.only or any(w in v[0] for w in args.only)]
+    if not todo:
+        raise UsageError(f"--only {' '.join(args.only)}: no policy matches "
+                         f"(policies: {', '.join(dict.fromkeys(v[0] for v in variants(n_layers)))})")
+    if args.heatmap is not None and not any(args.heatmap in (policy, label) for policy, label, _ in todo):
+        raise UsageError(f"--heatmap {args.heatmap}: not a policy or label of the variants this sweep runs")
+    return todo
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    check_args(args)
+    out = Path(args.out)
+    if args.replot:
+        for data in dict.fromkeys(r["data"] for r in args.rows):
+            for path in plot_frontiers(args.rows, data, out):
                 print(f"wrote {path}", file=sys.stderr)
         return 0
 
     from qsjax.compilecache import enable_compilation_cache
-    from qsjax.data import read_text, resolve_data, tokenize
-
-    enable_compilation_cache()
-    from qsjax.params import load_model
+    from qsjax.data import read_text, tokenize
+    from qsjax.load import load_model_checked, load_tokenizer_checked, read_config
     from qsjax.perplexity import Scorer, evaluate, strided_windows
     from qsjax.quicksilver.evaluate import QuickSilverScorer, evaluate_quicksilver
-    from qsjax.tokenizer import load_tokenizer
     from qsjax.weights import resolve_model
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model(args.model)
-    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    todo = [v for v in variants(model.cfg.n_layers) if not args.only or any(w in v[0] for w in args.only)]
+    todo = pick_variants(args, read_config(args.model, model_dir).n_layers)
+    enable_compilation_cache()
+    model, tokenizer = load_model_checked(args.model, model_dir, "float32"), load_tokenizer_checked(args.model, model_dir)
+    out.mkdir(exist_ok=True)
     rows, decisions = [], {}
     for data in args.data:
         stream = tokenize(tokenizer, read_text(resolve_data(data)), args.max_eval_tokens)
+        if len(stream) < 2:
+            raise UsageError(f"--data {data}: fewer than 2 tokens to score")
         windows = strided_windows(len(stream), args.max_length, args.stride)
-        dense = evaluate(Scorer(model), stream, windows, progress=False)
+        with exit_on_interrupt():
+            dense = evaluate(Scorer(model), stream, windows, progress=False)
         rows.append(dict(data=data, policy="dense", label="dense", perplexity=dense.perplexity, ppl_increase=0.0,
                          flops_reduction=0.0, flops_reduction_vs_full_lm_head=None, seconds=dense.seconds, speedup=1.0,
                          settings={}))
         print(f"{data}: dense ppl {dense.perplexity:.3f} ({dense.seconds:.0f} s)", file=sys.stderr)
-        for policy, label, qs in todo:
+        for i, (policy, label, qs) in enumerate(todo):
             t0 = time.perf_counter()
-            keep = 1 if policy == args.heatmap or label == args.heatmap else 0
-            result, stats, dec = evaluate_quicksilver(QuickSilverScorer(model, qs), stream, windows, progress=False,
-                                                      keep_decisions=keep + len(windows) - 1 if keep else 0)
+            keep = 1 if (args.heatmap or "fast") in (policy, label) else 0
+            with exit_on_interrupt():  # a compiled call Ctrl-C cannot otherwise interrupt; the files are written outside
+                result, stats, dec = evaluate_quicksilver(QuickSilverScorer(model, qs), stream, windows, progress=False,
+                                                          keep_decisions=keep + len(windows) - 1 if keep else 0)
             if dec:
                 decisions[data] = dec[-1]
             rows.append(dict(data=data, policy=policy, label=label, perplexity=result.perplexity,
@@ -148,29 +192,34 @@ def main(argv=None) -> int:
                              flops_reduction_vs_full_lm_head=stats["executed_flops_reduction_vs_full_lm_head"],
                              seconds=result.seconds, speedup=dense.seconds / result.seconds,
                              settings=dataclasses.asdict(qs), stats=stats))
-            print(f"{data}: {policy:34} {label:14} ppl {result.perplexity:9.3f} ({result.perplexity - dense.perplexity:+.3f}) "
-                  f"flops {-100 * stats['executed_flops_reduction']:+.1f}%  {dense.seconds / result.seconds:.2f}x  "
-                  f"[{time.perf_counter() - t0:.0f} s]", file=sys.stderr)
-            (out / "sweep.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    with open(out / "sweep.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["data", "policy", "label", "perplexity", "ppl_increase", "flops_reduction",
-                    "flops_reduction_vs_full_lm_head", "seconds", "speedup"])
-        for r in rows:
-            full = r["flops_reduction_vs_full_lm_head"]
-            w.writerow([r["data"], r["policy"], r["label"], f"{r['perplexity']:.4f}", f"{r['ppl_increase']:.4f}",
-                        f"{r['flops_reduction']:.4f}", "" if full is None else f"{full:.4f}", f"{r['seconds']:.1f}",
-                        f"{r['speedup']:.3f}"])
+            print(f"{data} [{i + 1}/{len(todo)}]: {policy:34} {label:14} ppl {result.perplexity:9.3f} "
+                  f"({result.perplexity - dense.perplexity:+.3f}) flops {-100 * stats['executed_flops_reduction']:+.1f}%  "
+                  f"{dense.seconds / result.seconds:.2f}x  [{time.perf_counter() - t0:.0f} s]", file=sys.stderr)
+            write_file_atomic(str(out / "sweep.json"), json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    write_file_atomic(str(out / "sweep.csv"), csv_text(rows))
     try:
         for data in args.data:
             plot_frontiers(rows, data, out)
             if data in decisions:
-                (out / f"heatmap_{data}.png").write_bytes(heatmap(decisions[data], tokenizer, model.cfg.n_layers))
+                write_file_atomic(str(out / f"heatmap_{data}.png"), heatmap(decisions[data], tokenizer, model.cfg.n_layers))
     except ImportError:
         print("matplotlib is not installed: no plots (pip install -e '.[plot]')", file=sys.stderr)
     print(f"wrote {out}/sweep.json, sweep.csv and plots", file=sys.stderr)
     return 0
 
 
+def csv_text(rows: list[dict]) -> str:
+    f = io.StringIO()
+    w = csv.writer(f)
+    w.writerow(["data", "policy", "label", "perplexity", "ppl_increase", "flops_reduction",
+                "flops_reduction_vs_full_lm_head", "seconds", "speedup"])
+    for r in rows:
+        full = r["flops_reduction_vs_full_lm_head"]
+        w.writerow([r["data"], r["policy"], r["label"], f"{r['perplexity']:.4f}", f"{r['ppl_increase']:.4f}",
+                    f"{r['flops_reduction']:.4f}", "" if full is None else f"{full:.4f}", f"{r['seconds']:.1f}",
+                    f"{r['speedup']:.3f}"])
+    return f.getvalue()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -53,6 +53,14 @@ def run_script(name, *args):
     ("passkey_margin.py", ["--lengths", "0"], "lengths must be positive"),
     ("passkey_margin.py", ["--trials", "0"], "--trials must be at least 1"),
     ("passkey_margin.py", ["--json", "/nonexistent-dir/out.json"], "does not exist"),
+    ("sweep.py", ["--stride", "0"], "--stride must be in 1..--max-length"),
+    ("sweep.py", ["--max-length", "x"], "invalid int value"),
+    ("sweep.py", ["--max-eval-tokens", "1"], "--max-eval-tokens must be at least 2"),
+    ("sweep.py", ["--data", "penn"], "data file penn not found"),
+    ("sweep.py", ["--out", "README.md"], "--out README.md is a file"),
+    ("sweep.py", ["--out", "/nonexistent-dir/sweep"], "directory /nonexistent-dir does not exist"),
+    ("sweep.py", ["--out", "/nonexistent-dir", "--replot"], "--replot: cannot read a sweep"),
+    ("sweep.py", ["--out", "docs/frontier_c4.png", "--replot"], "is a file"),
 ])
 def test_argument_errors(script, args, message):
     status, stdout, stderr = run_script(script, *args)
@@ -198,3 +206,22 @@ def test_dense_benchmark_prefill_variants_agree(tiny_models):
     for row, first in enumerate(np.asarray(start)):  # the real slots (padding's states differ and are never seen)
         for a, b in ((cache.k[-1], base_cache.k[-1]), (cache.v[-1], base_cache.v[-1])):
             np.testing.assert_allclose(a[row, :, first:T], b[row, :, first:T], atol=1e-5)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--only", "nothing-like-this"], "--only nothing-like-this: no policy matches"),
+    (["--only", "AMQ", "--heatmap", "fast"], "--heatmap fast: not a policy or label"),
+])
+def test_sweep_refuses_a_selection_that_runs_nothing(tmp_path, args, message):
+    """Checked from the model's config.json alone (here a 30-layer Llama without weights), before
+    anything loads or is written."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(num_hidden_layers=30, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=96).save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    status, stdout, stderr = run_script("sweep.py", "--model", tmp_path / "model", "--out", out, *args)
+    assert status == 2 and stdout == ""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
+    assert not out.exists()
