@@ -122,15 +122,17 @@ def prompt_frame(tokenizer, chat: bool) -> tuple[list[int], list[int]]:
             tokenizer.encode(QUESTION + after + ANSWER, add_special_tokens=False))
 
 
-def make_cells(tokenizer, haystack_text: str, lengths, depths, trials, seed, max_new, chat) -> list[dict]:
-    """Every (length, depth) cell with its keys and prompts (token ids)."""
+def make_cells(tokenizer, haystack_text: str, lengths, depths, trials, seed, max_new, chat,
+               flag: str = "--lengths") -> list[dict]:
+    """Every (length, depth) cell with its keys and prompts (token ids); UsageError (naming `flag`) for
+    a length too short to hold a prompt and its answer."""
     head, tail = prompt_frame(tokenizer, chat)
     keys = np.random.default_rng(seed).integers(10_000, 100_000, size=(len(lengths), len(depths), trials))
     needles = {int(k): tokenizer.encode(NEEDLE.format(key=int(k)), add_special_tokens=False) for k in keys.flat}
     fixed = len(head) + len(tail) + max(map(len, needles.values()))
     for length in lengths:
         if length - max_new - fixed < 1:
-            raise UsageError(f"--lengths {length} is too short: instruction, needle and question take {fixed} tokens "
+            raise UsageError(f"{flag} {length} is too short: instruction, needle and question take {fixed} tokens "
                              f"and the answer {max_new}; give at least {fixed + max_new + 1}")
     sentences = split_sentences(haystack_text)
     longest, boundaries = haystack_tokens(lambda texts: tokenizer.encode_batch(texts, add_special_tokens=False),

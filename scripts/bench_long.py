@@ -212,12 +212,18 @@ def perplexity(args, model, tokenizer, configs: dict) -> dict:
     return out
 
 
-def passkey(args, model, tokenizer, configs: dict) -> dict:
-    """qsjax.passkey's grid, dense and each setting: accuracy overall and per cell."""
-    from qsjax.passkey import FILLER, depth_fractions, make_cells, prompt_frame, run_cells
+def passkey_cells(args, tokenizer) -> list[dict]:
+    """qsjax.passkey's grid (built before any section runs: a length too short is refused at once)."""
+    from qsjax.passkey import FILLER, depth_fractions, make_cells
 
-    cells = make_cells(tokenizer, FILLER + " ", args.passkey_lengths, depth_fractions(args.depths), args.trials, 0,
-                       ANSWER_TOKENS, False)
+    return make_cells(tokenizer, FILLER + " ", args.passkey_lengths, depth_fractions(args.depths), args.trials, 0,
+                      ANSWER_TOKENS, False, flag="--passkey-lengths")
+
+
+def passkey(args, model, tokenizer, configs: dict, cells: list[dict]) -> dict:
+    """qsjax.passkey's grid, dense and each setting: accuracy overall and per cell."""
+    from qsjax.passkey import prompt_frame, run_cells
+
     head = len(prompt_frame(tokenizer, False)[0])  # BOS and the instruction
     out = {}
     for name, gen in generators(model, tokenizer, configs).items():
@@ -316,6 +322,7 @@ def main(argv=None) -> int:
     for section in args.sections:
         if need[section] > model.cfg.max_positions:
             raise UsageError(f"{section}: {need[section]} tokens do not fit the model's context ({model.cfg.max_positions})")
+    cells = passkey_cells(args, tokenizer) if "passkey" in args.sections else None
     enable_compilation_cache()
     L = model.cfg.n_layers
     configs = {name: config(name, L) for name in args.settings}
@@ -329,7 +336,7 @@ def main(argv=None) -> int:
     if "perplexity" in args.sections:
         report["perplexity"] = perplexity(args, model, tokenizer, configs)
     if "passkey" in args.sections:
-        report["passkey"] = passkey(args, model, tokenizer, configs)
+        report["passkey"] = passkey(args, model, tokenizer, configs, cells)
     report["load_average_at_end"] = machine()["load_average"]
     write_report(args.json, report, format_table(report))
     if args.plots is not None:

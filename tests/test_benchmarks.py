@@ -225,3 +225,13 @@ def test_sweep_refuses_a_selection_that_runs_nothing(tmp_path, args, message):
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
     assert not out.exists()
+
+
+def test_bench_long_refuses_a_short_passkey_length_before_any_section(default_model_dir):
+    """With every section asked for, a passkey length too short for its prompt is refused once the
+    tokenizer is read, before the speed section measures for an hour."""
+    status, stdout, stderr = run_script("bench_long.py", "--passkey-lengths", "10")
+    assert status == 2 and stdout == ""
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("error: --passkey-lengths 10 is too short"), stderr
+    assert not any("warmed up" in line or "compiled" in line for line in lines), stderr
