@@ -205,13 +205,17 @@ def convert_gguf(gguf_path, out_dir, *, overwrite: bool = False, progress: bool 
     return write_dir_atomically(out_dir, lambda tmp: write_model_dir(gguf_path, tmp, progress=progress))
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     parser = ArgumentParser(prog="python -m qsjax.convert", description=__doc__.splitlines()[0])
     parser.add_argument("gguf", help="a llama.cpp GGUF file of a Llama model")
     parser.add_argument("out_dir", help="the Hugging Face model directory to write")
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it is a model directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
         out = convert_gguf(args.gguf, args.out_dir, overwrite=args.force, progress=not args.quiet)
     except (GGUFError, FileNotFoundError, FileExistsError, OutputError) as error:

@@ -211,14 +211,18 @@ def resolve_model(arg: str | None) -> Path:
     return path
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     parser = ArgumentParser(prog="python -m qsjax.weights", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="known models and whether they are fetched (and complete)")
     fetch_parser = commands.add_parser("fetch", help="download and convert a known model, or repair it")
     fetch_parser.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(KNOWN_MODELS))
     fetch_parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.command == "list":
         for name, model in KNOWN_MODELS.items():
             default = " (default)" if name == DEFAULT_MODEL else ""

