@@ -227,6 +227,7 @@ def test_sweep_refuses_a_selection_that_runs_nothing(tmp_path, args, message):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_bench_long_refuses_a_short_passkey_length_before_any_section(default_model_dir):
     """With every section asked for, a passkey length too short for its prompt is refused once the
     tokenizer is read, before the speed section measures for an hour."""
