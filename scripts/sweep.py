@@ -162,7 +162,10 @@ def main(argv=None) -> int:
     from qsjax.weights import resolve_model
 
     model_dir = resolve_model(args.model)
-    todo = pick_variants(args, read_config(args.model, model_dir).n_layers)
+    cfg = read_config(args.model, model_dir)
+    if args.max_length > cfg.max_positions:
+        raise UsageError(f"--max-length {args.max_length} is longer than the model's context ({cfg.max_positions})")
+    todo = pick_variants(args, cfg.n_layers)
     enable_compilation_cache()
     model, tokenizer = load_model_checked(args.model, model_dir, "float32"), load_tokenizer_checked(args.model, model_dir)
     out.mkdir(exist_ok=True)

@@ -1,5 +1,6 @@
-"""The benchmark scripts without a benchmark: bad arguments exit with status 2 and one `error:` line
-before any model is loaded, and the run order rotates between repeats."""
+"""The benchmark scripts: bad arguments exit with status 2 and one `error:` line before any model is
+loaded (what needs the model's config or tokenizer, before anything is measured), the run order
+rotates between repeats, and the attention and dense benchmarks' variants run small and agree."""
 
 import os
 import subprocess
@@ -211,14 +212,15 @@ def test_dense_benchmark_prefill_variants_agree(tiny_models):
 @pytest.mark.parametrize(("args", "message"), [
     (["--only", "nothing-like-this"], "--only nothing-like-this: no policy matches"),
     (["--only", "AMQ", "--heatmap", "fast"], "--heatmap fast: not a policy or label"),
+    (["--max-length", "4096"], "--max-length 4096 is longer than the model's context (2048)"),
 ])
-def test_sweep_refuses_a_selection_that_runs_nothing(tmp_path, args, message):
+def test_sweep_refuses_what_the_model_cannot_run(tmp_path, args, message):
     """Checked from the model's config.json alone (here a 30-layer Llama without weights), before
     anything loads or is written."""
     from transformers import LlamaConfig
 
-    LlamaConfig(num_hidden_layers=30, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=96).save_pretrained(tmp_path / "model")
+    LlamaConfig(num_hidden_layers=30, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=96, max_position_embeddings=2048).save_pretrained(tmp_path / "model")
     out = tmp_path / "out"
     status, stdout, stderr = run_script("sweep.py", "--model", tmp_path / "model", "--out", out, *args)
     assert status == 2 and stdout == ""
