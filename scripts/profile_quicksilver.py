@@ -1,6 +1,7 @@
 """Where one window's time goes, dense qsjax against a QuickSilver preset, piece by piece.
 
     python scripts/profile_quicksilver.py --json profile_quicksilver.json
+    python scripts/profile_quicksilver.py --quicksilver long --max-length 8192 --repeats 3 --json profile_long.json
 
 One strided window of WikiText-103 test (the second: --max-length tokens, the last --stride scored)
 on the real default model. Each piece is jitted alone on the real weights through the library's
@@ -26,7 +27,8 @@ from qsjax.cli import ArgumentParser, UsageError, run_cli
 def parse_args(argv=None):
     p = ArgumentParser(prog="scripts/profile_quicksilver.py", description=__doc__.splitlines()[0])
     p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE (- for stdout)")
-    p.add_argument("--quicksilver", default="fast", choices=["paper", "fast"], help="preset (default fast)")
+    p.add_argument("--quicksilver", default="fast", choices=["paper", "fast", "long"],
+                   help="preset (default fast; long with e.g. --max-length 8192)")
     p.add_argument("--max-length", type=int, default=2048, help="window length (default 2048)")
     p.add_argument("--stride", type=int, default=512, help="scored tokens at the window's end (default 512)")
     p.add_argument("--repeats", type=int, default=15, help="timed calls per piece; medians (default 15)")
