@@ -61,7 +61,8 @@ def bench(T: int, args) -> dict:
            "attention": lambda q, k, v: A.attention(q, k, v, slots, slots, ok)}
     for b in args.blocks:
         bq, bk = map(int, b.split("x"))
-        fns[f"attention_{b}"] = lambda q, k, v, bq=bq, bk=bk: A._blockwise(q, A._heads(k), A._heads(v), slots, slots, ok, None, False, None, bq, bk)
+        fns[f"attention_{b}"] = lambda q, k, v, bq=bq, bk=bk: A._blockwise(
+            q, A._heads(k), A._heads(v), slots, slots, ok, bias=None, self_visible=False, window=None, bq=bq, bk=bk)
     runs, outs, compile_s = {}, {}, {}
     for name, f in fns.items():
         t0 = time.perf_counter()

@@ -30,7 +30,8 @@ import time
 
 import numpy as np
 
-from benchlib import HFScorer, check_json_path, check_positive, fmt, load_hf, log, machine, median, ratio, rotated, write_report
+from benchlib import (HFScorer, check_json_path, check_positive, check_strided, fmt, load_hf, log, machine, median, ratio,
+                      rotated, write_report)
 from qsjax.cli import ArgumentParser, UsageError, run_cli
 
 DATASETS = ("wikitext103", "c4")
@@ -58,9 +59,7 @@ def check_args(args) -> None:
     """Checks that need neither the model nor the data."""
     if args.max_eval_tokens != 0 and args.max_eval_tokens < 2:
         raise UsageError(f"--max-eval-tokens must be at least 2 (or 0 for the whole stream), got {args.max_eval_tokens}")
-    check_positive(args, "max_length", minimum=2)
-    if not 0 < args.stride <= args.max_length:
-        raise UsageError(f"--stride must be in 1..--max-length ({args.max_length}), got {args.stride}")
+    check_strided(args)
     check_positive(args, "repeats", "threads")
     check_json_path(args.json)
 

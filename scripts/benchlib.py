@@ -67,6 +67,14 @@ def check_positive(args, *names: str, minimum: int = 1) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
 
 
+def check_strided(args) -> None:
+    """--max-length and --stride of the strided protocol: windows of at least 2 tokens, each scoring
+    1..--max-length of them."""
+    check_positive(args, "max_length", minimum=2)
+    if not 0 < args.stride <= args.max_length:
+        raise UsageError(f"--stride must be in 1..--max-length ({args.max_length}), got {args.stride}")
+
+
 def check_json_path(path: str | None) -> None:
     """Refuse a --json location that cannot be written, before any work."""
     if path in (None, "-"):

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import check_positive
+from benchlib import check_positive, check_strided
 from qsjax.cli import ArgumentParser, UsageError, exit_on_interrupt, run_cli, write_file_atomic
 from qsjax.data import resolve_data
 from qsjax.plots import Axes, Point, decision_map, frontier_figure
@@ -114,9 +114,8 @@ def parse_args(argv=None):
 def check_args(args) -> None:
     """Checks that need neither the model nor the data's tokens: the numbers, the data files, --out,
     and for --replot the finished sweep (read into args.rows)."""
-    check_positive(args, "max_length", "max_eval_tokens", minimum=2)
-    if not 0 < args.stride <= args.max_length:
-        raise UsageError(f"--stride must be in 1..--max-length ({args.max_length}), got {args.stride}")
+    check_strided(args)
+    check_positive(args, "max_eval_tokens", minimum=2)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out} is a file; give a directory")
