@@ -3,7 +3,7 @@
     python -m qsjax.convert MODEL.gguf OUT_DIR [--force]
 
 The directory holds what `transformers.LlamaForCausalLM.from_pretrained` reads (the tensors, config
-and tokenizer come from qsjax.gguf_import):
+and tokenizer come from qsjax.checkpoints.gguf_file):
 
     config.json             a LlamaConfig, rebuilt from the GGUF metadata
     generation_config.json  the bos / eos / pad token ids
@@ -28,8 +28,8 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
-from qsjax.cli import ArgumentParser, UsageError, run_cli
-from qsjax.gguf_import import (
+from qsjax.runtime.cli import ArgumentParser, UsageError, run_cli
+from qsjax.checkpoints.gguf_file import (
     GGUFError,
     build_tokenizer,
     convert_tensors,

@@ -4,9 +4,9 @@
     python -m qsjax.eval --data c4 --protocol disjoint --seqlen 2048 --json result.json
     python -m qsjax.eval --protocol tail --max-length 8192 --stride 512 --max-eval-tokens 20480
 
---data takes a .txt, .jsonl or .jsonl.gz file (see qsjax.data) or a data set name (wikitext103,
+--data takes a .txt, .jsonl or .jsonl.gz file (see qsjax.evaluation.data) or a data set name (wikitext103,
 c4). The whole text is tokenized once, cut to --max-eval-tokens, and scored under one protocol
-(see qsjax.perplexity): `strided` (Hugging Face's sliding window, --max-length and --stride),
+(see qsjax.evaluation.perplexity): `strided` (Hugging Face's sliding window, --max-length and --stride),
 `disjoint` (GPTQ's side-by-side windows of --seqlen tokens) or `tail` (long context: windows of
 --max-length tokens every --stride tokens, each scoring its last --stride, so that every scored token
 sees --max-length minus --stride tokens of context).
@@ -17,19 +17,19 @@ table; that FILE can be written is checked before anything loads, and should the
 the table has been printed. Ctrl-C stops the run at once (status 130) and writes nothing. Every window
 shape is compiled before the clock starts: `seconds` is scoring only, `seconds_compile` the
 compilation (mostly a disk read when the persistent compilation cache already holds it). `flops`
-counts the matmuls executed (qsjax.flops), padding included, in all and per scored token.
+counts the matmuls executed (qsjax.evaluation.flops), padding included, in all and per scored token.
 
 QuickSilver options (`--quicksilver fast`, `--halt-cutoff-layer 25 --kv-skip propagate`, ...; see
 `--help`) evaluate with the mechanisms on; `flops` then counts the work their decisions leave plus
 their own overhead, and the `quicksilver` key holds the settings and statistics.
 
-`--mesh data=2,model=4` shards the model over devices (see qsjax.sharding). --batch-size must then
+`--mesh data=2,model=4` shards the model over devices (see qsjax.runtime.sharding). --batch-size must then
 be a multiple of the data axis: refused otherwise rather than padded, since padding rows would
 enter QuickSilver's statistics (summed over rows inside the compiled program). The run's last,
 smaller batch, when it does not divide, runs whole on every data group (same numbers).
 
 Several processes (hosts): `--coordinator HOST:PORT --num-processes N --process-id I` in every
-process, with a --mesh over all their devices (see qsjax.distributed); process 0 writes the table,
+process, with a --mesh over all their devices (see qsjax.runtime.distributed); process 0 writes the table,
 the report and the progress bar, and an error in any process stops them all with status 2.
 """
 
@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qsjax.cli import (
+from qsjax.runtime.cli import (
     ArgumentParser,
     UsageError,
     check_output_file,
@@ -51,16 +51,16 @@ from qsjax.cli import (
     run_cli,
     write_file_atomic,
 )
-from qsjax.distributed import add_distributed_args, check_distributed_args, is_writer, start, together
-from qsjax.quicksilver.cli import add_quicksilver_args, check_quicksilver_args, quicksilver_from_args
+from qsjax.runtime.distributed import add_distributed_args, check_distributed_args, is_writer, start, together
+from qsjax.quicksilver.options import add_quicksilver_args, check_quicksilver_args, quicksilver_from_args
 
 if TYPE_CHECKING:
     import numpy as np
     from jax.sharding import Mesh
 
-    from qsjax.model import Model
-    from qsjax.perplexity import Window
-    from qsjax.quicksilver.config import QuickSilverConfig
+    from qsjax.dense.model import Model
+    from qsjax.evaluation.perplexity import Window
+    from qsjax.quicksilver.settings import QuickSilverConfig
 
 PROTOCOLS = ("strided", "disjoint", "tail")
 
@@ -122,7 +122,7 @@ def mesh_from_args(args):
     """The device mesh --mesh asks for (None without it); the batch must split evenly over "data"."""
     if args.mesh is None:
         return None
-    from qsjax.sharding import MeshError, mesh_from_spec
+    from qsjax.runtime.sharding import MeshError, mesh_from_spec
 
     try:
         mesh = mesh_from_spec(args.mesh)
@@ -153,7 +153,7 @@ def check_context(args, cfg) -> None:
 
 def make_windows(args, n_tokens: int):
     """The protocol's windows over a stream of n_tokens."""
-    from qsjax.perplexity import disjoint_windows, strided_windows, tail_windows
+    from qsjax.evaluation.perplexity import disjoint_windows, strided_windows, tail_windows
 
     if args.protocol == "strided":
         return strided_windows(n_tokens, args.max_length, args.stride)
@@ -184,7 +184,7 @@ def make_report(args, model_dir: Path, data_path: Path, n_tokens: int, result) -
 
 
 def write_json_atomic(path: str, report: dict) -> None:
-    """The report as JSON to `path` (never a half-written file, see qsjax.cli.write_file_atomic), or stdout for "-"."""
+    """The report as JSON to `path` (never a half-written file, see qsjax.runtime.cli.write_file_atomic), or stdout for "-"."""
     text = json.dumps(report, indent=2) + "\n"
     if path == "-":
         sys.stdout.write(text)
@@ -285,9 +285,9 @@ def load_inputs(args, writer: bool = True) -> Inputs:
     if args.json is not None and writer:
         check_output_file("--json", args.json)
     mesh = mesh_from_args(args)
-    from qsjax.compilecache import enable_compilation_cache
-    from qsjax.data import read_text, resolve_data, tokenize
-    from qsjax.load import check_vocabulary, load_model_checked, load_tokenizer_checked, read_config
+    from qsjax.runtime.compilecache import enable_compilation_cache
+    from qsjax.evaluation.data import read_text, resolve_data, tokenize
+    from qsjax.checkpoints.load import check_vocabulary, load_model_checked, load_tokenizer_checked, read_config
     from qsjax.weights import resolve_model
 
     data_path = resolve_data(args.data)
@@ -309,8 +309,8 @@ def load_inputs(args, writer: bool = True) -> Inputs:
     check_vocabulary([stream.tolist()], model.cfg.vocab_size)
     windows = make_windows(args, len(stream))
     if mesh is not None:
-        from qsjax.quicksilver.generation import prepare
-        from qsjax.sharding import shard_model
+        from qsjax.quicksilver.decoding.steps import prepare
+        from qsjax.runtime.sharding import shard_model
 
         # quantize (AMQ) before sharding, so that the int8 weights are placed by the rules too
         model = shard_model(prepare(model, qs) if qs.enabled else model, mesh)
@@ -319,11 +319,11 @@ def load_inputs(args, writer: bool = True) -> Inputs:
 
 def evaluate_model(args, inputs: Inputs, progress: bool) -> dict:
     """Score the windows: the report."""
-    from qsjax.perplexity import Scorer, evaluate
+    from qsjax.evaluation.perplexity import Scorer, evaluate
 
     model, stream, windows, qs = inputs.model, inputs.stream, inputs.windows, inputs.qs
     if qs.enabled:
-        from qsjax.quicksilver.evaluate import QuickSilverScorer, evaluate_quicksilver
+        from qsjax.quicksilver.scorer import QuickSilverScorer, evaluate_quicksilver
 
         result, stats, _ = evaluate_quicksilver(QuickSilverScorer(model, qs), stream, windows, args.batch_size,
                                                 progress=progress)

@@ -37,12 +37,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import sys
 
-import numpy as np
 
-from qsjax.cli import (
+from qsjax.runtime.cli import (
     ArgumentParser,
     UsageError,
     check_output_file,
@@ -51,127 +49,20 @@ from qsjax.cli import (
     run_cli,
     write_file_atomic,
 )
-from qsjax.eviction import add_eviction_args, eviction_from_args
-from qsjax.plots import require as require_matplotlib
-from qsjax.quicksilver.cli import add_quicksilver_args, check_quicksilver_args, quicksilver_from_args
-
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-               "I will quiz you about the important information there.")
-NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "\nWhat is the pass key?"
-ANSWER = "The pass key is"
-ANSWER_RULE = "correct when the first run of decimal digits in the continuation is exactly the key"
-LENGTH_RULE = "prompt + max_new_tokens = length: the prompt is exactly length - max_new_tokens tokens"
-
-
-def first_number(text: str) -> str | None:
-    """The first run of decimal (ASCII) digits in `text`, or None."""
-    match = re.search(r"[0-9]+", text)
-    return match.group() if match else None
-
-
-def is_correct(answer: str, key: int) -> bool:
-    return first_number(answer) == str(key)
-
-
-def depth_fractions(n: int) -> list[float]:
-    """N depths evenly spaced over [0, 1]; one depth is the middle."""
-    return [0.5] if n == 1 else [i / (n - 1) for i in range(n)]
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences, each with the whitespace before it (so "".join gives the text back): a cut after
-    . ! or ? followed by whitespace, and at the end of every non-blank line."""
-    return [s for s in re.split(r"(?<=[.!?])(?=\s)|(?<=\S)(?=\n)", text) if s]
-
-
-def haystack_tokens(encode_batch, sentences: list[str], n: int) -> tuple[list[int], list[int]]:
-    """The first n tokens of the sentences repeated as often as needed, each sentence tokenized on
-    its own, and the sentence boundaries among them (token offsets, 0 and n included).
-    `encode_batch(list_of_text) -> list of id lists`."""
-    ids, boundaries, i = [], [0], 0
-    while len(ids) < n:
-        chunk = [sentences[(i + j) % len(sentences)] for j in range(256)]
-        i += len(chunk)
-        for piece in encode_batch(chunk):
-            ids += piece
-            if len(ids) >= n:
-                break
-            if piece:
-                boundaries.append(len(ids))
-    return ids[:n], boundaries + ([n] if boundaries[-1] != n else [])
-
-
-def build_prompt(head, haystack, boundaries, depth: float, needle, tail) -> tuple[list[int], int]:
-    """head + haystack[:b] + needle + haystack[b:] + tail, b the boundary nearest to depth x
-    len(haystack) (the earlier one on a tie) -> (token ids, b)."""
-    target = depth * len(haystack)
-    b = min(boundaries, key=lambda x: (abs(x - target), x))
-    return [*head, *haystack[:b], *needle, *haystack[b:], *tail], b
-
-
-def prompt_frame(tokenizer, chat: bool) -> tuple[list[int], list[int]]:
-    """The tokens before the haystack (BOS, instruction) and after it (question, answer start)."""
-    if not chat:
-        bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
-        return bos + tokenizer.encode(INSTRUCTION, add_special_tokens=False), \
-            tokenizer.encode(f"{QUESTION} {ANSWER}", add_special_tokens=False)
-    before, after = tokenizer.apply_chat_template([{"role": "user", "content": "\0"}]).split("\0")
-    return (tokenizer.encode(before + INSTRUCTION, add_special_tokens=False),
-            tokenizer.encode(QUESTION + after + ANSWER, add_special_tokens=False))
-
-
-def make_cells(tokenizer, haystack_text: str, lengths, depths, trials, seed, max_new, chat,
-               flag: str = "--lengths") -> list[dict]:
-    """Every (length, depth) cell with its keys and prompts (token ids); UsageError (naming `flag`) for
-    a length too short to hold a prompt and its answer."""
-    head, tail = prompt_frame(tokenizer, chat)
-    keys = np.random.default_rng(seed).integers(10_000, 100_000, size=(len(lengths), len(depths), trials))
-    needles = {int(k): tokenizer.encode(NEEDLE.format(key=int(k)), add_special_tokens=False) for k in keys.flat}
-    fixed = len(head) + len(tail) + max(map(len, needles.values()))
-    for length in lengths:
-        if length - max_new - fixed < 1:
-            raise UsageError(f"{flag} {length} is too short: instruction, needle and question take {fixed} tokens "
-                             f"and the answer {max_new}; give at least {fixed + max_new + 1}")
-    sentences = split_sentences(haystack_text)
-    longest, boundaries = haystack_tokens(lambda texts: tokenizer.encode_batch(texts, add_special_tokens=False),
-                                          sentences, max(lengths) - max_new - len(head) - len(tail))
-    cells = []
-    for i, length in enumerate(lengths):
-        for j, depth in enumerate(depths):
-            prompts, at, hay_lengths = [], [], []
-            for key in keys[i, j]:
-                n = length - max_new - len(head) - len(tail) - len(needles[int(key)])
-                stops = [b for b in boundaries if b < n] + [n]
-                ids, b = build_prompt(head, longest[:n], stops, depth, needles[int(key)], tail)
-                prompts.append(ids)
-                at.append(b)
-                hay_lengths.append(n)
-            cells.append(dict(length=length, depth=depth, keys=[int(k) for k in keys[i, j]], prompts=prompts,
-                              needle_at=at, haystack_tokens=hay_lengths))
-    return cells
-
-
-def run_cells(gen, cells, max_new: int, progress: bool, desc: str) -> dict:
-    """Generate for every cell (one batch per cell): accuracy, cells and timings."""
-    from tqdm import tqdm
-
-    out, seconds, compile_s = [], 0.0, 0.0
-    for cell in tqdm(cells, desc=desc, unit="cell", file=sys.stderr, disable=not progress):
-        result = gen(cell["prompts"], max_new_tokens=max_new)
-        seconds += result.seconds
-        compile_s += result.seconds_compile
-        trials = [dict(key=key, answer=text, correct=is_correct(text, key), prompt_tokens=len(ids),
-                       needle_at=b, depth_actual=b / n)
-                  for key, text, ids, b, n in zip(cell["keys"], result.texts, cell["prompts"], cell["needle_at"],
-                                                  cell["haystack_tokens"])]
-        correct = sum(t["correct"] for t in trials)
-        out.append(dict(length=cell["length"], depth=cell["depth"], correct=correct, trials_run=len(trials),
-                        accuracy=correct / len(trials), trials=trials))
-    total = sum(c["trials_run"] for c in out)
-    return dict(accuracy=sum(c["correct"] for c in out) / total, cells=out, seconds=seconds, seconds_compile=compile_s)
-
+from qsjax.kvpolicy.eviction import add_eviction_args, eviction_from_args
+from qsjax.evaluation.passkey_task import (
+    ANSWER_RULE,
+    FILLER,
+    LENGTH_RULE,
+    accuracy_matrix,
+    depth_fractions,
+    grid,
+    make_cells,
+    report_runs,
+    run_cells,
+)
+from qsjax.evaluation.plots import require as require_matplotlib
+from qsjax.quicksilver.options import add_quicksilver_args, check_quicksilver_args, quicksilver_from_args
 
 def parse_lengths(text: str) -> list[int]:
     """"1024,2048" -> [1024, 2048] (sorted, duplicates dropped)."""
@@ -234,16 +125,11 @@ def check_args(args) -> None:
         check_output_file("--json", args.json)
 
 
-def grid(run: dict) -> dict:
-    """(length, depth) -> cell."""
-    return {(c["length"], c["depth"]): c for c in run["cells"]}
-
-
 def format_table(report: dict) -> str:
     """correct/trials per length (rows) x depth (columns); with --compare dense | setting."""
     s = report["settings"]
     lengths, depths = s["lengths"], s["depths"]
-    runs = [("dense", report["dense"]), (s["label"], report)] if "dense" in report else [(s["label"], report)]
+    runs = report_runs(report)
     width = max(5, len(f"{s['trials']}/{s['trials']}"))
     header_cells = " ".join(f"{100 * d:.0f}%".rjust(width) for d in depths)
     block = len(header_cells)
@@ -281,13 +167,13 @@ def main(argv=None) -> int:
     check_args(args)
     haystack_path, text = None, FILLER + " "
     if args.haystack is not None:
-        from qsjax.data import read_text, resolve_data
+        from qsjax.evaluation.data import read_text, resolve_data
 
         haystack_path = resolve_data(args.haystack)
         text = read_text(haystack_path) + "\n\n"
 
-    from qsjax.compilecache import enable_compilation_cache
-    from qsjax.load import check_vocabulary, load_model_checked, load_tokenizer_checked, model_label, read_config
+    from qsjax.runtime.compilecache import enable_compilation_cache
+    from qsjax.checkpoints.load import check_vocabulary, load_model_checked, load_tokenizer_checked, model_label, read_config
     from qsjax.weights import resolve_model
 
     model_dir = resolve_model(args.model)
@@ -306,7 +192,7 @@ def main(argv=None) -> int:
         raise UsageError(f"--chat: {model_label(args.model, model_dir)}: {e}") from None
     check_vocabulary([p for c in cells for p in c["prompts"]], cfg.vocab_size)
     enable_compilation_cache()
-    from qsjax.generate import Generator
+    from qsjax.runtime.generator import Generator
 
     report = dict(settings=settings(args, model_dir, haystack_path, cfg, qs, eviction))
     # from here to the report nothing is written: Ctrl-C ends the run at once, even inside XLA
@@ -330,9 +216,11 @@ def write_outputs(args, report: dict) -> int:
         closed = True
     outputs = []
     if args.plot is not None:
-        from qsjax.plots import passkey_grid
+        from qsjax.evaluation.plots import passkey_grids
 
-        outputs.append(("--plot", args.plot, passkey_grid(report)))
+        s = report["settings"]
+        runs = [(name, run["accuracy"], accuracy_matrix(run, s["lengths"], s["depths"])) for name, run in report_runs(report)]
+        outputs.append(("--plot", args.plot, passkey_grids(runs, s["lengths"], s["depths"])))
     if args.json is not None:
         outputs.append(("--json", args.json, json.dumps(report, indent=2) + "\n"))
     for flag, path, content in outputs:

@@ -1,4 +1,4 @@
-"""One causal attention layer at SmolLM2-135M's shapes: `qsjax.attention` against the attention qsjax
+"""One causal attention layer at SmolLM2-135M's shapes: `qsjax.dense.attention` against the attention qsjax
 used before (a stored mask, 128-query blocks: `benchlib.masked_attention`) and PyTorch's
 scaled_dot_product_attention(is_causal=True), in one run.
 
@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from benchlib import check_json_path, check_positive, log, machine, masked_attention, median, write_report
-from qsjax.cli import ArgumentParser, UsageError, run_cli
+from qsjax.runtime.cli import ArgumentParser, UsageError, run_cli
 
 B, H, K, DH = 1, 9, 3, 64
 
@@ -51,7 +51,7 @@ def bench(T: int, args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from qsjax import attention as A
+    from qsjax.dense import attention as A
 
     r = np.random.default_rng(0)
     q, k, v = (r.normal(size=(B, T, heads, DH)).astype(np.float32) for heads in (H, K, K))
@@ -106,7 +106,7 @@ def parts(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from qsjax import attention as A
+    from qsjax.dense import attention as A
 
     bq, bk, G = A.QUERY_BLOCK, A.KEY_BLOCK, H // K
     r = np.random.default_rng(0)
@@ -158,7 +158,7 @@ def format_table(report: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from qsjax import attention as A
+    from qsjax.dense import attention as A
 
     report = {"command": " ".join(["python", "scripts/bench_attention.py", *(sys.argv[1:] if argv is None else argv)]),
               "machine_at_start": machine(), "blocks": [A.QUERY_BLOCK, A.KEY_BLOCK], "direct_max": A.DIRECT_MAX,

@@ -6,7 +6,7 @@ in one run.
 SmolLM2-135M-Instruct (--dtype, float32 by default; transformers loads the same GGUF), prompts cut
 from WikiText-103 test. Prefill: the last position's logits and a filled KV cache for one prompt of
 each --prefill length (transformers: `use_cache=True, logits_to_keep=1`, as its `generate` does),
-also with the attention qsjax used before `qsjax.attention` (`benchlib.masked_attention`, a stored
+also with the attention qsjax used before `qsjax.dense.attention` (`benchlib.masked_attention`, a stored
 mask) unless --skip-masked. Decode: greedy generation of --new-tokens tokens at each --batches size
 after each --decode-prompts length (qsjax's compiled generation loop; transformers `generate` with
 min_new_tokens); decode tokens/s = batch x (new tokens - 1) / (time for all - time for one token).
@@ -24,7 +24,7 @@ import numpy as np
 
 from benchlib import (check_json_path, check_positive, fmt, load_hf, log, machine, masked_attention, median, ratio,
                       rotated, torch_run, write_report)
-from qsjax.cli import ArgumentParser, UsageError, run_cli
+from qsjax.runtime.cli import ArgumentParser, UsageError, run_cli
 
 
 def parse_args(argv=None):
@@ -58,7 +58,7 @@ def prefill_attentions(masked: bool, dtype: str) -> dict:
     on a GPU in bfloat16, also qsjax's without cuDNN (XLA's blockwise loops)."""
     import jax
 
-    from qsjax.attention import attention, attention_xla
+    from qsjax.dense.attention import attention, attention_xla
 
     out = {"qsjax": attention}
     if masked:
@@ -73,9 +73,9 @@ def qsjax_runs(model, cases, new_tokens: int, attentions: dict) -> tuple[dict, d
     import jax
     import jax.numpy as jnp
 
-    from qsjax import model as dense
-    from qsjax.buckets import round_up
-    from qsjax.sampler import Sampling, generate
+    from qsjax.dense import model as dense
+    from qsjax.runtime.buckets import round_up
+    from qsjax.dense.sampler import Sampling, generate
 
     runs, compile_s = {}, {}
     for case, tokens in cases.items():
@@ -178,9 +178,9 @@ def format_table(report: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_args(args)
-    from qsjax.data import read_text, resolve_data, tokenize
-    from qsjax.params import load_model
-    from qsjax.tokenizer import load_tokenizer
+    from qsjax.evaluation.data import read_text, resolve_data, tokenize
+    from qsjax.checkpoints.hf_params import load_model
+    from qsjax.checkpoints.tokenizer import load_tokenizer
     from qsjax.weights import resolve_model
 
     model_dir = resolve_model(None)

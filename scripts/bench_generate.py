@@ -20,7 +20,7 @@ import time
 
 from benchlib import (check_json_path, check_positive, fmt, load_hf, log, machine, median, ratio, rotated, torch_run,
                       write_report)
-from qsjax.cli import ArgumentParser, UsageError, run_cli
+from qsjax.runtime.cli import ArgumentParser, UsageError, run_cli
 
 DECODE_BATCHES = (1, 8)
 
@@ -132,11 +132,11 @@ def format_table(g: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_args(args)
-    from qsjax.data import read_text, resolve_data, tokenize
-    from qsjax.generate import Generator
-    from qsjax.params import load_model
-    from qsjax.quicksilver.config import preset
-    from qsjax.tokenizer import load_tokenizer
+    from qsjax.evaluation.data import read_text, resolve_data, tokenize
+    from qsjax.runtime.generator import Generator
+    from qsjax.checkpoints.hf_params import load_model
+    from qsjax.quicksilver.settings import preset
+    from qsjax.checkpoints.tokenizer import load_tokenizer
     from qsjax.weights import resolve_model
 
     model_dir = resolve_model(None)

@@ -42,8 +42,8 @@ from benchlib import (check_json_path, check_positive, fmt, load_hf, log, machin
                       write_report)
 from long_settings import SETTINGS, config, recorded
 from long_settings import check as check_settings
-from qsjax.cli import ArgumentParser, UsageError, run_cli
-from qsjax.plots import require as require_matplotlib
+from qsjax.runtime.cli import ArgumentParser, UsageError, run_cli
+from qsjax.evaluation.plots import require as require_matplotlib
 
 SECTIONS = ("speed", "perplexity", "passkey")
 ANSWER_TOKENS = 10  # passkey: new tokens per answer (qsjax.passkey's default)
@@ -115,7 +115,7 @@ def merged(earlier: dict, later: dict) -> dict:
 
 def generators(model, tokenizer, configs: dict) -> dict:
     """A generator per variant: dense qsjax, each QuickSilver setting, dense again for a truncation."""
-    from qsjax.generate import Generator
+    from qsjax.runtime.generator import Generator
 
     make = lambda qs: Generator(model, tokenizer) if isinstance(qs, int) else Generator(model, tokenizer, qs)
     return {"qsjax": Generator(model, tokenizer), **{name: make(qs) for name, qs in configs.items()}}
@@ -185,9 +185,9 @@ def hf_generate(hf, prompts, n: int):
 
 def perplexity(args, model, tokenizer, configs: dict) -> dict:
     """Tail-protocol perplexity per data set: dense and each setting, with the change over dense."""
-    from qsjax.data import read_text, resolve_data, tokenize
-    from qsjax.perplexity import Scorer, evaluate, tail_windows
-    from qsjax.quicksilver.evaluate import QuickSilverScorer, evaluate_quicksilver
+    from qsjax.evaluation.data import read_text, resolve_data, tokenize
+    from qsjax.evaluation.perplexity import Scorer, evaluate, tail_windows
+    from qsjax.quicksilver.scorer import QuickSilverScorer, evaluate_quicksilver
 
     out = {}
     for data in ("wikitext103", "c4"):
@@ -214,7 +214,7 @@ def perplexity(args, model, tokenizer, configs: dict) -> dict:
 
 def passkey_cells(args, tokenizer) -> list[dict]:
     """qsjax.passkey's grid (built before any section runs: a length too short is refused at once)."""
-    from qsjax.passkey import FILLER, depth_fractions, make_cells
+    from qsjax.evaluation.passkey_task import FILLER, depth_fractions, make_cells
 
     return make_cells(tokenizer, FILLER + " ", args.passkey_lengths, depth_fractions(args.depths), args.trials, 0,
                       ANSWER_TOKENS, False, flag="--passkey-lengths")
@@ -222,7 +222,7 @@ def passkey_cells(args, tokenizer) -> list[dict]:
 
 def passkey(args, model, tokenizer, configs: dict, cells: list[dict]) -> dict:
     """qsjax.passkey's grid, dense and each setting: accuracy overall and per cell."""
-    from qsjax.passkey import prompt_frame, run_cells
+    from qsjax.evaluation.passkey_task import prompt_frame, run_cells
 
     head = len(prompt_frame(tokenizer, False)[0])  # BOS and the instruction
     out = {}
@@ -262,13 +262,15 @@ def plot(report: dict, out: Path) -> list[Path]:
     """long_passkey.png: the passkey heatmaps of dense and each setting, side by side; with the speed
     section, long_frontier_<data>.png: perplexity change vs TTFT speed-up, and long_frontier_passkey.png:
     passkey accuracy vs the same speed-up (the longest prompt, batch 1). -> the files written."""
-    from qsjax.plots import Axes, Point, frontier_figure, passkey_grids
+    from qsjax.evaluation.passkey_task import accuracy_matrix
+    from qsjax.evaluation.plots import Axes, Point, frontier_figure, passkey_grids
 
     written = []
     if "passkey" in report:
         cells = report["passkey"]["qsjax"]["cells"]
         lengths, depths = (sorted({c[key] for c in cells}) for key in ("length", "depth"))
-        runs = [("dense" if n == "qsjax" else n, run) for n, run in report["passkey"].items()]
+        runs = [("dense" if n == "qsjax" else n, run["accuracy"], accuracy_matrix(run, lengths, depths))
+                for n, run in report["passkey"].items()]
         written.append(out / "long_passkey.png")
         written[-1].write_bytes(passkey_grids(runs, lengths, depths))
     if "speed" not in report:
@@ -309,10 +311,10 @@ def main(argv=None) -> int:
         for path in plot(report, Path(args.plots)):
             log(f"wrote {path}")
         return 0
-    from qsjax.compilecache import enable_compilation_cache
-    from qsjax.data import read_text, resolve_data, tokenize
-    from qsjax.params import load_model
-    from qsjax.tokenizer import load_tokenizer
+    from qsjax.runtime.compilecache import enable_compilation_cache
+    from qsjax.evaluation.data import read_text, resolve_data, tokenize
+    from qsjax.checkpoints.hf_params import load_model
+    from qsjax.checkpoints.tokenizer import load_tokenizer
     from qsjax.weights import resolve_model
 
     model_dir = resolve_model(None)

@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from benchlib import check_json_path, check_positive, log, machine, median, ratio, rotated, write_report
-from qsjax.cli import ArgumentParser, UsageError, run_cli
+from qsjax.runtime.cli import ArgumentParser, UsageError, run_cli
 
 D, H, K, DH, F = 576, 9, 3, 64, 1536
 PROMPT, CACHE = 16, 128
@@ -52,7 +52,7 @@ def parse_args(argv=None):
 
 
 def layer_weights(rng) -> dict:
-    from qsjax import layers
+    from qsjax.dense import layers
 
     """One block's weights, separate and in every fused layout (the same numbers)."""
     n = lambda *s: (rng.normal(size=s) / np.sqrt(s[0])).astype(np.float32)
@@ -69,7 +69,7 @@ def qkv(layout: str, w, h):
     """h [B, T, D] -> q [B, T, H, Dh], k, v [B, T, K, Dh]"""
     import jax.numpy as jnp
 
-    from qsjax import layers
+    from qsjax.dense import layers
 
     B, T, _ = h.shape
     if layout == "separate":
@@ -84,7 +84,7 @@ def gated(layout: str, w, h):
     """silu(h gate) * (h up).  [B, T, D] -> [B, T, F]"""
     import jax.numpy as jnp
 
-    from qsjax import layers
+    from qsjax.dense import layers
 
     if layout == "separate":
         return layers.silu(h @ w["gate"]) * (h @ w["up"])
@@ -95,8 +95,8 @@ def gated(layout: str, w, h):
 
 
 def block(variant: str, w, x, cos, sin, attend):
-    from qsjax import layers
-    from qsjax.rope import apply_rope
+    from qsjax.dense import layers
+    from qsjax.dense.rope import apply_rope
 
     qkv_layout, mlp_layout = VARIANTS[variant]
     q, k, v = qkv(qkv_layout, w, layers.rms_norm(x, w["norm1"], 1e-5))
@@ -109,7 +109,7 @@ def decode_fn(variant: str):
     import jax
     import jax.numpy as jnp
 
-    from qsjax.attention import attention_heads_major
+    from qsjax.dense.attention import attention_heads_major
 
     def step(ws, x, ks, vs, cos, sin):
         B = x.shape[0]
@@ -133,7 +133,7 @@ def prefill_fn(variant: str):
     import jax
     import jax.numpy as jnp
 
-    from qsjax.attention import attention
+    from qsjax.dense.attention import attention
 
     def window(w, x, cos, sin):
         B, T, _ = x.shape

@@ -6,16 +6,16 @@ default model, in one run.
 Perplexity: SmolLM2-135M-Instruct (float32) on WikiText-103 test and the C4 sample, strided
 protocol (--max-length 2048 --stride 512), the first --max-eval-tokens tokens of each (default
 16,384: 29 windows; 0: the whole stream), one window per forward pass, four variants over the same
-windows and scored tokens, all driven by the same loop (`qsjax.perplexity.evaluate`):
+windows and scored tokens, all driven by the same loop (`qsjax.evaluation.perplexity.evaluate`):
 
-    dense_qsjax      qsjax.perplexity.Scorer (the LM head on scored positions only)
+    dense_qsjax      qsjax.evaluation.perplexity.Scorer (the LM head on scored positions only)
     fast_masked      QuickSilver preset `fast`, every row run and masked (the reference semantics)
     fast_compacted   QuickSilver preset `fast`, only the computing rows run (the preset as shipped)
     hf_dense         transformers LlamaForCausalLM from the same GGUF, torch float32 (benchlib.HFScorer)
 
 Every shape is compiled and every variant run once on the first window before the clock starts;
 each repeat runs every variant once per data set, the order rotated from repeat to repeat; `seconds`
-is the median of the scoring loop's wall-clock time. FLOPs follow `qsjax.flops`' one convention
+is the median of the scoring loop's wall-clock time. FLOPs follow `qsjax.evaluation.flops`' one convention
 (needed work; QuickSilver: what its decisions leave plus its overhead). Generation is measured by
 scripts/bench_generate.py, where one window's time goes by scripts/profile_quicksilver.py.
 `targets` lists the targets with the measured value; nothing is asserted. Run it on an otherwise
@@ -32,7 +32,7 @@ import numpy as np
 
 from benchlib import (HFScorer, check_json_path, check_positive, check_strided, fmt, load_hf, log, machine, median, ratio,
                       rotated, write_report)
-from qsjax.cli import ArgumentParser, UsageError, run_cli
+from qsjax.runtime.cli import ArgumentParser, UsageError, run_cli
 
 DATASETS = ("wikitext103", "c4")
 
@@ -66,8 +66,8 @@ def check_args(args) -> None:
 
 def variants(model, hf_scorer, qs) -> dict:
     """name -> (scorer, run(stream, windows) -> (PerplexityResult, QuickSilver statistics or None))."""
-    from qsjax.perplexity import Scorer, evaluate
-    from qsjax.quicksilver.evaluate import QuickSilverScorer, evaluate_quicksilver
+    from qsjax.evaluation.perplexity import Scorer, evaluate
+    from qsjax.quicksilver.scorer import QuickSilverScorer, evaluate_quicksilver
 
     dense = Scorer(model)
     out = {"dense_qsjax": (dense, lambda stream, windows: (evaluate(dense, stream, windows, progress=False), None))}
@@ -81,7 +81,7 @@ def variants(model, hf_scorer, qs) -> dict:
 
 def warm_up(scorer, stream, windows) -> tuple[float, float]:
     """Compile every shape, then score the first window once.  -> (seconds compiling, seconds of that forward)"""
-    from qsjax.perplexity import make_batches
+    from qsjax.evaluation.perplexity import make_batches
 
     batches = make_batches(windows, 1)
     compile_s = sum(scorer.compile(*key) for key in dict.fromkeys(b.key for b in batches))
@@ -185,12 +185,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     check_args(args)
     t_start = time.perf_counter()
-    from qsjax.compilecache import enable_compilation_cache
-    from qsjax.data import read_text, resolve_data, tokenize
-    from qsjax.params import load_model
-    from qsjax.perplexity import strided_windows
-    from qsjax.quicksilver.config import preset
-    from qsjax.tokenizer import load_tokenizer
+    from qsjax.runtime.compilecache import enable_compilation_cache
+    from qsjax.evaluation.data import read_text, resolve_data, tokenize
+    from qsjax.checkpoints.hf_params import load_model
+    from qsjax.evaluation.perplexity import strided_windows
+    from qsjax.quicksilver.settings import preset
+    from qsjax.checkpoints.tokenizer import load_tokenizer
     from qsjax.weights import resolve_model
 
     cache = str(enable_compilation_cache()) if args.compilation_cache else None

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qsjax.cli import UsageError
+from qsjax.runtime.cli import UsageError
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
 
@@ -146,7 +146,7 @@ def torch_run(f):
 
 
 class HFScorer:
-    """transformers' dense NLL with the interface of `qsjax.perplexity.Scorer`, so that the same
+    """transformers' dense NLL with the interface of `qsjax.evaluation.perplexity.Scorer`, so that the same
     `perplexity.evaluate` loop drives it (batch 1: one window per forward, no padding). The LM head
     runs on the scored positions only (`logits_to_keep`) unless `all_logits`; NLL in float32."""
 
@@ -181,14 +181,14 @@ class HFScorer:
 
 
 def masked_attention(q, k, v, q_slot, k_slot, k_ok, bias=None, *, self_visible=False, window=None):
-    """The attention qsjax used before `qsjax.attention` (the baseline of the attention benchmarks):
+    """The attention qsjax used before `qsjax.dense.attention` (the baseline of the attention benchmarks):
     a stored [B, T, S] mask and, for a square window, blocks of 128 queries each scoring the keys up
     to its end with a full score tensor (masked scores set to the most negative float). It predates
     local attention: the dense model passes `window=None`, anything else is refused."""
     import jax
     import jax.numpy as jnp
 
-    from qsjax.layers import grouped_scores
+    from qsjax.dense.layers import grouped_scores
 
     if window is not None:
         raise ValueError("the masked-attention baseline has no local attention")

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gguf
 
-from qsjax.cli import ArgumentParser, UsageError, run_cli
+from qsjax.runtime.cli import ArgumentParser, UsageError, run_cli
 from qsjax.convert import build_tokenizer, read_metadata, tokenizer_config, write_dir_atomically
 from qsjax.weights import weights_dir
 

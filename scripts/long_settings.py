@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from qsjax.cli import UsageError
-from qsjax.quicksilver.config import QuickSilverConfig, preset
+from qsjax.runtime.cli import UsageError
+from qsjax.quicksilver.settings import QuickSilverConfig, preset
 
 
 def recency(k, c):

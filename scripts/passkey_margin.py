@@ -29,8 +29,9 @@ import numpy as np
 from benchlib import check_json_path, check_positive, write_report
 from long_settings import SETTINGS, config, recorded
 from long_settings import check as check_settings
-from qsjax.cli import ArgumentParser, UsageError, exit_on_interrupt, run_cli
-from qsjax.passkey import depth_fractions, parse_lengths
+from qsjax.runtime.cli import ArgumentParser, UsageError, exit_on_interrupt, run_cli
+from qsjax.evaluation.passkey_task import depth_fractions
+from qsjax.passkey import parse_lengths
 
 ANSWER_TOKENS = 10  # the answer room a passkey length counts (qsjax.passkey's default)
 
@@ -76,8 +77,8 @@ def scorer(model, qs, cache_length: int):
     import jax
     import jax.numpy as jnp
 
-    from qsjax.quicksilver.generation import prepare, quicksilver_decode, quicksilver_prefill
-    from qsjax.sampler import dense_decode, dense_prefill
+    from qsjax.quicksilver.decoding.steps import prepare, quicksilver_decode, quicksilver_prefill
+    from qsjax.dense.sampler import dense_decode, dense_prefill
 
     def qs_prefill(module, tokens, start, n):
         p = quicksilver_prefill(qs, module, tokens, start, n)
@@ -122,10 +123,10 @@ def main(argv=None) -> int:
     check_args(args)
     from tqdm import tqdm
 
-    from qsjax.buckets import cache_slots, prompt_bucket
-    from qsjax.compilecache import enable_compilation_cache
-    from qsjax.load import load_model_checked, load_tokenizer_checked, read_config
-    from qsjax.passkey import FILLER, make_cells
+    from qsjax.runtime.buckets import cache_slots, prompt_bucket
+    from qsjax.runtime.compilecache import enable_compilation_cache
+    from qsjax.checkpoints.load import load_model_checked, load_tokenizer_checked, read_config
+    from qsjax.evaluation.passkey_task import FILLER, make_cells
     from qsjax.weights import resolve_model
 
     model_dir = resolve_model(None)

@@ -21,7 +21,7 @@ import sys
 import numpy as np
 
 from benchlib import check_json_path, check_positive, log, machine, timed, write_report
-from qsjax.cli import ArgumentParser, UsageError, run_cli
+from qsjax.runtime.cli import ArgumentParser, UsageError, run_cli
 
 
 def parse_args(argv=None):
@@ -39,14 +39,14 @@ def profile(model, qs, tokens: np.ndarray, offset: int, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from qsjax import blocks
-    from qsjax.model import Layout, block
-    from qsjax.perplexity import Scorer, nll_of
-    from qsjax.quicksilver.compaction import compaction_buckets
-    from qsjax.quicksilver.evaluate import QuickSilverScorer
-    from qsjax.quicksilver.layer import layer_step
-    from qsjax.quicksilver.state import Tokens
-    from qsjax.quicksilver.window import context, first_decision_layer
+    from qsjax.dense import blocks
+    from qsjax.dense.model import Layout, block
+    from qsjax.evaluation.perplexity import Scorer, nll_of
+    from qsjax.quicksilver.window.rows import compaction_buckets
+    from qsjax.quicksilver.scorer import QuickSilverScorer
+    from qsjax.quicksilver.window.step import layer_step
+    from qsjax.quicksilver.window.state import Tokens
+    from qsjax.quicksilver.window.forward import context, first_decision_layer
 
     cfg = model.cfg
     L, T = cfg.n_layers, tokens.shape[1]
@@ -117,10 +117,10 @@ def main(argv=None) -> int:
     if not 0 < args.stride < args.max_length:
         raise UsageError(f"--stride must be in 1..--max-length - 1 ({args.max_length - 1}), got {args.stride}")
     check_json_path(args.json)
-    from qsjax.data import read_text, resolve_data, tokenize
-    from qsjax.params import load_model
-    from qsjax.quicksilver.config import preset
-    from qsjax.tokenizer import load_tokenizer
+    from qsjax.evaluation.data import read_text, resolve_data, tokenize
+    from qsjax.checkpoints.hf_params import load_model
+    from qsjax.quicksilver.settings import preset
+    from qsjax.checkpoints.tokenizer import load_tokenizer
     from qsjax.weights import resolve_model
 
     model_dir = resolve_model(None)

@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 from benchlib import check_positive, check_strided
-from qsjax.cli import ArgumentParser, UsageError, exit_on_interrupt, run_cli, write_file_atomic
-from qsjax.data import resolve_data
-from qsjax.plots import Axes, Point, decision_map, frontier_figure
-from qsjax.plots import require as require_matplotlib
-from qsjax.quicksilver.config import QuickSilverConfig, preset
+from qsjax.runtime.cli import ArgumentParser, UsageError, exit_on_interrupt, run_cli, write_file_atomic
+from qsjax.evaluation.data import resolve_data
+from qsjax.evaluation.plots import Axes, Point, decision_map, frontier_figure
+from qsjax.evaluation.plots import require as require_matplotlib
+from qsjax.quicksilver.settings import QuickSilverConfig, preset
 
 
 def variants(n_layers: int) -> list[tuple[str, str, QuickSilverConfig]]:
@@ -153,11 +153,11 @@ def main(argv=None) -> int:
                 print(f"wrote {path}", file=sys.stderr)
         return 0
 
-    from qsjax.compilecache import enable_compilation_cache
-    from qsjax.data import read_text, tokenize
-    from qsjax.load import load_model_checked, load_tokenizer_checked, read_config
-    from qsjax.perplexity import Scorer, evaluate, strided_windows
-    from qsjax.quicksilver.evaluate import QuickSilverScorer, evaluate_quicksilver
+    from qsjax.runtime.compilecache import enable_compilation_cache
+    from qsjax.evaluation.data import read_text, tokenize
+    from qsjax.checkpoints.load import load_model_checked, load_tokenizer_checked, read_config
+    from qsjax.evaluation.perplexity import Scorer, evaluate, strided_windows
+    from qsjax.quicksilver.scorer import QuickSilverScorer, evaluate_quicksilver
     from qsjax.weights import resolve_model
 
     model_dir = resolve_model(args.model)

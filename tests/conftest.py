@@ -60,7 +60,7 @@ def tiny_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_models(tiny_dirs):
     """name -> (qsjax Model, transformers model)."""
-    from qsjax.params import load_model
+    from qsjax.checkpoints.hf_params import load_model
 
     return {name: (load_model(path), hf) for name, (path, hf) in tiny_dirs.items()}
 

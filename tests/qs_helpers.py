@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qsjax.blocks import lm_logits
-from qsjax.model import Layout
-from qsjax.quicksilver.generation import prepare
-from qsjax.quicksilver.window import quicksilver_window
+from qsjax.dense.blocks import lm_logits
+from qsjax.dense.model import Layout
+from qsjax.quicksilver.decoding.steps import prepare
+from qsjax.quicksilver.window.forward import quicksilver_window
 
 
 _CACHE = {}

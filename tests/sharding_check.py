@@ -26,15 +26,15 @@ import numpy as np
 from flax import nnx
 
 from qsjax import eval as eval_cli
-from qsjax.cli import UsageError
-from qsjax.generate import Generator
-from qsjax.params import load_model
-from qsjax.perplexity import Scorer, token_nll
-from qsjax.quicksilver.config import QuickSilverConfig
-from qsjax.quicksilver.evaluate import QuickSilverScorer
-from qsjax.quicksilver.generation import prepare
-from qsjax.quicksilver.scoring import quicksilver_nll
-from qsjax.sharding import make_mesh, shard_batch, shard_model
+from qsjax.runtime.cli import UsageError
+from qsjax.runtime.generator import Generator
+from qsjax.checkpoints.hf_params import load_model
+from qsjax.evaluation.perplexity import Scorer, token_nll
+from qsjax.quicksilver.settings import QuickSilverConfig
+from qsjax.quicksilver.scorer import QuickSilverScorer
+from qsjax.quicksilver.decoding.steps import prepare
+from qsjax.quicksilver.window.scoring import quicksilver_nll
+from qsjax.runtime.sharding import make_mesh, shard_batch, shard_model
 
 # QuickSilver runs its masked reference execution here (same decisions and logits as the compacted
 # one, which tests/test_quicksilver_forward.py checks): the compacted program takes ~5x longer to

@@ -1,15 +1,15 @@
-"""Executed-FLOP accounting: QuickSilver's counts use the reporting convention of `qsjax.flops`."""
+"""Executed-FLOP accounting: QuickSilver's counts use the reporting convention of `qsjax.evaluation.flops`."""
 
 import dataclasses
 
 import numpy as np
 
-from qsjax.flops import attention_flops, forward_flops, lm_head_flops, needed_flops
-from qsjax.perplexity import strided_windows
+from qsjax.evaluation.flops import attention_flops, forward_flops, lm_head_flops, needed_flops
+from qsjax.evaluation.perplexity import strided_windows
 from qsjax.quicksilver.accounting import Accounting, kv_projection_flops, qkv_projection_flops
-from qsjax.quicksilver.config import QuickSilverConfig
-from qsjax.quicksilver.evaluate import QuickSilverScorer, evaluate_quicksilver
-from qsjax.quicksilver.state import LayerStats
+from qsjax.quicksilver.settings import QuickSilverConfig
+from qsjax.quicksilver.scorer import QuickSilverScorer, evaluate_quicksilver
+from qsjax.quicksilver.window.state import LayerStats
 
 
 def stats(computing, pairs, checks=0, propagated=0, skipped=0, selection=0, voters=0):
@@ -47,7 +47,7 @@ def test_overhead_is_added_and_reported(tiny_models):
 
 def test_cache_bytes_saved_use_the_models_kv_dtype(tiny_dirs):
     """bfloat16 keys and values are 2 bytes each (the figure once assumed 4 whatever the dtype)."""
-    from qsjax.params import load_model
+    from qsjax.checkpoints.hf_params import load_model
 
     path = tiny_dirs["llama-gqa"][0]
     qs = QuickSilverConfig(amq_layer=1)  # int8 weights from the first layer: the K/V dtype still comes from the float model

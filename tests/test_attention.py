@@ -1,12 +1,12 @@
-"""qsjax.attention against a plain reference (materialized mask, jax.nn.softmax), float32."""
+"""qsjax.dense.attention against a plain reference (materialized mask, jax.nn.softmax), float32."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qsjax import attention as A
-from qsjax.attention import attention
+from qsjax.dense import attention as A
+from qsjax.dense.attention import attention
 
 
 def reference(q, k, v, q_slot, k_slot, k_ok, bias=None, self_visible=False, window=None):

@@ -158,7 +158,7 @@ def test_dense_benchmark_adds_the_xla_variant_on_a_gpu_in_bfloat16(monkeypatch):
     to cuDNN) also qsjax's XLA path, so that the library's gain is measured; elsewhere not."""
     import jax
 
-    from qsjax.attention import attention, attention_xla
+    from qsjax.dense.attention import attention, attention_xla
 
     variants = script_module("bench_dense").prefill_attentions
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
@@ -193,7 +193,7 @@ def test_dense_benchmark_prefill_variants_agree(tiny_models):
 
     import jax.numpy as jnp
 
-    from qsjax import model as dense
+    from qsjax.dense import model as dense
 
     model, T = tiny_models["llama-gqa"][0], 200  # over 128: the baseline's blocks of 128 queries
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, T)), jnp.int32)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from qsjax.buckets import bucket, cache_slots, prompt_bucket, round_up
+from qsjax.runtime.buckets import bucket, cache_slots, prompt_bucket, round_up
 
 
 @pytest.mark.parametrize("n, expected", [(1, 16), (16, 16), (17, 32), (1000, 1024), (1024, 1024), (1025, 2048)])

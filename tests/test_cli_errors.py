@@ -83,7 +83,7 @@ def test_unwritable_json_fails_before_loading(tiny, tmp_path):
 
 def test_late_write_failure_still_prints_the_table(tiny, tmp_path, monkeypatch, capsys):
     from qsjax import eval as qeval
-    from qsjax.cli import UsageError
+    from qsjax.runtime.cli import UsageError
 
     def disk_full(path, text):
         raise OSError(28, "No space left on device")
@@ -143,7 +143,7 @@ def test_convert_sigterm_leaves_nothing_and_stale_partials_go(tiny_gguf, tmp_pat
     code = f"""
 import os, signal, sys, time
 from qsjax import convert
-from qsjax.cli import run_cli
+from qsjax.runtime.cli import run_cli
 write = convert.write_model_dir
 def interrupted(gguf, out, progress=True):
     write(gguf, out, progress=progress)

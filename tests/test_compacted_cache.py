@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from qs_helpers import run_window
-from qsjax.quicksilver.compacted import compact, kept_places, visible_counts
-from qsjax.quicksilver.config import QuickSilverConfig
-from qsjax.quicksilver.generation import prepare, quicksilver_prefill
+from qsjax.quicksilver.decoding.compacted import compact, kept_places, visible_counts
+from qsjax.quicksilver.settings import QuickSilverConfig
+from qsjax.quicksilver.decoding.steps import prepare, quicksilver_prefill
 
 SETTINGS = {
     "cutoff-mask": QuickSilverConfig(halt="cutoff", halt_cutoff_layer=1, kv_skip="mask"),

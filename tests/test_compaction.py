@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qsjax.quicksilver.compaction import buckets_for, compaction_buckets, on_rows
+from qsjax.quicksilver.window.rows import buckets_for, compaction_buckets, on_rows
 
 
 @pytest.mark.parametrize("n", [1, 3, 64, 100, 2048])

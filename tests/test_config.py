@@ -2,8 +2,8 @@
 
 import pytest
 
-from qsjax.config import ModelConfig, UnsupportedConfig
-from qsjax.rope import inverse_frequencies
+from qsjax.dense.config import ModelConfig, UnsupportedConfig
+from qsjax.dense.rope import inverse_frequencies
 
 GPT2 = dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
             layer_norm_epsilon=1e-5, eos_token_id=50256)

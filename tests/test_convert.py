@@ -12,7 +12,9 @@ from gguf import GGMLQuantizationType as GGMLType
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from qsjax import convert, gguf_import
+from qsjax import convert
+
+from qsjax.checkpoints import gguf_file as gguf_import
 
 N_LAYERS, D, N_HEAD, N_KV, HEAD_DIM, FF = 2, 64, 4, 2, 16, 256
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

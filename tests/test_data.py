@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from qsjax.cli import UsageError
-from qsjax.data import DATASETS, SHIPPED, SHIPPED_DIR, DataError, read_text, resolve_data, tokenize
+from qsjax.runtime.cli import UsageError
+from qsjax.evaluation.data import DATASETS, SHIPPED, SHIPPED_DIR, DataError, read_text, resolve_data, tokenize
 
 DOCS = ["First document.\nWith two lines.", "Second — ünïcode", " third "]
 
@@ -91,7 +91,7 @@ def test_named_data_sets(tmp_path, monkeypatch):
 def test_shipped_data_checksum(tmp_path, monkeypatch):
     corrupt = tmp_path / SHIPPED["wikitext103"][0]
     corrupt.write_bytes(gzip.compress(b"not wikitext"))
-    monkeypatch.setattr("qsjax.data.SHIPPED_DIR", tmp_path)
+    monkeypatch.setattr("qsjax.evaluation.data.SHIPPED_DIR", tmp_path)
     with pytest.raises(DataError, match="corrupt"):
         read_text(resolve_data("wikitext103"))
 

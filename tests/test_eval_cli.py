@@ -44,8 +44,8 @@ def tiny_gpt2(tmp_path_factory):
 
 def direct_strided_nll(model_dir, max_tokens, max_length, stride):
     """Mean NLL by Hugging Face's loop, from the full logits of `Model.logits`."""
-    from qsjax.params import load_model
-    from qsjax.tokenizer import load_tokenizer
+    from qsjax.checkpoints.hf_params import load_model
+    from qsjax.checkpoints.tokenizer import load_tokenizer
 
     model = load_model(model_dir)
     ids = np.asarray(load_tokenizer(model_dir).encode(TEXT), np.int32)[:max_tokens]
@@ -100,8 +100,8 @@ def test_tail_protocol_scores_the_last_stride_of_each_window(tiny_gpt2):
     """--protocol tail: windows of --max-length every --stride tokens, each scoring its last --stride
     tokens, every one of them with --max-length - --stride tokens of context; the NLL equals the
     direct computation from full logits of each window."""
-    from qsjax.params import load_model
-    from qsjax.tokenizer import load_tokenizer
+    from qsjax.checkpoints.hf_params import load_model
+    from qsjax.checkpoints.tokenizer import load_tokenizer
 
     proc = run_eval("--model", tiny_gpt2, "--data", tiny_gpt2 / "data.txt", "--protocol", "tail", "--max-length", 40,
                     "--stride", 8, "--max-eval-tokens", 100, "--batch-size", 3, "--json", "-", "--no-progress")

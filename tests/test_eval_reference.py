@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from qsjax.data import DataError, read_text, resolve_data, tokenize
+from qsjax.evaluation.data import DataError, read_text, resolve_data, tokenize
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def reference_setup():
     """(model directory, GGUF path, the first 8,192 tokens) or a skip."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from qsjax.tokenizer import load_tokenizer
+    from qsjax.checkpoints.tokenizer import load_tokenizer
     from qsjax.weights import gguf_path, resolve_model
 
     try:
@@ -49,8 +49,8 @@ def reference_setup():
 
 @pytest.fixture(scope="session")
 def qsjax_scorer(reference_setup):
-    from qsjax.params import load_model
-    from qsjax.perplexity import Scorer
+    from qsjax.checkpoints.hf_params import load_model
+    from qsjax.evaluation.perplexity import Scorer
 
     return Scorer(load_model(reference_setup[0], "float32"))
 
@@ -105,7 +105,7 @@ def hf_disjoint_perplexity(model, ids: np.ndarray, seqlen: int) -> tuple[float, 
 
 @pytest.mark.parametrize("protocol", ["strided", "disjoint"])
 def test_perplexity_matches_transformers(reference_setup, qsjax_scorer, hf_model, protocol):
-    from qsjax.perplexity import disjoint_windows, evaluate, strided_windows
+    from qsjax.evaluation.perplexity import disjoint_windows, evaluate, strided_windows
 
     stream = reference_setup[2]
     t0 = time.perf_counter()

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qsjax.eviction import Eviction, evicting_prefill
-from qsjax.kvcache import EMPTY
-from qsjax.model import decode_step, prefill
+from qsjax.kvpolicy.eviction import Eviction, evicting_prefill
+from qsjax.dense.kvcache import EMPTY
+from qsjax.dense.model import decode_step, prefill
 
 T, N = 16, 10
 START = np.array([0, 5])  # the second row is left-padded by 5
@@ -160,7 +160,7 @@ def test_rule_errors():
     ("--kv-budget 64 --halt-cutoff-layer 3", "does not combine with QuickSilver"),
 ])
 def test_flag_errors(argv, message):
-    from qsjax.cli import UsageError
+    from qsjax.runtime.cli import UsageError
     from qsjax.generate import check_args, parse_args
 
     with pytest.raises(UsageError, match=message):
@@ -168,7 +168,7 @@ def test_flag_errors(argv, message):
 
 
 def test_flags_build_the_rule():
-    from qsjax.eviction import eviction_from_args
+    from qsjax.kvpolicy.eviction import eviction_from_args
     from qsjax.generate import parse_args
 
     assert eviction_from_args(parse_args(["hi"]), False) is None
@@ -183,7 +183,7 @@ def test_generator_with_a_budget(policy, tiny_models, rng):
     twice, with left-padded prompts of different lengths longer than the budget."""
     import types
 
-    from qsjax.generate import Generator
+    from qsjax.runtime.generator import Generator
 
     model, _ = tiny_models["llama-gqa"]
     rule = Eviction(policy, budget=8, n_sink=2, recent=None if policy == "streaming" else 2)

@@ -1,7 +1,7 @@
 """The analytic FLOP counts against XLA's own count of the compiled forward.
 
 XLA's cost analysis counts every op, elementwise ones included (norms, GELU/SiLU, RoPE, softmax),
-which `qsjax.flops` leaves out; at d_model = 256 and T = 256 the matmuls are ~99% of the work, so
+which `qsjax.evaluation.flops` leaves out; at d_model = 256 and T = 256 the matmuls are ~99% of the work, so
 the two agree within 5%. XLA counts the body of a `lax.scan` (a while loop) once, whatever the trip
 count, so the dense forward is unrolled here (one `block` call per layer), and the scanned scoring
 function is checked with a single layer.
@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from qsjax.config import ModelConfig
-from qsjax.flops import Flops, dense_forward_flops, forward_flops
-from qsjax.blocks import embed, lm_logits
-from qsjax.model import Layout, Model, block
-from qsjax.modules import Transformer
-from qsjax.perplexity import token_nll
+from qsjax.dense.config import ModelConfig
+from qsjax.evaluation.flops import Flops, dense_forward_flops, forward_flops
+from qsjax.dense.blocks import embed, lm_logits
+from qsjax.dense.model import Layout, Model, block
+from qsjax.dense.modules import Transformer
+from qsjax.evaluation.perplexity import token_nll
 
 T = 256
 CONFIGS = {

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qs_helpers import run_window
-from qsjax.quicksilver import fusion
-from qsjax.quicksilver.config import QuickSilverConfig
+from qsjax.quicksilver.mechanisms import fusion
+from qsjax.quicksilver.settings import QuickSilverConfig
 
 
 def test_merge_is_size_weighted():

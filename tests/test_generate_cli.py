@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import save_tiny_gpt2_with_tokenizer
 
-from qsjax.generate import Generator
-from qsjax.params import load_model
-from qsjax.tokenizer import load_tokenizer
+from qsjax.runtime.generator import Generator
+from qsjax.checkpoints.hf_params import load_model
+from qsjax.checkpoints.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SENTENCES = [
@@ -182,7 +182,7 @@ def test_output_after_end_writes_and_counts_nothing(tmp_path, capsys):
     """The interrupt ends the streamed line while the token callback may still deliver a token:
     that token must neither follow the newline nor be counted in the closing line."""
     from qsjax.generate import Output
-    from qsjax.tokenizer import StreamDecoder
+    from qsjax.checkpoints.tokenizer import StreamDecoder
 
     save_tiny_gpt2_with_tokenizer(tmp_path, SENTENCES)
     tokenizer = load_tokenizer(tmp_path)

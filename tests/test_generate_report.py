@@ -14,11 +14,11 @@ import pytest
 from conftest import save_tiny_gpt2_with_tokenizer
 from test_generate_cli import ROOT, SENTENCES, run_generate
 
-from qsjax.buckets import cache_slots, prompt_bucket
-from qsjax.generate import Generator
-from qsjax.params import load_model
-from qsjax.quicksilver.config import QuickSilverConfig
-from qsjax.tokenizer import load_tokenizer
+from qsjax.runtime.buckets import cache_slots, prompt_bucket
+from qsjax.runtime.generator import Generator
+from qsjax.checkpoints.hf_params import load_model
+from qsjax.quicksilver.settings import QuickSilverConfig
+from qsjax.checkpoints.tokenizer import load_tokenizer
 
 CLOSING = re.compile(r"prompt tokens (\d+), new tokens (\d+), compile ([\d.]+) s \((\d+) compiled programs\), "
                      r"first token ([\d.]+) s, decode ([\d.]+|n/a) tokens/s(, quicksilver: .*)?")

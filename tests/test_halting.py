@@ -2,7 +2,7 @@
 
 import jax.numpy as jnp
 
-from qsjax.quicksilver import halting
+from qsjax.quicksilver.mechanisms import halting
 
 
 def test_drift_relative_and_raw():

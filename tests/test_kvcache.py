@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from qsjax.kvcache import KVCache
+from qsjax.dense.kvcache import KVCache
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama-mha", "llama-gqa", "llama-mqa", "llama3-rope"])

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from qsjax.quicksilver import kvskip
+from qsjax.quicksilver.mechanisms import kvskip
 
 # four tokens at layer 5: computing, halted after 4, halted after 2, padding
 computing = jnp.array([[True, False, False, False]])

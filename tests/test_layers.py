@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from qsjax.layers import fuse_gate_up, fuse_qkv, layer_norm, rms_norm, silu, split_qkv, swiglu
+from qsjax.dense.layers import fuse_gate_up, fuse_qkv, layer_norm, rms_norm, silu, split_qkv, swiglu
 
 
 def test_norms(rng):

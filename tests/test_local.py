@@ -1,4 +1,4 @@
-"""Local attention for far context (`qsjax.quicksilver.local`): what each query sees, what it costs,
+"""Local attention for far context (`qsjax.quicksilver.mechanisms.local`): what each query sees, what it costs,
 and that it changes nothing when the window reaches back past the prompt."""
 
 import dataclasses
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from qs_helpers import run_window
-from qsjax.quicksilver.config import QuickSilverConfig
+from qsjax.quicksilver.settings import QuickSilverConfig
 
 T = 24
 CONTEXT = 16  # the first 16 tokens are context (eligible but for the 4 sinks), the rest scored

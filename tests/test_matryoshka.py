@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qsjax.quicksilver.matryoshka import (
+from qsjax.quicksilver.mechanisms.matryoshka import (
     MatryoshkaLinear, choose_bits, dequantize, matryoshka_linear, quantize, quantize_blocks, view_codes, view_errors,
 )
 
@@ -72,7 +72,7 @@ def test_fused_maps_quantize_as_their_checkpoint_matrices(tiny_dirs, tiny_models
     at every width."""
     from safetensors.numpy import load_file
 
-    from qsjax.layers import fuse_gate_up, fuse_qkv
+    from qsjax.dense.layers import fuse_gate_up, fuse_qkv
 
     path, _ = tiny_dirs["llama-gqa"]
     hf = lambda name: jnp.asarray(load_file(path / "model.safetensors")[f"model.layers.1.{name}.weight"].T)

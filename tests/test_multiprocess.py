@@ -1,4 +1,4 @@
-"""Several processes as one JAX runtime (qsjax.distributed), on this machine: two processes with 4
+"""Several processes as one JAX runtime (qsjax.runtime.distributed), on this machine: two processes with 4
 CPU devices each join through a coordinator on localhost and run `qsjax.eval` / `qsjax.generate`
 with --mesh data=2,model=4 over all 8 devices (rows split over the two processes, heads and MLP over
 each one's 4 devices). Their results must be the single-process ones, computed in this process on one
@@ -22,7 +22,7 @@ from conftest import save_tiny_gpt2_with_tokenizer, save_tiny_llama_with_tokeniz
 
 from qsjax import eval as eval_cli
 from qsjax import generate as generate_cli
-from qsjax.cli import run_cli
+from qsjax.runtime.cli import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5

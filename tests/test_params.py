@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from qsjax.params import WeightError, load_model
+from qsjax.checkpoints.hf_params import WeightError, load_model
 
 
 @pytest.fixture
@@ -142,7 +142,7 @@ def test_fused_part_given_twice(model_copy):
 
 def test_fused_parameters_hold_the_checkpoint_matrices(model_copy):
     """The loaded fused weights and biases are Hugging Face's, transposed and laid out as `layers` fuses them."""
-    from qsjax.layers import fuse_gate_up, fuse_qkv
+    from qsjax.dense.layers import fuse_gate_up, fuse_qkv
 
     path, tensors = model_copy("llama-bias")
     blk = load_model(path).module().blocks[1]

@@ -41,7 +41,7 @@ def test_padding_does_not_change_a_row(name, tiny_models, rng):
 
 
 def test_bfloat16_is_close(tiny_dirs, rng):
-    from qsjax.params import load_model
+    from qsjax.checkpoints.hf_params import load_model
 
     path, hf = tiny_dirs["llama-gqa"]
     tokens = rng.integers(0, 96, (2, 16))

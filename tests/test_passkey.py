@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import save_tiny_gpt2_with_tokenizer
 
-from qsjax import passkey as pk
+from qsjax.evaluation import passkey_task as pk
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,7 +71,7 @@ def test_build_prompt_depth():
 
 
 def test_cells_real_tokenizer(tiny, tmp_path):
-    from qsjax.tokenizer import load_tokenizer
+    from qsjax.checkpoints.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny)
     args = dict(lengths=[180, 256], depths=pk.depth_fractions(3), trials=3, seed=7, max_new=10, chat=False)
@@ -96,8 +96,8 @@ def test_cells_real_tokenizer(tiny, tmp_path):
 
 def test_cells_real_text(tiny, tmp_path):
     """--haystack: the text around the needle is the file's, from its start."""
-    from qsjax.data import read_text
-    from qsjax.tokenizer import load_tokenizer
+    from qsjax.evaluation.data import read_text
+    from qsjax.checkpoints.tokenizer import load_tokenizer
 
     docs = ["Alpha beta gamma. Delta epsilon.", "Zeta eta theta! Iota kappa lambda mu nu xi omicron."]
     (tmp_path / "hay.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from qs_helpers import run_window
-from qsjax.quicksilver.config import preset
+from qsjax.quicksilver.settings import preset
 from test_benchmarks import script_module
 
 PROMPT, ANSWER, BUCKET = 21, 4, 32  # 11 slots of left padding

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qsjax.config import ModelConfig
-from qsjax.model import Model
-from qsjax.modules import Transformer
-from qsjax.perplexity import Scorer, Window, disjoint_windows, evaluate, make_batches, strided_windows, tail_windows
+from qsjax.dense.config import ModelConfig
+from qsjax.dense.model import Model
+from qsjax.dense.modules import Transformer
+from qsjax.evaluation.perplexity import Scorer, Window, disjoint_windows, evaluate, make_batches, strided_windows, tail_windows
 
 
 def hf_strided_loop(n_tokens, max_length, stride):

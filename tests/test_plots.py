@@ -5,8 +5,8 @@ import importlib.util
 
 import pytest
 
-from qsjax.cli import UsageError
-from qsjax.plots import Axes, Point, frontier_figure, pinned, require, styles
+from qsjax.runtime.cli import UsageError
+from qsjax.evaluation.plots import Axes, Point, frontier_figure, pinned, require, styles
 
 
 def hide_matplotlib(monkeypatch):

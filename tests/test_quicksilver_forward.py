@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from qs_helpers import executed_fraction, run_window
-from qsjax.quicksilver.config import QuickSilverConfig, preset
+from qsjax.quicksilver.settings import QuickSilverConfig, preset
 
 T = 24
 
@@ -123,10 +123,10 @@ def test_compacted_path_equals_masked_reference(name, arch, tiny_models, rng):
     import jax
     import jax.numpy as jnp
 
-    from qsjax.blocks import lm_logits
-    from qsjax.model import Layout
-    from qsjax.quicksilver.generation import prepare
-    from qsjax.quicksilver.window import quicksilver_window
+    from qsjax.dense.blocks import lm_logits
+    from qsjax.dense.model import Layout
+    from qsjax.quicksilver.decoding.steps import prepare
+    from qsjax.quicksilver.window.forward import quicksilver_window
 
     qs = MECHANISMS.get(name) or QuickSilverConfig(halt="select", halt_cutoff_layer=1, keep_top_k=0.3)
     model, _ = tiny_models[arch]
@@ -173,9 +173,9 @@ def test_shipped_structure_equals_masked_reference(name, tiny_models, rng):
 
     import jax
 
-    from qsjax.quicksilver.generation import prepare
-    from qsjax.quicksilver.scoring import quicksilver_nll
-    from qsjax.quicksilver.window import dense_prefix
+    from qsjax.quicksilver.decoding.steps import prepare
+    from qsjax.quicksilver.window.scoring import quicksilver_nll
+    from qsjax.quicksilver.window.forward import dense_prefix
 
     model, _ = tiny_models["llama-deep"]
     T, offset = 64, 47

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from qs_helpers import run_window
-from qsjax.quicksilver.cli import add_quicksilver_args, quicksilver_from_args
-from qsjax.quicksilver.config import QuickSilverConfig, preset
-from qsjax.quicksilver.generation import prepare, quicksilver_prefill
+from qsjax.quicksilver.options import add_quicksilver_args, quicksilver_from_args
+from qsjax.quicksilver.settings import QuickSilverConfig, preset
+from qsjax.quicksilver.decoding.steps import prepare, quicksilver_prefill
 
 from test_quicksilver_forward import MECHANISMS
 
@@ -33,7 +33,7 @@ SETTINGS = {
 def test_prefill_then_decode_equals_one_pass(name, tiny_models, rng):
     """Prompt prefill + one-token decode steps give the logits and decisions of one window pass over
     the whole sequence (two rows, so that a decode step may run only some of them)."""
-    from qsjax.quicksilver.decode import quicksilver_decode_step
+    from qsjax.quicksilver.decoding.decode import quicksilver_decode_step
 
     model, _ = tiny_models["llama-gqa"]
     qs = SETTINGS[name]
@@ -123,7 +123,7 @@ def test_cli_flags_build_the_config():
     (("--select-pool", "3",), r"--halt select \(implied by --select-pool\) needs --halt-cutoff-layer >= 1"),
 ])
 def test_cli_flag_errors(argv, message):
-    from qsjax.cli import UsageError
+    from qsjax.runtime.cli import UsageError
 
     with pytest.raises(UsageError, match=message):
         parse(*argv)
@@ -136,7 +136,7 @@ def test_generator_equals_the_window_pass(name, tiny_models, rng):
     prompt + continuation predicts, with the same prompt decisions."""
     import types
 
-    from qsjax.generate import Generator
+    from qsjax.runtime.generator import Generator
 
     model, _ = tiny_models["llama-deep"]
     qs = {"fast": preset("fast", 6),

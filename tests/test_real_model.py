@@ -8,9 +8,9 @@ two models must agree: logits within 1e-3, identical greedy continuations, ident
 import numpy as np
 import pytest
 
-from qsjax.generate import Generator
-from qsjax.params import load_model
-from qsjax.tokenizer import load_tokenizer
+from qsjax.runtime.generator import Generator
+from qsjax.checkpoints.hf_params import load_model
+from qsjax.checkpoints.tokenizer import load_tokenizer
 from qsjax.weights import gguf_path
 
 pytestmark = pytest.mark.slow
@@ -107,7 +107,7 @@ def test_greedy_continuations_match_transformers(hf, ours, prompt_ids):
 
 
 def test_tokenizer_matches_transformers_on_all_of_wikitext(hf, ours):
-    from qsjax.data import read_text, resolve_data
+    from qsjax.evaluation.data import read_text, resolve_data
 
     text = read_text(resolve_data("wikitext103"))  # the copy shipped with qsjax
     expected = hf[1](text).input_ids  # add_special_tokens=True in both: SmolLM2 adds no BOS

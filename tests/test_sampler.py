@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from qsjax.sampler import Sampling, generate, next_token, top_p_filter
+from qsjax.dense.sampler import Sampling, generate, next_token, top_p_filter
 
 
 @pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 1.0])

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from qs_helpers import run_window
-from qsjax.layers import grouped_scores
-from qsjax.quicksilver import selection
-from qsjax.quicksilver.config import QuickSilverConfig, preset
+from qsjax.dense.layers import grouped_scores
+from qsjax.quicksilver.mechanisms import selection
+from qsjax.quicksilver.settings import QuickSilverConfig, preset
 
 L = 6  # the llama-deep fixture
 
@@ -171,7 +171,7 @@ def test_causality(name, tiny_models, rng):
 def test_prefill_then_decode_equals_one_pass(name, tiny_models, rng):
     """Prompt prefill (scope=context: every prompt token but the last may halt) + cached decode steps
     give one window pass's logits and decisions, over two left-padded rows."""
-    from qsjax.quicksilver.generation import prepare, quicksilver_prefill
+    from qsjax.quicksilver.decoding.steps import prepare, quicksilver_prefill
 
     model, _ = tiny_models["llama-deep"]
     qs = SETTINGS[name]
@@ -195,8 +195,8 @@ def test_prefill_then_decode_equals_one_pass(name, tiny_models, rng):
 def test_compacted_equals_masked(name, tiny_models, rng):
     """The fast path (the plain prefix scoring the voters when accumulating, gathered buckets above
     c) scores like the masked reference, with the same decisions and per-layer counts."""
-    from qsjax.quicksilver.generation import prepare
-    from qsjax.quicksilver.scoring import quicksilver_nll
+    from qsjax.quicksilver.decoding.steps import prepare
+    from qsjax.quicksilver.window.scoring import quicksilver_nll
 
     model, _ = tiny_models["llama-deep"]
     T, offset = 160, 110

@@ -16,9 +16,9 @@ from jax.sharding import PartitionSpec as P
 
 from qsjax import eval as eval_cli
 from qsjax import generate as generate_cli
-from qsjax.cli import run_cli
-from qsjax.config import ModelConfig
-from qsjax.sharding import MeshError, logical_axes, parse_mesh, partition_spec
+from qsjax.runtime.cli import run_cli
+from qsjax.dense.config import ModelConfig
+from qsjax.runtime.sharding import MeshError, logical_axes, parse_mesh, partition_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5
@@ -78,7 +78,7 @@ def parameter_shapes(cfg: ModelConfig) -> dict:
     """Parameter path -> shape, without allocating the weights."""
     from flax import nnx
 
-    from qsjax.modules import Transformer
+    from qsjax.dense.modules import Transformer
 
     return {k: v.shape for k, v in nnx.to_flat_state(nnx.state(nnx.eval_shape(lambda: Transformer(cfg))))}
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qsjax.tokenizer import StreamDecoder, load_tokenizer
+from qsjax.checkpoints.tokenizer import StreamDecoder, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from qsjax import weights
-from qsjax.cli import UsageError
-from qsjax.tokenizer import load_tokenizer
+from qsjax.runtime.cli import UsageError
+from qsjax.checkpoints.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 MEMBER = "fake_pkg/model.gguf"
@@ -187,7 +187,7 @@ def test_real_default_model(default_model_dir):
 @pytest.mark.slow
 def test_real_tokenizer_matches_transformers_gguf_tokenizer(default_model_dir):
     transformers = pytest.importorskip("transformers")
-    from qsjax.data import read_text, resolve_data
+    from qsjax.evaluation.data import read_text, resolve_data
 
     text = read_text(resolve_data("wikitext103"))[:200_000]
     gguf_file = weights.gguf_path(default_model_dir)

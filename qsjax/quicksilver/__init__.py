@@ -1,28 +1,17 @@
 """QuickSilver's four inference-time mechanisms on frozen models (Khanna et al., 2025, arXiv 2506.22396),
-built on the dense model through its seams (the `linear` map of `qsjax.blocks`, the slot rule of
-`qsjax.attention.attention`, the key mask and bias of `qsjax.model.decode_step`).
+built on the dense model through its seams (the `linear` map of `qsjax.dense.blocks`, the slot rule of
+`qsjax.dense.attention.attention`, the key mask and bias of `qsjax.dense.model.decode_step`).
 
-The mechanisms, each the equation in its docstring:
-- `halting`: Dynamic Token Halting (the paper's drift + entropy rule, depth cut-off, importance selection)
-- `selection`: importance selection's scores (attention from the last queries, per head or summed,
-  accumulated, pooled), recent window and keep budget
-- `kvskip`: KV Cache Skipping for halted tokens (mask, zero, propagate)
-- `fusion`: Contextual Token Fusion, causal-safe, with proportional attention
-- `matryoshka`: Adaptive Matryoshka Quantization (int8 weights, nested 4- and 2-bit views)
-
-The pass that wires them:
-- `config`: QuickSilverConfig and presets
-- `state`: the named state a pass carries (Tokens, Context, LayerStats, CacheEntries, WindowResult, ...)
-- `layer`: one layer: the block for the computing tokens (masked reference or compacted), then the decisions
-- `window`: the pass over causal windows (plain layers below the first decision, then `layer` steps)
-- `compaction`: bucketed row compaction (gather, compute, scatter with static shapes)
-
-Where it runs:
-- `scoring`, `evaluate`: perplexity (the dense harness's loop) with executed-FLOP `accounting`
-- `cache`, `generation`, `decode`: a prompt's cache with per-layer visibility, prefill, and decode steps
-- `cli`: the command-line options shared by `qsjax.generate` and `qsjax.eval`
+- `settings`: QuickSilverConfig (every mechanism switchable alone) and the presets
+- `mechanisms/`: halting, kvskip, fusion, matryoshka (the paper's four), selection and local attention
+- `window/`: the pass over causal windows that wires them (state, one layer's step, the pass, row
+  compaction) and a window's NLL under it (scoring)
+- `decoding/`: generation: the prompt's cache, its compaction, prefill and decode steps
+- `scorer`: perplexity under QuickSilver (the dense harness's loop with QuickSilver's NLL)
+- `accounting`: executed FLOPs, the work the decisions leave plus the mechanisms' own cost
+- `options`: the command-line options shared by `generate`, `eval` and `passkey`
 """
 
-from qsjax.quicksilver.config import QuickSilverConfig, preset
+from qsjax.quicksilver.settings import QuickSilverConfig, preset
 
 __all__ = ["QuickSilverConfig", "preset"]

@@ -6,7 +6,7 @@
             K/V projections of halted tokens in propagate mode, importance selection's scores:
             n_q x T (query, key) pairs and the n_q voters' q, k, v projections per scoring layer)
 
-This is `qsjax.flops`' reporting convention (needed work), applied to the tokens and (query, key)
+This is `qsjax.evaluation.flops`' reporting convention (needed work), applied to the tokens and (query, key)
 pairs the decisions leave, so it compares directly with `flops.needed_flops` of a dense forward.
 """
 
@@ -16,8 +16,8 @@ import dataclasses
 
 import numpy as np
 
-from qsjax.config import ModelConfig
-from qsjax.flops import Flops, attention_flops, forward_flops, lm_head_flops
+from qsjax.dense.config import ModelConfig
+from qsjax.evaluation.flops import Flops, attention_flops, forward_flops, lm_head_flops
 
 
 def kv_projection_flops(cfg: ModelConfig, tokens: int) -> int:

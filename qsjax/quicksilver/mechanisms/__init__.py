@@ -1,0 +1,4 @@
+"""The mechanisms, each the equation in its docstring: `halting` (Dynamic Token Halting), `kvskip`
+(KV Cache Skipping), `fusion` (Contextual Token Fusion), `matryoshka` (Adaptive Matryoshka
+Quantization), and their neighbours `selection` (importance selection of context tokens) and `local`
+(local attention for far context)."""
