@@ -1,7 +1,7 @@
 """Long prompts: time to first token, decode speed, KV cache size, perplexity and retrieval of dense
 qsjax, QuickSilver settings and transformers (PyTorch), in one run.
 
-    python scripts/bench_long.py --json docs/bench_long.json
+    python scripts/bench_long.py --json docs/results/long-prompts/bench_long.json
 
 The default model, float32. Settings are named in `long_settings.SETTINGS` (`long` is the preset;
 the others are the frontier's points, one curve per policy and cut-off layer, and `truncate-2048`,

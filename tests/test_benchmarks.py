@@ -45,7 +45,7 @@ def run_script(name, *args):
     ("bench_long.py", ["--settings", "truncate-2048", "--max-length", "2048"], "needs --max-length above 2560"),
     ("bench_long.py", ["--plots", "/nonexistent-dir"], "no such directory"),
     ("bench_long.py", ["--json", "/nonexistent-dir/out.json"], "does not exist"),
-    ("bench_long.py", ["--replot", "docs/bench_long.json"], "--replot needs --plots DIR"),
+    ("bench_long.py", ["--replot", "docs/results/long-prompts/bench_long.json"], "--replot needs --plots DIR"),
     ("bench_long.py", ["--replot", "README.md", "--plots", "docs"], "--replot README.md: cannot read a report"),
     ("passkey_margin.py", ["--settings", "nope"], "unknown setting 'nope'"),
     ("passkey_margin.py", ["--settings", "truncate-2048"], "'truncate-2048' is a truncation"),
@@ -61,7 +61,7 @@ def run_script(name, *args):
     ("sweep.py", ["--out", "README.md"], "--out README.md is a file"),
     ("sweep.py", ["--out", "/nonexistent-dir/sweep"], "directory /nonexistent-dir does not exist"),
     ("sweep.py", ["--out", "/nonexistent-dir", "--replot"], "--replot: cannot read a sweep"),
-    ("sweep.py", ["--out", "docs/frontier_c4.png", "--replot"], "is a file"),
+    ("sweep.py", ["--out", "docs/results/short-windows/frontier_c4.png", "--replot"], "is a file"),
 ])
 def test_argument_errors(script, args, message):
     status, stdout, stderr = run_script(script, *args)
@@ -122,10 +122,10 @@ def test_frontier_curves_split_a_policy_by_cut_off_layer():
 
 
 def test_the_long_reports_in_docs_name_todays_settings():
-    """Every setting in docs/bench_long*.json is measured with the config (and drawn on the curve) its
+    """Every setting in docs/results/long-prompts/bench_long*.json is measured with the config (and drawn on the curve) its
     name gives today, so a replot, the README's commands and the figures agree after a rename."""
     bl = script_module("bench_long")
-    reports = sorted((ROOT / "docs").glob("bench_long*.json"))
+    reports = sorted((ROOT / "docs" / "results" / "long-prompts").glob("bench_long*.json"))
     assert reports
     for path in reports:
         for name, setting in bl.read_report(str(path))["settings"].items():

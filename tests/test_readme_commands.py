@@ -1,6 +1,7 @@
-"""Every command the README shows is one its program accepts: the flags exist and take the values
-given (each command's own `parse_args`; nothing runs). A renamed or removed flag, or a changed
-choice, fails here instead of in a reader's terminal.
+"""Every command the documentation shows (README.md and every Markdown page under docs/) is one its
+program accepts: the flags exist and take the values given (each command's own `parse_args`;
+nothing runs). A renamed or removed flag, or a changed choice, fails here, naming the page, instead
+of in a reader's terminal.
 
 Commands written as templates are expanded first: a placeholder (TEMPLATE_VALUES) takes an example
 value, `a|b` its first alternative, an optional `[--flag value]` is included, and a prompt given
@@ -11,18 +12,22 @@ import re
 import shlex
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE_VALUES = {"D": "wikitext103", "R": "256"}  # README placeholders (--data D, --local-full R)
+TEMPLATE_VALUES = {"D": "wikitext103", "R": "256"}  # placeholders in the docs (--data D, --local-full R)
 NOT_OURS = {"pytest", "pip"}  # `python -m pytest` and the like: other programs
 
 
-def readme_commands() -> list[str]:
-    """The `python ...` commands of the README's bash blocks (a line each, continuations joined,
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def page_commands(page: Path) -> list[str]:
+    """The `python ...` commands of a page's bash blocks (a line each, continuations joined,
     comments dropped) and of its inline code, each from `python` on (an environment prefix dropped)."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    text = page.read_text(encoding="utf-8")
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         lines += [line.split("  #")[0] for line in block.replace("\\\n", " ").splitlines()]
@@ -53,17 +58,25 @@ def program(words: list[str]) -> tuple[str | None, list[str]]:
     return None, words[2:]
 
 
-COMMANDS = [c for c in readme_commands() if program(expanded(c))[0] is not None]
+class Shown(NamedTuple):
+    page: str  # relative to the repository root
+    command: str
 
 
-def test_the_readme_shows_commands():
-    assert len(COMMANDS) > 50  # the extraction still finds the README's commands
-    names = {program(expanded(c))[0] for c in COMMANDS}
+SHOWN = [Shown(str(page.relative_to(ROOT)), c) for page in PAGES for c in page_commands(page)
+         if program(expanded(c))[0] is not None]
+
+
+def test_the_docs_show_commands():
+    assert len(SHOWN) > 50  # the extraction still finds the documentation's commands
+    names = {program(expanded(s.command))[0] for s in SHOWN}
     assert {"qsjax.generate", "qsjax.eval", "qsjax.passkey", "qsjax.weights", "bench_long", "sweep"} <= names
+    assert any(s.page == "README.md" for s in SHOWN)  # the front door shows commands too
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=[c[7:87] for c in COMMANDS])
-def test_readme_command_parses(command):
+@pytest.mark.parametrize("shown", SHOWN, ids=[f"{s.page}: {s.command[7:80]}" for s in SHOWN])
+def test_documented_command_parses(shown):
+    command = shown.command
     name, argv = program(expanded(command))
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
@@ -73,4 +86,4 @@ def test_readme_command_parses(command):
     try:
         module.parse_args(argv)
     except SystemExit as e:  # argparse: unknown flag or bad value (the one `error:` line is in the output)
-        pytest.fail(f"{command!r} does not parse (exit {e.code})")
+        pytest.fail(f"{shown.page}: {command!r} does not parse (exit {e.code})")
