@@ -112,8 +112,8 @@ class QuickSilverConfig:
                              "local", range=Range(0))
     local_prefix: int = option(0, "local attention: the first N tokens every token sees (default 0)", "local",
                                range=Range(0))
-    kv_skip: str = option("mask", "a halted token's K/V above its halt: mask (attend to none), zero, or propagate "
-                          "(reuse its last K/V)", "kvskip", choices=KV_MODES)
+    kv_skip: str = option("mask", "a halted token's keys/values above its halt: mask (hidden from attention), zero, "
+                          "or propagate (each layer's projections of its frozen state)", "kvskip", choices=KV_MODES)
     kv_propagate_span: int | None = option(None, "propagate: only N layers above the halt, mask beyond", "kvskip",
                                            range=Range(0), advanced=True)
     fuse_threshold: float | None = option(None, "fuse adjacent tokens whose states' cosine similarity is above X "
@@ -125,8 +125,9 @@ class QuickSilverConfig:
                             range=Range(0), advanced=True)
     amq_high: float = option(3.0, "above X bits it uses 8 (tau_high; 4 between)", "matryoshka", range=Range(0),
                              advanced=True)
-    compact: bool = option(True, "execution, not semantics: run only the computing rows (bucketed compaction), or "
-                           "every row masked (the reference); both give the same decisions and logits", "preset",
+    compact: bool = option(True, "execution, not semantics: run only the computing rows (bucketed compaction; "
+                           "true), or every row masked (the reference; --masked-reference): the same decisions and "
+                           "logits", "preset",
                            flag="--masked-reference")
 
     def __post_init__(self):
