@@ -52,7 +52,8 @@ from qsjax.runtime.cli import (
     write_file_atomic,
 )
 from qsjax.runtime.distributed import add_distributed_args, check_distributed_args, is_writer, start, together
-from qsjax.quicksilver.options import add_quicksilver_args, check_quicksilver_args, quicksilver_from_args
+from qsjax.quicksilver.options import (add_quicksilver_args, check_quicksilver_args, quicksilver_from_args, recorded,
+                                      wants_help_all)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -67,32 +68,27 @@ PROTOCOLS = ("strided", "disjoint", "tail")
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="python -m qsjax.eval", description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--model", help="a Hugging Face model directory or a known model name (default: smollm2-135m-instruct)"
-    )
-    p.add_argument(
-        "--data",
-        default="wikitext103",
-        help="a .txt, .jsonl or .jsonl.gz file, or wikitext103 or c4 (default: wikitext103)",
-    )
-    p.add_argument("--protocol", default="strided", choices=PROTOCOLS)
-    p.add_argument("--max-length", type=int, default=1024, help="strided, tail: window length (default 1024)")
-    p.add_argument("--stride", type=int, default=512,
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--model", help="a Hugging Face model directory or a known model name (default: smollm2-135m-instruct)")
+    g.add_argument("--data", default="wikitext103",
+                   help="a .txt, .jsonl or .jsonl.gz file, or wikitext103 or c4 (default: wikitext103)")
+    g.add_argument("--protocol", default="strided", choices=PROTOCOLS,
+                   help="strided (sliding windows), disjoint (side by side) or tail (long context) (default strided)")
+    g.add_argument("--max-length", type=int, default=1024, help="strided, tail: window length (default 1024)")
+    g.add_argument("--stride", type=int, default=512,
                    help="strided, tail: step between windows; tail: the tokens each window scores (default 512)")
-    p.add_argument("--seqlen", type=int, default=2048, help="disjoint: window length (default 2048)")
-    p.add_argument("--max-eval-tokens", type=int, help="keep only the first N tokens of the stream")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE (- for stdout)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--mesh",
-        metavar="SPEC",
-        help="shard over devices, e.g. data=2,model=4: windows split over data (--batch-size a multiple of it), "
-        "attention heads and MLP over model (default: one device)",
-    )
-    add_quicksilver_args(p)
-    add_distributed_args(p)
+    g.add_argument("--seqlen", type=int, default=2048, help="disjoint: window length (default 2048)")
+    g.add_argument("--max-eval-tokens", type=int, help="keep only the first N tokens of the stream")
+    g.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations (default float32)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE (- for stdout); its "
+                   "settings.quicksilver replays with --quicksilver-config")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_quicksilver_args(p, wants_help_all(argv))
+    add_distributed_args(p, "shard over devices, e.g. data=2,model=4: windows split over data (--batch-size a "
+                         "multiple of it), attention heads and MLP over model (default: one device)")
     return p.parse_args(argv)
 
 
@@ -224,7 +220,7 @@ def format_table(report: dict) -> str:
     if "quicksilver" in report:
         q = report["quicksilver"]
         rows += [
-            ("quicksilver", q["preset"] if q["preset"] != "off" else "custom"),
+            ("quicksilver", report["settings"]["quicksilver_preset"] or "custom"),
             ("token-layers run", f"{100 * q['fraction_token_layers_executed']:.1f}%"),
             ("FLOPs vs dense", f"{-100 * q['executed_flops_reduction']:+.1f}% (needed work, overhead included)"),
             ("halted / fused", f"{q['tokens_halted']:,} / {q['tokens_fused']:,} tokens"),
@@ -328,11 +324,12 @@ def evaluate_model(args, inputs: Inputs, progress: bool) -> dict:
         result, stats, _ = evaluate_quicksilver(QuickSilverScorer(model, qs), stream, windows, args.batch_size,
                                                 progress=progress)
         report = make_report(args, inputs.model_dir, inputs.data_path, len(stream), result)
-        report["quicksilver"] = {"preset": args.quicksilver, "settings": dataclasses.asdict(qs), **stats}
+        report["quicksilver"] = stats
     else:
         result = evaluate(Scorer(model), stream, windows, args.batch_size, progress=progress)
         report = make_report(args, inputs.model_dir, inputs.data_path, len(stream), result)
-    report.update(seconds_load=inputs.seconds_load, seconds_tokenize=inputs.seconds_tokenize)
+    report.update(settings=recorded(args, qs), seconds_load=inputs.seconds_load,
+                  seconds_tokenize=inputs.seconds_tokenize)
     if inputs.mesh is not None:
         report["mesh"] = dict(inputs.mesh.shape)
     return report

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from qsjax.dense.sampler import Sampling
 from qsjax.kvpolicy.eviction import add_eviction_args, eviction_from_args
-from qsjax.quicksilver.options import add_quicksilver_args, check_quicksilver_args, quicksilver_from_args
+from qsjax.quicksilver.options import add_quicksilver_args, check_quicksilver_args, quicksilver_from_args, wants_help_all
 from qsjax.runtime.cli import (
     ArgumentParser,
     UsageError,
@@ -44,29 +44,33 @@ from qsjax.runtime.generator import Generator
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="python -m qsjax.generate", description=__doc__.splitlines()[0])
-    p.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file)")
-    p.add_argument("--model", help="a Hugging Face model directory or a known model name (default: smollm2-135m-instruct)")
-    p.add_argument("--prompts-file", help="a UTF-8 text file with one prompt per line (blank lines skipped), run as "
+    g = p.add_argument_group("generation")
+    g.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file)")
+    g.add_argument("--model", help="a Hugging Face model directory or a known model name (default: smollm2-135m-instruct)")
+    g.add_argument("--prompts-file", help="a UTF-8 text file with one prompt per line (blank lines skipped), run as "
                    "one batch")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=50, help="with --do-sample; 0 disables")
-    p.add_argument("--top-p", type=float, default=1.0, help="with --do-sample; 1 disables")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    p.add_argument("--json", metavar="FILE", help="write a report to FILE: settings, token counts, time to first "
-                   "token, decode speed, compilation, KV cache bytes, QuickSilver statistics")
-    p.add_argument(
-        "--mesh",
-        metavar="SPEC",
-        help="shard over devices, e.g. data=2,model=4: prompts split over data, attention heads and MLP over "
-        "model (default: one device)",
-    )
-    add_quicksilver_args(p)
-    add_distributed_args(p)
+    g.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="stop after N new tokens per prompt, or at its end-of-sequence token (default 64)")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations (default float32)")
+    s = p.add_argument_group("sampling (greedy unless --do-sample)")
+    s.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    s.add_argument("--temperature", type=float, default=1.0, metavar="X",
+                   help="with --do-sample: divide the logits by X; 0 is greedy (default 1)")
+    s.add_argument("--top-k", type=int, default=50, metavar="N", help="with --do-sample: the N likeliest tokens; 0 disables "
+                   "(default 50)")
+    s.add_argument("--top-p", type=float, default=1.0, metavar="X", help="with --do-sample: the likeliest tokens up to "
+                   "probability X; 1 disables (default 1)")
+    s.add_argument("--seed", type=int, default=0, help="the sampling seed: the same seed, the same tokens (default 0)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", metavar="FILE", help="write a report to FILE: settings (settings.quicksilver replays with "
+                   "--quicksilver-config), token counts, time to first token, decode speed, compilation, KV cache "
+                   "bytes, QuickSilver statistics")
+    add_quicksilver_args(p, wants_help_all(argv))
     add_eviction_args(p)
+    add_distributed_args(p, "shard over devices, e.g. data=2,model=4: prompts split over data, attention heads and MLP "
+                         "over model (default: one device)")
     return p.parse_args(argv)
 
 

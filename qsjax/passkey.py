@@ -62,7 +62,8 @@ from qsjax.evaluation.passkey_task import (
     run_cells,
 )
 from qsjax.evaluation.plots import require as require_matplotlib
-from qsjax.quicksilver.options import add_quicksilver_args, check_quicksilver_args, quicksilver_from_args
+from qsjax.quicksilver.options import (add_quicksilver_args, check_quicksilver_args, quicksilver_from_args, recorded,
+                                      wants_help_all)
 
 def parse_lengths(text: str) -> list[int]:
     """"1024,2048" -> [1024, 2048] (sorted, duplicates dropped)."""
@@ -78,25 +79,29 @@ def parse_lengths(text: str) -> list[int]:
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="python -m qsjax.passkey", description=__doc__.splitlines()[0])
-    p.add_argument("--model",
+    g = p.add_argument_group("task")
+    g.add_argument("--model",
                    help="a Hugging Face model directory or a known model name (default: smollm2-135m-instruct)")
-    p.add_argument("--lengths", type=parse_lengths, default=[1024, 2048, 4096, 8192],
+    g.add_argument("--lengths", type=parse_lengths, default=[1024, 2048, 4096, 8192],
                    help="comma-separated sequence lengths in tokens, prompt + answer (default 1024,2048,4096,8192)")
-    p.add_argument("--depths", type=int, default=5, help="N needle depths evenly spaced from 0%% to 100%% (1: 50%%; "
+    g.add_argument("--depths", type=int, default=5, help="N needle depths evenly spaced from 0%% to 100%% (1: 50%%; "
                    "default 5)")
-    p.add_argument("--trials", type=int, default=5, help="keys per (length, depth) cell, run as one batch (default 5)")
-    p.add_argument("--haystack", metavar="FILE", help="real text around the needle: a .txt, .jsonl or .jsonl.gz file, "
+    g.add_argument("--trials", type=int, default=5, help="keys per (length, depth) cell, run as one batch (default 5)")
+    g.add_argument("--haystack", metavar="FILE", help="real text around the needle: a .txt, .jsonl or .jsonl.gz file, "
                    "or wikitext103 or c4 (default: a repeated filler text)")
-    p.add_argument("--max-new-tokens", type=int, default=10, help="answer tokens (default 10)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the keys (default 0)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--compare", action="store_true", help="also run dense on the same prompts, side by side "
+    g.add_argument("--max-new-tokens", type=int, default=10, help="answer tokens (default 10)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the keys (default 0)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--compare", action="store_true", help="also run dense on the same prompts, side by side "
                    "(needs a QuickSilver option)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE (- for stdout)")
-    p.add_argument("--plot", metavar="PNG", help="write the heatmap (length x depth, colour = accuracy) to PNG")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_quicksilver_args(p)
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations (default float32)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE (- for stdout); its "
+                   "settings.quicksilver replays with --quicksilver-config")
+    o.add_argument("--plot", metavar="PNG", help="write the heatmap (length x depth, colour = accuracy) to PNG")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_quicksilver_args(p, wants_help_all(argv))
     add_eviction_args(p)
     return p.parse_args(argv)
 
@@ -149,7 +154,9 @@ def format_table(report: dict) -> str:
 
 
 def settings(args, model_dir, haystack_path, cfg, qs, eviction) -> dict:
-    label = "dense" if qs is None else "quicksilver" + (f" {args.quicksilver}" if args.quicksilver != "off" else "")
+    qs_settings = recorded(args, qs)
+    named = qs_settings["quicksilver_preset"]
+    label = "dense" if qs is None else "quicksilver" + (f" {named}" if named else "")
     label = label if eviction is None else f"{eviction.policy} kv-budget {eviction.budget}"
     return dict(
         model=args.model or model_dir.name, model_dir=str(model_dir), context=cfg.max_positions, dtype=args.dtype,
@@ -157,9 +164,8 @@ def settings(args, model_dir, haystack_path, cfg, qs, eviction) -> dict:
         max_new_tokens=args.max_new_tokens, chat=args.chat, haystack=args.haystack or "filler",
         haystack_path=None if haystack_path is None else str(haystack_path), length_rule=LENGTH_RULE,
         answer_rule=ANSWER_RULE, compare=args.compare, label=label,
-        quicksilver=None if qs is None else {"preset": args.quicksilver, "settings": dataclasses.asdict(qs)},
         eviction=None if eviction is None else dataclasses.asdict(eviction),
-    )
+    ) | qs_settings
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,8 @@ variant, the order rotated; medians are reported with ratios from the same run.
 
 from __future__ import annotations
 
+import dataclasses
+
 import sys
 import time
 
@@ -156,7 +158,11 @@ def main(argv=None) -> int:
     hf = None if args.skip_hf else load_hf(model_dir, args.threads)
     report = {"command": " ".join(["python", "scripts/bench_generate.py", *(sys.argv[1:] if argv is None else argv)]),
               "model": model_dir.name, "dtype": "float32", "machine_at_start": machine(), "repeats": args.repeats,
-              "torch_threads": args.threads, **bench(gens, hf, tokenizer, stream, args)}
+              "torch_threads": args.threads,
+              "settings": {"quicksilver": None if args.quicksilver == "off" else
+                           dataclasses.asdict(gens[args.quicksilver].quicksilver),
+                           "quicksilver_preset": None if args.quicksilver == "off" else args.quicksilver},
+              **bench(gens, hf, tokenizer, stream, args)}
     report["load_average_at_end"] = machine()["load_average"]
     write_report(args.json, report, format_table(report))
     return 0

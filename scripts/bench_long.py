@@ -40,7 +40,7 @@ import numpy as np
 
 from benchlib import (check_json_path, check_positive, fmt, load_hf, log, machine, median, ratio, rotated, torch_run,
                       write_report)
-from long_settings import SETTINGS, config, recorded
+from long_settings import SETTINGS, config, recorded, truncation
 from long_settings import check as check_settings
 from qsjax.runtime.cli import ArgumentParser, UsageError, run_cli
 from qsjax.evaluation.plots import require as require_matplotlib
@@ -83,7 +83,7 @@ def check_args(args) -> None:
         raise UsageError("--lengths, --batches and --passkey-lengths take positive numbers")
     if not 0 < args.stride < args.max_length:
         raise UsageError(f"--stride must be in 1..{args.max_length - 1} (the window keeps context), got {args.stride}")
-    short = [SETTINGS[s][2] for s in args.settings if isinstance(SETTINGS[s][2], int)]
+    short = [truncation(s) for s in args.settings if truncation(s) is not None]
     if "perplexity" in args.sections and short and max(short) + args.stride >= args.max_length:
         raise UsageError(f"a truncation to {max(short)} tokens needs --max-length above {max(short) + args.stride}")
     check_json_path(args.json)

@@ -206,7 +206,7 @@ def main(argv=None) -> int:
         "command": " ".join(["python", "scripts/bench_quicksilver.py", *(sys.argv[1:] if argv is None else argv)]),
         "model": model_dir.name, "dtype": "float32", "machine_at_start": machine(), "compilation_cache": cache,
         "repeats": args.repeats, "torch_threads": args.threads,
-        "quicksilver": {"preset": "fast", "settings": dataclasses.asdict(qs)},
+        "settings": {"quicksilver": dataclasses.asdict(qs), "quicksilver_preset": "fast"},  # as qsjax's reports
         "hf_lm_head": hf_scorer.lm_head if hf_scorer else None,
         "protocol": {"name": "strided", "max_length": args.max_length, "stride": args.stride},
         "max_eval_tokens": args.max_eval_tokens or None, "perplexity": {},

@@ -193,7 +193,7 @@ def main(argv=None) -> int:
                              flops_reduction=stats["executed_flops_reduction"],
                              flops_reduction_vs_full_lm_head=stats["executed_flops_reduction_vs_full_lm_head"],
                              seconds=result.seconds, speedup=dense.seconds / result.seconds,
-                             settings=dataclasses.asdict(qs), stats=stats))
+                             settings={"quicksilver": dataclasses.asdict(qs)}, stats=stats))  # as qsjax's reports
             print(f"{data} [{i + 1}/{len(todo)}]: {policy:34} {label:14} ppl {result.perplexity:9.3f} "
                   f"({result.perplexity - dense.perplexity:+.3f}) flops {-100 * stats['executed_flops_reduction']:+.1f}%  "
                   f"{dense.seconds / result.seconds:.2f}x  [{time.perf_counter() - t0:.0f} s]", file=sys.stderr)

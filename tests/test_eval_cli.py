@@ -193,8 +193,9 @@ def test_quicksilver_report(tiny_gpt2, tmp_path):
         proc = run_eval(*base, "--halt-cutoff-layer", 1, "--kv-skip", "mask", *extra)
         assert proc.returncode == 0, proc.stderr
         runs[name] = json.loads(proc.stdout)
-    q = runs["compact"]["quicksilver"]
-    assert q["settings"]["halt"] == "cutoff" and q["settings"]["halt_cutoff_layer"] == 1
+    q, setting = runs["compact"]["quicksilver"], runs["compact"]["settings"]["quicksilver"]
+    assert setting["halt"] == "cutoff" and setting["halt_cutoff_layer"] == 1 and setting["compact"]
+    assert runs["masked"]["settings"]["quicksilver"]["compact"] is False
     assert 0 < q["executed_flops_reduction"] < 1 and q["fraction_token_layers_executed"] < 1
     assert q["kv_writes_skipped"] > 0 and q["tokens_halted"] > 0
     assert runs["compact"]["perplexity"] == pytest.approx(runs["masked"]["perplexity"], rel=1e-5)

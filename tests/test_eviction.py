@@ -153,9 +153,9 @@ def test_rule_errors():
 
 @pytest.mark.parametrize("argv, message", [
     ("--kv-budget 0", "--kv-budget must be >= 1"),
-    ("--kv-sinks 2", "--kv-sinks needs --kv-budget"),
-    ("--kv-budget 8 --kv-evict h2o", "--kv-budget 8 must exceed --kv-sinks 4 [+] --kv-recent 4"),
-    ("--kv-budget 4", "--kv-budget 4 must exceed --kv-sinks 4 [(]"),
+    ("--kv-sinks 2", "unrecognized arguments: --kv-sinks"),
+    ("--kv-budget 8 --kv-evict h2o", "--kv-budget 8 must exceed --n-sink 4 [+] --kv-recent 4"),
+    ("--kv-budget 4", "--kv-budget 4 must exceed --n-sink 4 [(]"),
     ("--kv-budget 8 --kv-recent 2", "--kv-recent is for h2o"),
     ("--kv-budget 64 --halt-cutoff-layer 3", "does not combine with QuickSilver"),
 ])
@@ -172,7 +172,7 @@ def test_flags_build_the_rule():
     from qsjax.generate import parse_args
 
     assert eviction_from_args(parse_args(["hi"]), False) is None
-    rule = eviction_from_args(parse_args("hi --kv-budget 64 --kv-evict h2o --kv-sinks 2 --kv-recent 8".split()), False)
+    rule = eviction_from_args(parse_args("hi --kv-budget 64 --kv-evict h2o --n-sink 2 --kv-recent 8".split()), False)
     assert rule == Eviction("h2o", 64, 2, 8)
     assert eviction_from_args(parse_args("hi --kv-budget 64".split()), False) == Eviction("streaming", 64, 4)
 

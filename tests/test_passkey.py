@@ -159,7 +159,7 @@ def test_end_to_end_compare(tiny, tmp_path):
     assert {"accuracy", "cells", "settings", "dense", "seconds", "seconds_compile"} <= set(report)
     s = report["settings"]
     assert s["lengths"] == [180, 256] and s["depths"] == [0.0, 1.0] and s["trials"] == 2
-    assert s["quicksilver"]["settings"]["halt_cutoff_layer"] == 1 and s["haystack"] == "filler"
+    assert s["quicksilver"]["halt_cutoff_layer"] == 1 and s["haystack"] == "filler"
     for run in (report, report["dense"]):
         assert [(c["length"], c["depth"]) for c in run["cells"]] == [(180, 0.0), (180, 1.0), (256, 0.0), (256, 1.0)]
         trials = [t for c in run["cells"] for t in c["trials"]]

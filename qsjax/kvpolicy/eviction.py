@@ -155,36 +155,38 @@ def within_budget(cache: EvictingCache, size: int) -> EvictingCache:
 
 
 def add_eviction_args(parser) -> None:
-    group = parser.add_argument_group("KV-cache eviction (off unless --kv-budget is given; dense model only)")
+    group = parser.add_argument_group("KV-cache eviction (off unless --kv-budget is given; dense model only; "
+                                      "--n-sink sets the sinks)")
     group.add_argument("--kv-budget", type=int, metavar="N", help="keep at most N tokens' keys/values per layer")
     group.add_argument("--kv-evict", choices=POLICIES, help="what to evict: streaming = StreamingLLM (sinks + latest), "
                        "h2o = H2O (sinks + latest + most attended); default streaming")
-    group.add_argument("--kv-sinks", type=int, metavar="N", help="first tokens never evicted (default 4)")
     group.add_argument("--kv-recent", type=int, metavar="N",
                        help="h2o: latest tokens never evicted (default half the budget)")
 
 
 def eviction_from_args(args, quicksilver_enabled: bool) -> Eviction | None:
-    """The eviction the options ask for (None: off); bad values and combinations are UsageErrors."""
+    """The eviction the options ask for (None: off); bad values and combinations are UsageErrors.
+    The sinks are QuickSilver's: one flag, --n-sink (qsjax.quicksilver.options), for both."""
     from qsjax.runtime.cli import UsageError
 
+    n_sink = getattr(args, "qs_n_sink", None)
+
     if args.kv_budget is None:
-        given = [f for f, v in (("--kv-evict", args.kv_evict), ("--kv-sinks", args.kv_sinks),
-                                ("--kv-recent", args.kv_recent)) if v is not None]
+        given = [f for f, v in (("--kv-evict", args.kv_evict), ("--kv-recent", args.kv_recent)) if v is not None]
         if given:
             raise UsageError(f"{given[0]} needs --kv-budget N (the tokens kept per layer)")
         return None
     if quicksilver_enabled:
         raise UsageError("--kv-budget evicts from the dense model's cache; it does not combine with QuickSilver options")
-    for flag, value, low in (("--kv-budget", args.kv_budget, 1), ("--kv-sinks", args.kv_sinks, 0),
+    for flag, value, low in (("--kv-budget", args.kv_budget, 1), ("--n-sink", n_sink, 0),
                              ("--kv-recent", args.kv_recent, 0)):
         if value is not None and value < low:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
     try:
-        return Eviction(args.kv_evict or "streaming", args.kv_budget, 4 if args.kv_sinks is None else args.kv_sinks,
+        return Eviction(args.kv_evict or "streaming", args.kv_budget, 4 if n_sink is None else n_sink,
                         args.kv_recent)
     except ValueError as e:  # in the flags' words
-        words = {"budget=": "--kv-budget ", "n_sink=": "--kv-sinks ", "recent=": "--kv-recent ",
+        words = {"budget=": "--kv-budget ", "n_sink=": "--n-sink ", "recent=": "--kv-recent ",
                  "recent is": "--kv-recent is"}
         message = str(e)
         for field, flag in words.items():

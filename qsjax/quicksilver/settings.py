@@ -1,11 +1,17 @@
 """QuickSilver settings: one frozen dataclass, every mechanism switchable alone, and presets.
 
 Layers are numbered 1..L as in the paper: "after layer l" means once block l has run.
+
+Each field's meaning lives once, in its `metadata` (`option` below): its one-line help, the group
+it belongs to, its command-line flag and the range of values allowed. The command-line options
+(qsjax.quicksilver.options), `--quicksilver-config` files and this class's docstring all read it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import NamedTuple
 
 SCOPES = ("all", "context")
 HALT_POLICIES = ("none", "drift", "cutoff", "select")
@@ -14,80 +20,137 @@ SELECT_SIGNALS = ("attention", "recency")
 SELECT_HEADS = ("sum", "max")
 POOL_KINDS = ("max", "avg")
 
+# the mechanism groups, in the order --help shows them
+GROUPS = {
+    "preset": "QuickSilver: preset and scope (off unless a preset, a config file or a mechanism flag is given)",
+    "halting": "QuickSilver: token halting (which tokens stop computing, and after which layer)",
+    "selection": "QuickSilver: importance selection (--halt select: which context tokens keep computing)",
+    "local": "QuickSilver: local attention (far context attends to a window)",
+    "kvskip": "QuickSilver: KV skipping (what a halted token leaves in the layers above its halt)",
+    "fusion": "QuickSilver: token fusion",
+    "matryoshka": "QuickSilver: Matryoshka quantization (narrower weights for confident tokens)",
+}
+
+
+class Range(NamedTuple):
+    """The values a number may take: low (exclusive when `open_low`) up to high (None: unbounded)."""
+    low: float
+    high: float | None = None
+    open_low: bool = False
+
+    def check(self, name: str, value) -> str | None:
+        """None when `value` is allowed, else why not (naming it `name`)."""
+        if value is None:
+            return None
+        above = value > self.low if self.open_low else value >= self.low
+        if math.isfinite(value) and above and (self.high is None or value <= self.high):
+            return None
+        shown = "" if self.high is None else f" and <= {self.high}"
+        return f"{name} must be {'>' if self.open_low else '>='} {self.low}{shown}, got {value}"
+
+
+def option(default, help: str, group: str, *, flag: str | None = "", range: Range | None = None,
+           choices: tuple[str, ...] | None = None, advanced: bool = False):
+    """A QuickSilverConfig field with its meaning: `help` (one line), `group` (GROUPS), `flag` ("": the
+    field's name as a flag, --halt-min-layer; None: no flag of its own), the `range` or `choices`
+    allowed, and `advanced` (listed by --help-all only)."""
+    return dataclasses.field(default=default, metadata=dict(help=help, group=group, flag=flag, range=range,
+                                                            choices=choices, advanced=advanced))
+
+
+def flag_of(field: dataclasses.Field) -> str | None:
+    """The command-line flag that sets `field` (None: it has none of its own)."""
+    flag = field.metadata["flag"]
+    return "--" + field.name.replace("_", "-") if flag == "" else flag
+
 
 @dataclasses.dataclass(frozen=True)
 class QuickSilverConfig:
-    # which tokens the mechanisms may touch: "all" (the paper) or "context" (tokens whose own
-    # prediction nobody needs); the first n_sink tokens are never touched
-    scope: str = "context"
-    n_sink: int = 4
+    scope: str = option("context", "which tokens the mechanisms may touch: all (the paper) or context (tokens whose "
+                        "own prediction nobody needs)", "preset", choices=SCOPES)
+    n_sink: int = option(4, "the first N tokens (attention sinks) no mechanism touches and --kv-budget never evicts "
+                         "(default 4)", "preset", range=Range(0))
     # Dynamic Token Halting
-    halt: str = "none"  # none | drift (the paper's rule) | cutoff (depth cut-off) | select (importance)
-    halt_min_layer: int = 1  # l_min: drift/entropy tests and fusion run after layers >= l_min
-    halt_drift: float | None = 0.045  # tau_drift; None disables the drift test
-    halt_entropy: float | None = 1.15  # tau_H in bits; None disables the entropy test
-    drift_relative: bool = True  # ||h^l - h^(l-1)|| / ||h^(l-1)||, else the raw L2 distance
-    halt_cutoff_layer: int = 0  # c, for cutoff and select
-    keep_top_k: float = 0.5  # select: fraction of eligible tokens that keep computing after c
-    select_signal: str = "attention"  # select: attention received from the last queries, or recency
-    select_queries: int = 16  # select/attention: how many of the last eligible queries vote
-    select_heads: str = "sum"  # select/attention: sum the KV heads' received attention, or take their max
-    select_accumulate: bool = False  # select/attention: sum the votes of layers 1..c (H2O), not layer c's alone
-    select_pool: int = 0  # select: pool the score over this many neighbouring positions (odd; 0 or 1: off)
-    select_pool_kind: str = "max"  # max | avg
-    select_recent: float = 0  # select: the most recent candidates kept first, inside the keep_top_k budget:
-    #   a count (a whole number >= 1), or below 1 a share of the budget
-    select_min_keep: int = 0  # select: keep at least this many eligible tokens (short prompts lose nothing)
-    halt_cutoff_layer2: int | None = None  # select, a pyramid: a second selection after layer c2 > c ...
-    keep_top_k2: float | None = None  # ... keeping this fraction (< keep_top_k) of the eligible tokens
-    # local attention (`local`): context tokens but the last local_full attend only to the sinks, the
-    # first local_prefix tokens and the last local_window slots up to their own, in every layer; None: off
-    local_window: int | None = None
-    local_full: int = 512
-    local_prefix: int = 0
-    # KV Cache Skipping for a halted token in the layers above its halt
-    kv_skip: str = "mask"  # mask | zero | propagate
-    kv_propagate_span: int | None = None  # propagate: only this many layers above the halt, mask beyond
-    # Contextual Token Fusion
-    fuse_threshold: float | None = None  # tau_fuse on cosine similarity; None disables fusion
-    # Adaptive Matryoshka Quantization
-    amq_layer: int | None = None  # l_q: int8 weights from this layer up; None disables AMQ
-    amq_low: float = 1.0  # tau_low (bits of entropy)
-    amq_high: float = 3.0  # tau_high
-    # execution, not semantics: run only the computing rows (bucketed compaction), or every row
-    # masked (the reference); both give the same decisions and logits
-    compact: bool = True
+    halt: str = option("none", "halting policy: none, drift (the paper's drift + entropy rule), cutoff (every "
+                       "eligible token stops after --halt-cutoff-layer) or select (importance selection); default: "
+                       "implied by the other flags given", "halting", choices=HALT_POLICIES)
+    halt_min_layer: int = option(1, "drift: the tests (and fusion) run after layers >= N (l_min)", "halting",
+                                 range=Range(1))
+    halt_drift: float | None = option(0.045, "drift: a token halts once its state moves less than X between layers "
+                                      "(tau_drift) ...", "halting", range=Range(0))
+    halt_entropy: float | None = option(1.15, "drift: ... and its next-token entropy is below X bits (tau_H)", "halting", range=Range(0))
+    drift_relative: bool = option(True, "drift: measure the move relative to the previous state's norm (else the "
+                                  "raw L2 distance)", "halting", flag=None)
+    halt_cutoff_layer: int = option(0, "cutoff, select: the layer N after which tokens stop (c)", "halting",
+                                    range=Range(0))
+    keep_top_k: float = option(0.5, "select: the fraction X of eligible tokens that keep computing after the "
+                               "cut-off", "selection", range=Range(0, 1, open_low=True))
+    select_signal: str = option("attention", "select: rank by the attention the last queries give (attention) or "
+                                "by position (recency)", "selection", choices=SELECT_SIGNALS)
+    select_queries: int = option(16, "select/attention: how many of the last eligible queries vote", "selection",
+                                 range=Range(1), advanced=True)
+    select_heads: str = option("sum", "select/attention: sum the KV heads' received attention, or take their max",
+                               "selection", choices=SELECT_HEADS, advanced=True)
+    select_accumulate: bool = option(False, "select/attention: sum the votes of layers 1..c (H2O), not layer c's "
+                                     "alone", "selection", advanced=True)
+    select_pool: int = option(0, "select: pool the score over N neighbouring positions (odd; 0 or 1: off)",
+                              "selection", range=Range(0), advanced=True)
+    select_pool_kind: str = option("max", "select: how --select-pool pools (max or avg)", "selection",
+                                   choices=POOL_KINDS, advanced=True)
+    select_recent: float = option(0, "select: the most recent candidates kept first, inside the budget: a count "
+                                  "N >= 1, or below 1 a share of the budget", "selection", range=Range(0))
+    select_min_keep: int = option(0, "select: keep at least N eligible tokens (short prompts lose nothing)",
+                                  "selection", range=Range(0))
+    halt_cutoff_layer2: int | None = option(None, "select, a pyramid: a second selection after layer N (> the "
+                                            "cut-off) ...", "selection", range=Range(1), advanced=True)
+    keep_top_k2: float | None = option(None, "... keeping this fraction X (< --keep-top-k) of the eligible tokens",
+                                       "selection", range=Range(0, 1, open_low=True), advanced=True)
+    local_window: int | None = option(None, "local attention: context tokens before the last --local-full attend "
+                                      "only to the sinks, the first --local-prefix tokens and the last N slots, in "
+                                      "every layer (default: off)", "local", range=Range(1))
+    local_full: int = option(512, "local attention: the last N context tokens attend to everything (default 512)",
+                             "local", range=Range(0))
+    local_prefix: int = option(0, "local attention: the first N tokens every token sees (default 0)", "local",
+                               range=Range(0))
+    kv_skip: str = option("mask", "a halted token's keys/values above its halt: mask (hidden from attention), zero, "
+                          "or propagate (each layer's projections of its frozen state)", "kvskip", choices=KV_MODES)
+    kv_propagate_span: int | None = option(None, "propagate: only N layers above the halt, mask beyond", "kvskip",
+                                           range=Range(0), advanced=True)
+    fuse_threshold: float | None = option(None, "fuse adjacent tokens whose states' cosine similarity is above X "
+                                          "(tau_fuse; default: off)", "fusion", range=Range(-1, 1))
+    amq_layer: int | None = option(None, "from layer N up, each token's weight width (8, 4 or 2 bits) follows "
+                                   "its entropy at N (l_q; default: off)",
+                                   "matryoshka", range=Range(1))
+    amq_low: float = option(1.0, "below X bits of entropy a token uses 2 bits (tau_low)", "matryoshka",
+                            range=Range(0), advanced=True)
+    amq_high: float = option(3.0, "above X bits it uses 8 (tau_high; 4 between)", "matryoshka", range=Range(0),
+                             advanced=True)
+    compact: bool = option(True, "execution, not semantics: run only the computing rows (bucketed compaction; "
+                           "true), or every row masked (the reference; --masked-reference): the same decisions and "
+                           "logits", "preset",
+                           flag="--masked-reference")
 
     def __post_init__(self):
         def check(ok, message):
             if not ok:
                 raise ValueError(message)
 
-        check(self.scope in SCOPES, f"scope must be one of {SCOPES}, got {self.scope!r}")
-        check(self.halt in HALT_POLICIES, f"halt must be one of {HALT_POLICIES}, got {self.halt!r}")
-        check(self.kv_skip in KV_MODES, f"kv_skip must be one of {KV_MODES}, got {self.kv_skip!r}")
-        check(self.select_signal in SELECT_SIGNALS, f"select_signal must be one of {SELECT_SIGNALS}")
-        check(self.n_sink >= 0, "n_sink must be >= 0")
-        check(self.halt_min_layer >= 1, "halt_min_layer counts layers from 1")
-        check(0 < self.keep_top_k <= 1, f"keep_top_k must be in (0, 1], got {self.keep_top_k}")
-        check(self.select_queries >= 1, "select_queries must be >= 1")
-        check(self.select_heads in SELECT_HEADS, f"select_heads must be one of {SELECT_HEADS}")
-        check(self.select_pool_kind in POOL_KINDS, f"select_pool_kind must be one of {POOL_KINDS}")
-        check(self.select_pool >= 0 and (self.select_pool <= 1 or self.select_pool % 2 == 1),
+        for field in dataclasses.fields(self):  # the choices and ranges each field's metadata gives
+            value, allowed = getattr(self, field.name), field.metadata["choices"]
+            check(allowed is None or value in allowed, f"{field.name} must be one of {allowed}, got {value!r}")
+            if field.metadata["range"] is not None:
+                why = field.metadata["range"].check(field.name, value)
+                check(why is None, why)
+        check(self.select_pool <= 1 or self.select_pool % 2 == 1,
               f"select_pool must be 0, 1 or an odd window, got {self.select_pool}")
-        check(self.select_recent >= 0 and (self.select_recent < 1 or float(self.select_recent).is_integer()),
+        check(self.select_recent < 1 or float(self.select_recent).is_integer(),
               f"select_recent must be a count (a whole number >= 1) or a share of the budget in [0, 1), "
               f"got {self.select_recent}")
-        check(self.select_min_keep >= 0, "select_min_keep must be >= 0")
-        check(self.local_window is None or self.local_window >= 1, f"local_window must be >= 1, got {self.local_window}")
-        check(self.local_full >= 0, f"local_full must be >= 0, got {self.local_full}")
-        check(self.local_prefix >= 0, f"local_prefix must be >= 0, got {self.local_prefix}")
         check(self.local_window is None or self.scope == "context",
               "local attention needs scope=context (only tokens whose predictions nobody needs attend locally)")
         check((self.halt_cutoff_layer2 is None) == (self.keep_top_k2 is None),
               "halt_cutoff_layer2 and keep_top_k2 go together (a second selection stage)")
         check(self.amq_low <= self.amq_high, "amq_low must be <= amq_high")
-        check(self.kv_propagate_span is None or self.kv_propagate_span >= 0, "kv_propagate_span must be >= 0")
         if self.halt in ("cutoff", "select"):
             check(self.halt_cutoff_layer >= 1, f"halt={self.halt} needs halt_cutoff_layer >= 1")
         if self.halt == "select":
@@ -133,6 +196,17 @@ class QuickSilverConfig:
             raise ValueError(f"amq_layer={self.amq_layer} must be in 1..{n_layers}")
 
 
+def fields_doc() -> str:
+    """Every field's meaning, by group (from its metadata): the class's docstring."""
+    lines = []
+    for group, title in GROUPS.items():
+        lines.append(f"\n{title}:")
+        lines += [f"    {f.name} = {f.default!r}: {f.metadata['help']}" for f in dataclasses.fields(QuickSilverConfig)
+                  if f.metadata["group"] == group]
+    return "\n".join(lines)
+
+
+QuickSilverConfig.__doc__ = "QuickSilver's settings; the default (OFF) turns every mechanism off.\n" + fields_doc()
 OFF = QuickSilverConfig()
 
 

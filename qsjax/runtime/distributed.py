@@ -36,11 +36,13 @@ FLAGS = ("--coordinator", "--num-processes", "--process-id")
 MESSAGE_BYTES = 1024  # an error message as exchanged between processes (longer ones are cut)
 
 
-def add_distributed_args(parser) -> None:
+def add_distributed_args(parser, mesh_help: str) -> None:
+    """The "devices and processes" options: --mesh (`mesh_help`: what its axes split), then the processes'."""
     group = parser.add_argument_group(
-        "several processes (hosts): run the same command in every process, with the same --coordinator and "
-        "--num-processes and its own --process-id; --mesh must then span the devices of all of them"
+        "devices and processes (several hosts: run the same command in every process, with the same --coordinator "
+        "and --num-processes and its own --process-id; --mesh must then span the devices of all of them)"
     )
+    group.add_argument("--mesh", metavar="SPEC", help=mesh_help)
     group.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's host and a free port on it")
     group.add_argument("--num-processes", type=int, metavar="N", help="how many processes take part")
     group.add_argument("--process-id", type=int, metavar="I",

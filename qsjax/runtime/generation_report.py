@@ -49,6 +49,8 @@ class GenerationResult:
 def make_report(args, model_dir: Path, gen, prompts: list[str], sampling: Sampling,
                 result) -> dict:
     """The `--json` report: the settings, then per prompt and over the batch, counts and timings."""
+    from qsjax.quicksilver.options import recorded
+
     qs = gen.quicksilver
     return {
         "settings": {
@@ -60,8 +62,8 @@ def make_report(args, model_dir: Path, gen, prompts: list[str], sampling: Sampli
             "chat": args.chat,
             "sampling": dataclasses.asdict(sampling) | {"seed": args.seed},
             "mesh": args.mesh,
-            "quicksilver": None if qs is None else dataclasses.asdict(qs),
-        },
+            **recorded(args, qs),  # quicksilver: the whole QuickSilverConfig (None: off), which
+        },  # --quicksilver-config replays; quicksilver_preset: the preset it started from
         "prompts": [{"prompt": p, "prompt_tokens": n, "new_tokens": len(ids), "text": text, "token_ids": ids}
                     for p, n, ids, text in zip(prompts, result.prompt_tokens, result.token_ids, result.texts)],
         "prompt_tokens": sum(result.prompt_tokens),
