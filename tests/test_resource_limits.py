@@ -15,10 +15,15 @@ import pytest
 from conftest import save_tiny_gpt2_with_tokenizer
 
 from qsjax import generate
-from qsjax.checkpoints.tokenizer import TextTooLong, load_tokenizer
+from qsjax.checkpoints.tokenizer import load_tokenizer
 from qsjax.dense.config import ConfigError, load_config
-from qsjax.runtime import memory
 from qsjax.runtime.cli import UsageError
+
+try:  # each test below fails on its own (not the whole file) where these are missing
+    from qsjax.checkpoints.tokenizer import TextTooLong
+    from qsjax.runtime import memory
+except ImportError:
+    TextTooLong, memory = AssertionError, None
 
 ROOT = Path(__file__).resolve().parent.parent
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "A small model reads a small text, one token at a time."]
