@@ -48,10 +48,12 @@ def parse_args(argv=None):
     g.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file)")
     g.add_argument("--model", help="a Hugging Face model directory or a known model name (default: smollm2-135m-instruct)")
     g.add_argument("--prompts-file", help="a UTF-8 text file with one prompt per line (blank lines skipped), run as "
-                   "one batch")
+                   "batches of --batch-size")
     g.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                    help="stop after N new tokens per prompt, or at its end-of-sequence token (default 64)")
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    g.add_argument("--batch-size", type=int, metavar="N", help="prompts run together (default: as many as fit in "
+                   "memory); the results come in prompt order")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and activations (default float32)")
     s = p.add_argument_group("sampling (greedy unless --do-sample)")
@@ -125,6 +127,12 @@ def check_args(args) -> list[str]:
         prompts = read_prompts_file(args.prompts_file)
     if any(not p.strip() for p in prompts):
         raise UsageError("empty prompt: give at least one non-whitespace character of text")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        prompts[0].encode("utf-8")
+    except UnicodeEncodeError as e:  # the shell passed bytes that are not UTF-8 (Python keeps them as surrogates)
+        raise UsageError(f"the prompt is not UTF-8 text (character {e.start}); give UTF-8 text") from None
     return prompts
 
 
@@ -164,9 +172,32 @@ class Output:
             os._exit(quiet_broken_pipe())
 
 
-def load_generator(args, prompts: list[str]) -> tuple[Generator, list[list[int]], Path]:
-    """Build the mesh, load the tokenizer and weights (sharded), encode and check the prompts:
-    -> the generator, the token-id prompts, the model directory; every failure a UsageError."""
+def encode_prompts(tokenizer, prompts: list[str], chat: bool, context: int, label: str) -> list[list[int]]:
+    """Each prompt's token ids (wrapped in the chat template with --chat, as Generator.encode does);
+    a prompt (or its rendering) too large for the context is refused from its size, before tokenizing."""
+    from qsjax.checkpoints.tokenizer import TextTooLong
+
+    ids = []
+    for i, prompt in enumerate(prompts):
+        what = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+        try:
+            tokenizer.check_fits(prompt, context, what)
+            if chat:
+                limit = context * tokenizer.max_token_bytes
+                prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], limit=limit)
+                tokenizer.check_fits(prompt, context, f"{what} in the chat template")
+        except TextTooLong as e:
+            raise UsageError(f"{e}; shorten it") from None
+        except ValueError as e:
+            raise UsageError(f"--chat: {label}: {e}") from None
+        ids.append(tokenizer.encode(prompt, add_special_tokens=not chat))
+    return ids
+
+
+def load_generator(args, prompts: list[str]):
+    """Build the mesh, load the tokenizer, encode the prompts, plan the batches from the memory
+    estimate, load the weights (sharded): -> the generator, the token-id prompts, the model
+    directory, the batch size; every failure a UsageError, and the memory check before the weights load."""
     mesh = None
     if args.mesh is not None:
         from qsjax.runtime.sharding import MeshError, mesh_from_spec
@@ -177,23 +208,33 @@ def load_generator(args, prompts: list[str]) -> tuple[Generator, list[list[int]]
             raise UsageError(str(e)) from None
     from qsjax.runtime.compilecache import enable_compilation_cache
     from qsjax.checkpoints.load import check_vocabulary, load_model_checked, load_tokenizer_checked, model_label, read_config
+    from qsjax.runtime.memory import batch_size, estimate
     from qsjax.weights import resolve_model
 
     model_dir = resolve_model(args.model)
-    qs = quicksilver_from_args(args, read_config(args.model, model_dir).n_layers)
+    cfg = read_config(args.model, model_dir)
+    qs = quicksilver_from_args(args, cfg.n_layers)
     tokenizer = load_tokenizer_checked(args.model, model_dir)
-    if args.chat:
-        try:
-            tokenizer.apply_chat_template([{"role": "user", "content": prompts[0]}])
-        except ValueError as e:
-            raise UsageError(f"--chat: {model_label(args.model, model_dir)}: {e}") from None
+    ids = encode_prompts(tokenizer, prompts, args.chat, cfg.max_positions, model_label(args.model, model_dir))
+    check_vocabulary(ids, cfg.vocab_size)
+    longest = max(map(len, ids))
+    size = args.batch_size or len(ids)
+    if 0 < longest and longest + args.max_new_tokens <= cfg.max_positions:  # else Generator.check refuses it
+        need = estimate(cfg, args.dtype, longest, args.max_new_tokens, len(ids), sum(map(len, ids)))
+        size = batch_size(need, args.batch_size, len(ids))
     enable_compilation_cache()
     model = load_model_checked(args.model, model_dir, args.dtype)
     gen = Generator(model, tokenizer, qs, mesh, eviction_from_args(args, qs.enabled))
-    ids = [gen.encode(p, args.chat) for p in prompts]
-    check_vocabulary(ids, model.cfg.vocab_size)
     gen.check(ids, args.max_new_tokens)
-    return gen, ids, model_dir
+    return gen, ids, model_dir, size
+
+
+def generate_batches(gen, ids: list[list[int]], size: int, **options):
+    """gen(...) over consecutive batches of `size` prompts -> one GenerationResult, rows in prompt order."""
+    from qsjax.runtime.generation_report import join_results
+    from qsjax.runtime.memory import batches
+
+    return join_results([gen(batch, **options) for batch in batches(ids, size)])
 
 
 def main(argv=None) -> int:
@@ -202,7 +243,7 @@ def main(argv=None) -> int:
     start(args)  # several processes: join them (nothing without --coordinator)
     writer = is_writer()  # process 0 (or the only one) writes the text and the closing line
     with together():  # an error in any process stops all of them here, before the first collective
-        gen, ids, model_dir = load_generator(args, prompts)
+        gen, ids, model_dir, size = load_generator(args, prompts)
     sampling = Sampling(args.do_sample and args.temperature > 0, args.temperature, args.top_k, args.top_p)
     from qsjax.checkpoints.tokenizer import StreamDecoder
 
@@ -225,7 +266,8 @@ def main(argv=None) -> int:
     if writer:
         print(f"generating with {model_dir.name} ({cfg.arch}, {cfg.n_layers} layers) ...", file=sys.stderr)
     with exit_on_interrupt(on_interrupt):
-        result = gen(ids, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, stream=stream)
+        result = generate_batches(gen, ids, size, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
+                                  stream=stream)
     out.end("" if stream is not None else "\n----\n".join(result.texts))
     if writer:
         print(closing_line(result, gen.programs), file=sys.stderr)

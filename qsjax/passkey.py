@@ -86,7 +86,7 @@ def parse_args(argv=None):
                    help="comma-separated sequence lengths in tokens, prompt + answer (default 1024,2048,4096,8192)")
     g.add_argument("--depths", type=int, default=5, help="N needle depths evenly spaced from 0%% to 100%% (1: 50%%; "
                    "default 5)")
-    g.add_argument("--trials", type=int, default=5, help="keys per (length, depth) cell, run as one batch (default 5)")
+    g.add_argument("--trials", type=int, default=5, help="keys per (length, depth) cell, run in batches of --batch-size (default 5)")
     g.add_argument("--haystack", metavar="FILE", help="real text around the needle: a .txt, .jsonl or .jsonl.gz file, "
                    "or wikitext103 or c4 (default: a repeated filler text)")
     g.add_argument("--max-new-tokens", type=int, default=10, help="answer tokens (default 10)")
@@ -103,6 +103,8 @@ def parse_args(argv=None):
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_quicksilver_args(p, wants_help_all(argv))
     add_eviction_args(p)
+    g.add_argument("--batch-size", type=int, metavar="N", help="trials run together (default: as many of a cell's as "
+                   "fit in memory)")
     return p.parse_args(argv)
 
 
@@ -128,6 +130,18 @@ def check_args(args) -> None:
         check_output_file("--plot", args.plot)
     if args.json is not None:
         check_output_file("--json", args.json)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+
+def plan_batch(args, cfg) -> int:
+    """Trials per batch from the memory estimate (every prompt held on the host, one batch on the
+    device), before the prompts are built; UsageError when even one trial cannot fit."""
+    from qsjax.runtime.memory import batch_size, estimate
+
+    longest, cells = max(args.lengths), len(args.lengths) * args.depths
+    need = estimate(cfg, args.dtype, longest - args.max_new_tokens, args.max_new_tokens, cells * args.trials)
+    return batch_size(need, args.batch_size, args.trials, fix="lower --trials, --lengths or --max-new-tokens")
 
 
 def format_table(report: dict) -> str:
@@ -190,6 +204,7 @@ def main(argv=None) -> int:
     qs = quicksilver_from_args(args, cfg.n_layers)
     qs = qs if qs.enabled else None
     eviction = eviction_from_args(args, qs is not None)
+    size = plan_batch(args, cfg)
     tokenizer = load_tokenizer_checked(args.model, model_dir)
     try:
         cells = make_cells(tokenizer, text, args.lengths, depth_fractions(args.depths), args.trials, args.seed,
@@ -206,9 +221,9 @@ def main(argv=None) -> int:
         model = load_model_checked(args.model, model_dir, args.dtype)
         if args.compare:
             report["dense"] = run_cells(Generator(model, tokenizer), cells, args.max_new_tokens, not args.no_progress,
-                                        "dense")
+                                        "dense", size)
         report.update(run_cells(Generator(model, tokenizer, qs, eviction=eviction), cells, args.max_new_tokens,
-                                not args.no_progress, report["settings"]["label"]))
+                                not args.no_progress, report["settings"]["label"], size))
     return write_outputs(args, report)
 
 

@@ -9,6 +9,8 @@ token ids come from `generation_config.json`, `config.json` and `tokenizer_confi
 template from `tokenizer_config.json` or `chat_template.jinja`.
 """
 
+import functools
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,31 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from qsjax.dense.config import read_json_object
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+IN_WORKER_CHARS = 1 << 16  # longer texts are tokenized in a worker thread, so that Ctrl-C / SIGTERM act at once
+
+
+class TextTooLong(ValueError):
+    """Text that cannot fit a context (from its size alone), or a chat template rendering too much."""
+
+
+def in_worker(fn, *args):
+    """fn(*args) in a daemon thread while the main thread waits in Python, where SIGINT and SIGTERM
+    raise at once (`fn` must release the GIL, as `tokenizers`' batch encoding does)."""
+    box = {}
+
+    def work():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    worker = threading.Thread(target=work, name="qsjax-tokenize", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.05)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 @dataclass(frozen=True)
@@ -40,8 +67,24 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size()
 
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes any token's text has (byte-level and byte-fallback spellings only
+        overstate the bytes a token covers): n bytes of text need at least n / this many tokens."""
+        return max(4, max(len(t.encode("utf-8")) for t in self.backend.get_vocab()))
+
+    def check_fits(self, text: str, context: int, what: str = "the text") -> None:
+        """Raise TextTooLong when `text` is too large to fit `context` tokens, from its size alone."""
+        limit = context * self.max_token_bytes
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise TextTooLong(f"{what} is {size:,} bytes: it cannot fit the model's context of {context:,} tokens "
+                              f"(at most {self.max_token_bytes} bytes a token, {limit:,} bytes in all)")
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if len(text) <= IN_WORKER_CHARS:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return in_worker(lambda: self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
@@ -49,8 +92,10 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render `[{"role": ..., "content": ...}, ...]` into the prompt text the model was tuned on."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            limit: int = 1 << 28) -> str:
+        """Render `[{"role": ..., "content": ...}, ...]` into the prompt text the model was tuned on;
+        TextTooLong if it renders more than `limit` characters."""
         if self.chat_template is None:
             raise ValueError("this model has no chat template (no chat_template in tokenizer_config.json, "
                              "no chat_template.jinja); drop --chat")
@@ -61,23 +106,46 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
+                limit=limit,
             )
+        except TextTooLong:
+            raise
         except Exception as e:  # a syntax error, an undefined name, raise_exception(...), a non-string template
             raise ValueError(f"the model's chat template cannot be rendered ({type(e).__name__}: {e}); drop --chat") from None
 
 
-def render_chat_template(template: str, messages: list[dict], **variables) -> str:
+class BoundedEnvironment(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """A sandbox in which `*` (repetition) cannot build a value longer than `limit`."""
+
+    intercepted_binops = frozenset({"*"})
+    limit = 1 << 28
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if hasattr(seq, "__len__") and isinstance(times, int) and len(seq) * times > self.limit:
+                    raise TextTooLong(f"the chat template builds a value of over {self.limit:,} characters")
+        return super().call_binop(context, operator, left, right)
+
+
+def render_chat_template(template: str, messages: list[dict], limit: int = 1 << 28, **variables) -> str:
     """Render a Hugging Face chat template (Jinja) the way transformers does: sandboxed, with
-    `trim_blocks`, `lstrip_blocks`, loop controls and `raise_exception`."""
+    `trim_blocks`, `lstrip_blocks`, loop controls and `raise_exception`; TextTooLong once the output
+    (or a repeated value in it) passes `limit` characters."""
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.limit = limit
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, **variables)
+    parts, size = [], 0
+    for part in env.from_string(template).generate(messages=messages, **variables):
+        size += len(part)
+        if size > limit:
+            raise TextTooLong(f"the chat template renders over {limit:,} characters")
+        parts.append(part)
+    return "".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 
@@ -72,6 +73,8 @@ def read_json_object(path: Path, error=ValueError) -> dict:
         raise error(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     except UnicodeDecodeError:
         raise error(f"{path} is not UTF-8 text") from None
+    except RecursionError:
+        raise error(f"{path} is nested too deeply to be a config") from None
     if not isinstance(value, dict):
         raise error(f"{path} must hold a JSON object, not a {type(value).__name__}")
     return value
@@ -91,12 +94,50 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         raise ConfigError(f"{path}: a field has the wrong type ({e})") from None
 
 
+def _show(value) -> str:
+    """A config value for a message: its JSON-like repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _positive(hf: dict, *keys: str) -> None:
     """Raise unless each of `keys` that is present is a positive integer."""
     for key in keys:
         value = hf.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"config field {key}={value!r} must be a positive integer")
+            raise ConfigError(f"config field {key}={_show(value)} must be a positive integer")
+
+
+def _numbers(hf: dict, *keys: str) -> None:
+    """Raise unless each of `keys` that is present is a finite number > 0."""
+    for key in keys:
+        value = hf.get(key)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        if value is not None and not ok:
+            raise ConfigError(f"config field {key}={_show(value)} must be a positive number")
+
+
+def _flags(hf: dict, *keys: str) -> None:
+    """Raise unless each of `keys` that is present is true or false."""
+    for key in keys:
+        if hf.get(key) is not None and not isinstance(hf[key], bool):
+            raise ConfigError(f"config field {key}={_show(hf[key])} must be true or false")
+
+
+def _token_ids(hf: dict, *keys: str) -> None:
+    """Raise unless each of `keys` that is present is a token id (an integer >= 0) or a list of them."""
+    for key in keys:
+        value = hf.get(key)
+        ids = value if isinstance(value, list) else [value]
+        if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ConfigError(f"config field {key}={_show(value)} must be a token id or a list of them")
+
+
+def _check_types(hf: dict) -> None:
+    """The fields both architectures read that are not sizes: numbers, flags, token ids."""
+    _numbers(hf, "layer_norm_epsilon", "rms_norm_eps", "rope_theta")
+    _flags(hf, "tie_word_embeddings", "attention_bias", "mlp_bias")
+    _token_ids(hf, "bos_token_id", "eos_token_id")
 
 
 def _eos_ids(hf: dict) -> tuple[int, ...]:
@@ -119,6 +160,7 @@ def _gpt2_config(hf: dict) -> ModelConfig:
     _require(hf, "add_cross_attention", (False,))
     _require(hf, "tie_word_embeddings", (True,))
     _positive(hf, "vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions")
+    _check_types(hf)
     d = hf["n_embd"]
     return ModelConfig(
         arch="gpt2",
@@ -141,7 +183,12 @@ def _gpt2_config(hf: dict) -> ModelConfig:
 
 def _llama_rope(hf: dict) -> tuple[float, RopeScaling | None]:
     # transformers >= 5 writes `rope_parameters` (theta inside); older files `rope_theta` + `rope_scaling`.
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"config field rope_scaling={_show(params)} must be an object")
+    params = dict(params)
+    _numbers(params, "rope_theta", "factor", "low_freq_factor", "high_freq_factor")
+    _positive(params, "original_max_position_embeddings")
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
@@ -161,6 +208,7 @@ def _llama_config(hf: dict) -> ModelConfig:
     _require(hf, "pretraining_tp", (1,))
     _positive(hf, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "head_dim", "intermediate_size", "max_position_embeddings")
+    _check_types(hf)
     d, n_heads = hf["hidden_size"], hf["num_attention_heads"]
     n_kv = hf.get("num_key_value_heads") or n_heads
     if n_heads % n_kv:

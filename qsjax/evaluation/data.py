@@ -10,7 +10,7 @@ Text is UTF-8; a leading byte-order mark is dropped, line ends are read as "\\n"
 Two data sets have names (`resolve_data("wikitext103")`) and ship with qsjax, gzip-compressed in
 `qsjax/datasets/` (see its README for their licences), checked against their SHA-256 when read.
 If $QSJAX_DATA is set and holds the same relative path (e.g. `wikitext103/test.txt`), that copy is
-read instead.
+read instead (an error if it is there but not a readable file).
 """
 
 from __future__ import annotations
@@ -49,8 +49,11 @@ def resolve_data(arg: str) -> Path:
     if arg in DATASETS:
         if os.environ.get("QSJAX_DATA"):
             path = Path(os.environ["QSJAX_DATA"]) / DATASETS[arg]
-            if path.is_file():
+            if path.is_file() and os.access(path, os.R_OK):
                 return path
+            if os.path.lexists(path):  # there, but not a readable file: never fall back to the shipped copy silently
+                raise DataError(f"data set {arg!r}: {path} (under $QSJAX_DATA) is not a readable file; fix it or "
+                                "remove it to use the copy shipped with qsjax")
         path = SHIPPED_DIR / SHIPPED[arg][0]
         if not path.is_file():
             raise DataError(f"data set {arg!r}: {path} is missing from this qsjax installation; reinstall qsjax")

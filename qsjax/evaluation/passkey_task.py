@@ -111,18 +111,23 @@ def make_cells(tokenizer, haystack_text: str, lengths, depths, trials, seed, max
     return cells
 
 
-def run_cells(gen, cells, max_new: int, progress: bool, desc: str) -> dict:
-    """Generate for every cell (one batch per cell): accuracy, cells and timings."""
+def run_cells(gen, cells, max_new: int, progress: bool, desc: str, batch_size: int | None = None) -> dict:
+    """Generate for every cell (its trials in batches of `batch_size`, default all at once): accuracy,
+    cells and timings."""
     from tqdm import tqdm
+
+    from qsjax.runtime.memory import batches
 
     out, seconds, compile_s = [], 0.0, 0.0
     for cell in tqdm(cells, desc=desc, unit="cell", file=sys.stderr, disable=not progress):
-        result = gen(cell["prompts"], max_new_tokens=max_new)
-        seconds += result.seconds
-        compile_s += result.seconds_compile
+        results = [gen(batch, max_new_tokens=max_new)
+                   for batch in batches(cell["prompts"], batch_size or len(cell["prompts"]))]
+        seconds += sum(r.seconds for r in results)
+        compile_s += sum(r.seconds_compile for r in results)
+        texts = [text for r in results for text in r.texts]
         trials = [dict(key=key, answer=text, correct=is_correct(text, key), prompt_tokens=len(ids),
                        needle_at=b, depth_actual=b / n)
-                  for key, text, ids, b, n in zip(cell["keys"], result.texts, cell["prompts"], cell["needle_at"],
+                  for key, text, ids, b, n in zip(cell["keys"], texts, cell["prompts"], cell["needle_at"],
                                                   cell["haystack_tokens"])]
         correct = sum(t["correct"] for t in trials)
         out.append(dict(length=cell["length"], depth=cell["depth"], correct=correct, trials_run=len(trials),

@@ -46,6 +46,25 @@ class GenerationResult:
         return None if self.quicksilver is None else self.quicksilver["prompt"]["fraction_token_layers_executed"]
 
 
+def join_results(results: list[GenerationResult]) -> GenerationResult:
+    """The results of consecutive batches as one: rows in order, seconds summed, the KV cache bytes of
+    the largest batch; QuickSilver's prompt share weighted by tokens, each batch's statistics kept."""
+    if len(results) == 1:
+        return results[0]
+    qs = None
+    if results[0].quicksilver is not None:
+        prompts = [r.quicksilver["prompt"] for r in results]
+        tokens = sum(p["tokens"] for p in prompts)
+        share = sum(p["fraction_token_layers_executed"] * p["tokens"] for p in prompts) / max(1, tokens)
+        qs = {"prompt": {"tokens": tokens, "fraction_token_layers_executed": share},
+              "batches": [r.quicksilver for r in results]}
+    kv = {key: max(r.kv_cache_bytes[key] for r in results) for key in results[0].kv_cache_bytes}
+    return GenerationResult(
+        [t for r in results for t in r.texts], [t for r in results for t in r.token_ids],
+        [n for r in results for n in r.prompt_tokens], sum(r.seconds_first_token for r in results),
+        sum(r.seconds_decode for r in results), sum(r.seconds_compile for r in results), kv, qs)
+
+
 def make_report(args, model_dir: Path, gen, prompts: list[str], sampling: Sampling,
                 result) -> dict:
     """The `--json` report: the settings, then per prompt and over the batch, counts and timings."""
