@@ -158,8 +158,7 @@ def main(argv=None) -> int:
               "model": model_dir.name, "dtype": "float32", "machine_at_start": machine(), "repeats": args.repeats,
               "torch_threads": args.threads, **bench(gens, hf, tokenizer, stream, args)}
     report["load_average_at_end"] = machine()["load_average"]
-    write_report(args.json, report, format_table(report))
-    return 0
+    return write_report(args.json, report, format_table(report))
 
 
 if __name__ == "__main__":
