@@ -235,6 +235,8 @@ def write_dir_atomically(out_dir: Path, write, *, overwrite: bool = True, check=
         if check is not None:
             check()
         replace_dir(partial, out_dir, overwrite)
+    except FileExistsError:  # check() or replace_dir: what appeared meanwhile is kept
+        raise
     except (OSError, SafetensorError) as e:  # a full disk, a file system gone read-only
         raise OutputError(f"cannot write {out_dir}: {getattr(e, 'strerror', None) or e}") from None
     finally:
