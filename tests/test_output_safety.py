@@ -167,7 +167,7 @@ def test_folder_filled_while_converting_is_not_replaced(tmp_path, tiny_gguf, mon
         convert.convert_gguf(gguf_path, out, progress=False)  # the other conversion finishes first
 
     monkeypatch.setattr(convert, "write_model_dir", racing)
-    with pytest.raises(FileExistsError, match="filled while converting"):
+    with pytest.raises(FileExistsError, match="is not empty; pass --force"):
         convert.convert_gguf(tiny_gguf, out, progress=False)
     assert convert.manifest_problems(out, checksums=True) == []
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
