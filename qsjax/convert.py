@@ -166,7 +166,7 @@ def not_replaceable(out_dir: Path) -> str | None:
         try:
             config = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return "it holds no readable config.json"
+            return "it holds no model: no readable config.json"
         if not isinstance(config, dict) or "model_type" not in config:
             return "its config.json has no model_type"
         if not any(out_dir.glob("*.safetensors")):
