@@ -14,10 +14,14 @@ and tokenizer come from qsjax.checkpoints.gguf_file):
 
 The output is written into a hidden temporary directory next to OUT_DIR and renamed into place at
 the end, so a failed or interrupted conversion (Ctrl-C, SIGTERM) leaves nothing behind; a later run
-removes what a killed one left. The input is never deleted: OUT_DIR may not contain the GGUF file
-or the current directory, and --force replaces only a directory that holds a model (config.json).
+removes what a killed one left; of two conversions into the same new OUT_DIR only the first to
+finish succeeds. Nothing of the user's is deleted: OUT_DIR may not contain the GGUF file or the
+current directory, and --force replaces only a model directory: one qsjax wrote (its manifest lists
+every file) or a complete Hugging Face model (config.json with model_type, weights, tokenizer) with
+nothing else in it.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -138,9 +142,48 @@ def remove_stale_siblings(path: Path, kinds=("partial", "old", "fetch")) -> None
                 shutil.rmtree(stale, ignore_errors=True)
 
 
+# What a model directory may hold: a complete one (config.json with model_type, weights, tokenizer)
+# made of these files and nothing else may be replaced by --force, as may one with a manifest,
+# which only qsjax writes.
+HF_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                  "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                  "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def listed_in_manifest(model_dir: Path) -> set[str]:
+    try:
+        return set(json.loads((model_dir / MANIFEST).read_text(encoding="utf-8"))["files"]) | {MANIFEST}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def not_replaceable(out_dir: Path) -> str | None:
+    """Why --force may not replace the directory `out_dir` (None if it may): it must be a model
+    directory qsjax wrote (a manifest listing every file) or a complete Hugging Face model
+    (config.json with model_type, *.safetensors weights, tokenizer files) with nothing else in it."""
+    known = listed_in_manifest(out_dir)
+    if not known:
+        try:
+            config = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return "it holds no model: no readable config.json"
+        if not isinstance(config, dict) or "model_type" not in config:
+            return "its config.json has no model_type"
+        if not any(out_dir.glob("*.safetensors")):
+            return "it holds no model weights (*.safetensors)"
+        if not ((out_dir / "tokenizer.json").is_file() or (out_dir / "tokenizer.model").is_file()):
+            return "it holds no tokenizer"
+    for entry in sorted(out_dir.iterdir()):
+        name = entry.name
+        ours = name in known or name in HF_MODEL_FILES or (name.startswith("model-") and name.endswith(".safetensors"))
+        if not ours or entry.is_symlink() or not entry.is_file():
+            return f"{name} is not a model file"
+    return None
+
+
 def check_destination(gguf_path: Path, out_dir: Path, overwrite: bool) -> None:
     """Refuse a destination that is a file, that holds the input or the current directory, or that
-    is not empty (unless `overwrite`, and then only a model directory)."""
+    is not empty (unless `overwrite`, and then only a model directory: not_replaceable)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory")
     if out_dir == gguf_path.parent or out_dir in gguf_path.parents:
@@ -150,28 +193,36 @@ def check_destination(gguf_path: Path, out_dir: Path, overwrite: bool) -> None:
         raise FileExistsError(f"output directory {out_dir} contains the current directory; choose another directory")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--force) to replace it")
-        if not (out_dir / "config.json").is_file():
-            raise FileExistsError(f"{out_dir} is not empty and holds no model (no config.json); --force replaces "
-                                  "only a model directory, so choose another directory")
+            raise FileExistsError(f"{out_dir} is not empty; pass --force to replace it (only a model directory)")
+        why = not_replaceable(out_dir)
+        if why is not None:
+            raise FileExistsError(f"{out_dir} is not a model directory ({why}); --force replaces only a model "
+                                  "directory, so choose another directory")
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Rename directory `src` to `dst`, replacing whatever `dst` held."""
-    if dst.is_dir() and not any(dst.iterdir()):
-        dst.rmdir()
-    if dst.exists():
+def replace_dir(src: Path, dst: Path, overwrite: bool) -> None:
+    """Rename directory `src` to `dst`.  Without `overwrite` this succeeds only while `dst` is
+    missing or empty (the rename fails if another process filled it meanwhile); with it, `dst` is
+    moved aside first and removed after."""
+    if dst.exists() and overwrite:
         old = temp_sibling(dst, "old")
         os.replace(dst, old)
         os.replace(src, dst)
         shutil.rmtree(old)
-    else:
-        os.replace(src, dst)
+        return
+    try:
+        os.rename(src, dst)  # onto an empty directory or none: atomic, and refused if dst is not empty
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(f"{dst} was filled while converting (another conversion?); nothing replaced, "
+                                  "pass --force to replace it") from None
+        raise
 
 
-def write_dir_atomically(out_dir: Path, write) -> Path:
-    """`write(tmp)` fills a fresh hidden sibling directory, which then replaces `out_dir`; on any
-    error or interrupt the temporary directory is removed and `out_dir` is left as it was."""
+def write_dir_atomically(out_dir: Path, write, *, overwrite: bool = True, check=None) -> Path:
+    """`write(tmp)` fills a fresh hidden sibling directory, which then takes `out_dir`'s place
+    (replace_dir; `check()` runs just before, to refuse what appeared meanwhile); on any error or
+    interrupt the temporary directory is removed and `out_dir` is left as it was."""
     partial = temp_sibling(out_dir, "partial")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -181,7 +232,11 @@ def write_dir_atomically(out_dir: Path, write) -> Path:
         raise OutputError(f"cannot write {out_dir}: {e.strerror or e}") from None
     try:
         write(partial)
-        replace_dir(partial, out_dir)
+        if check is not None:
+            check()
+        replace_dir(partial, out_dir, overwrite)
+    except FileExistsError:  # check() or replace_dir: what appeared meanwhile is kept
+        raise
     except (OSError, SafetensorError) as e:  # a full disk, a file system gone read-only
         raise OutputError(f"cannot write {out_dir}: {getattr(e, 'strerror', None) or e}") from None
     finally:
@@ -201,15 +256,17 @@ def convert_gguf(gguf_path, out_dir, *, overwrite: bool = False, progress: bool 
         raise FileNotFoundError(f"{gguf_path} is a directory; give the .gguf file")
     if not gguf_path.is_file():
         raise FileNotFoundError(f"no such GGUF file: {gguf_path}")
-    check_destination(gguf_path, out_dir, overwrite)
-    return write_dir_atomically(out_dir, lambda tmp: write_model_dir(gguf_path, tmp, progress=progress))
+    check = lambda: check_destination(gguf_path, out_dir, overwrite)  # noqa: E731
+    check()
+    return write_dir_atomically(out_dir, lambda tmp: write_model_dir(gguf_path, tmp, progress=progress),
+                                overwrite=overwrite, check=check)
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(prog="python -m qsjax.convert", description=__doc__.splitlines()[0])
     parser.add_argument("gguf", help="a llama.cpp GGUF file of a Llama model")
     parser.add_argument("out_dir", help="the Hugging Face model directory to write")
-    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it is a model directory")
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it is a model directory (one qsjax wrote, or a complete model and nothing else)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 

@@ -45,11 +45,12 @@ from typing import TYPE_CHECKING
 from qsjax.runtime.cli import (
     ArgumentParser,
     UsageError,
+    check_not_inputs,
     check_output_file,
     exit_on_interrupt,
-    quiet_broken_pipe,
+    model_inputs,
     run_cli,
-    write_file_atomic,
+    write_results,
 )
 from qsjax.runtime.distributed import add_distributed_args, check_distributed_args, is_writer, start, together
 from qsjax.quicksilver.options import (add_quicksilver_args, check_quicksilver_args, quicksilver_from_args, recorded,
@@ -179,15 +180,6 @@ def make_report(args, model_dir: Path, data_path: Path, n_tokens: int, result) -
     }
 
 
-def write_json_atomic(path: str, report: dict) -> None:
-    """The report as JSON to `path` (never a half-written file, see qsjax.runtime.cli.write_file_atomic), or stdout for "-"."""
-    text = json.dumps(report, indent=2) + "\n"
-    if path == "-":
-        sys.stdout.write(text)
-    else:
-        write_file_atomic(path, text)
-
-
 def programs_line(report: dict) -> str:
     n = report["programs_compiled"]
     line = f"{n} (one per window shape)"
@@ -242,22 +234,10 @@ def main(argv=None) -> int:
         report = evaluate_model(args, inputs, progress=writer and not args.no_progress)
     if not writer:
         return 0
-    # the table first: if the report cannot be written after all, the results are still shown
-    try:
-        print(format_table(report), file=sys.stderr if args.json == "-" else sys.stdout, flush=True)
-        closed = False
-    except BrokenPipeError:  # `| head`: the report is still written
-        closed = True
-    if args.json is not None:
-        try:
-            write_json_atomic(args.json, report)
-        except OSError as e:
-            if isinstance(e, BrokenPipeError):
-                closed = True
-            else:
-                raise UsageError(f"--json {args.json}: cannot write the report ({e.strerror or e}); "
-                                 "the results are in the table above") from None
-    return quiet_broken_pipe() if closed else 0
+    # the table first: if the report cannot be written after all, the results are still shown;
+    # the report is written even when stdout fails (a closed pipe, a full disk)
+    report_file = [("--json", args.json, json.dumps(report, indent=2) + "\n")] if args.json is not None else []
+    return write_results(format_table(report), report_file)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,8 +267,10 @@ def load_inputs(args, writer: bool = True) -> Inputs:
     from qsjax.weights import resolve_model
 
     data_path = resolve_data(args.data)
+    check_not_inputs([("--json", args.json)], [("--data", data_path), ("--quicksilver-config", args.quicksilver_config)])
     text = read_text(data_path)
     model_dir = resolve_model(args.model)
+    check_not_inputs([("--json", args.json)], model_inputs(model_dir))
     cfg = read_config(args.model, model_dir)
     check_context(args, cfg)
     qs = quicksilver_from_args(args, cfg.n_layers)

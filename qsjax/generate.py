@@ -31,11 +31,15 @@ from qsjax.quicksilver.options import add_quicksilver_args, check_quicksilver_ar
 from qsjax.runtime.cli import (
     ArgumentParser,
     UsageError,
+    check_not_inputs,
     check_output_file,
     exit_on_interrupt,
+    model_inputs,
     quiet_broken_pipe,
     run_cli,
-    write_file_atomic,
+    stdout_status,
+    write_output,
+    write_stdout,
 )
 from qsjax.runtime.distributed import add_distributed_args, check_distributed_args, is_writer, start, together
 from qsjax.runtime.generation_report import closing_line, make_report
@@ -140,14 +144,18 @@ class Output:
     """stdout for the streamed text: one writer at a time (the token callback, or the interrupt
     watcher), and a closed pipe (`| head`) ends the process quietly. With several processes, only
     process 0's output is written (`enabled`). After `end` nothing more is decoded, written or
-    counted: a token that arrives while the interrupt ends the line must not follow it."""
+    counted: a token that arrives while the interrupt ends the line must not follow it.  When
+    stdout fails otherwise (a full disk, closed), or closes while a --json report is still to be
+    written (`keep_going`), the error is kept in `error` and decoding goes on silently."""
 
-    def __init__(self, decoder, enabled: bool = True):
+    def __init__(self, decoder, enabled: bool = True, keep_going: bool = False):
         self.lock = threading.Lock()
         self.decoder = decoder
         self.new_tokens = 0
         self.enabled = enabled
+        self.keep_going = keep_going
         self.ended = False
+        self.error = None
 
     def token(self, token_id: int) -> None:
         with self.lock:
@@ -163,13 +171,12 @@ class Output:
                 self._emit(self.decoder.flush() + text + "\n")
 
     def _emit(self, text: str) -> None:
-        if not self.enabled:
+        if not self.enabled or self.error is not None:
             return
-        try:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        except BrokenPipeError:  # from inside a compiled program's callback: no exception may escape
+        error = write_stdout(text)  # from inside a compiled program's callback: no exception may escape
+        if isinstance(error, BrokenPipeError) and not self.keep_going:
             os._exit(quiet_broken_pipe())
+        self.error = error
 
 
 def encode_prompts(tokenizer, prompts: list[str], chat: bool, context: int, label: str) -> list[list[int]]:
@@ -212,6 +219,7 @@ def load_generator(args, prompts: list[str]):
     from qsjax.weights import resolve_model
 
     model_dir = resolve_model(args.model)
+    check_not_inputs([("--json", args.json)], model_inputs(model_dir))
     cfg = read_config(args.model, model_dir)
     qs = quicksilver_from_args(args, cfg.n_layers)
     tokenizer = load_tokenizer_checked(args.model, model_dir)
@@ -240,6 +248,8 @@ def generate_batches(gen, ids: list[list[int]], size: int, **options):
 def main(argv=None) -> int:
     args = parse_args(argv)
     prompts = check_args(args)
+    check_not_inputs([("--json", args.json)], [("--prompts-file", args.prompts_file),
+                                               ("--quicksilver-config", args.quicksilver_config)])
     start(args)  # several processes: join them (nothing without --coordinator)
     writer = is_writer()  # process 0 (or the only one) writes the text and the closing line
     with together():  # an error in any process stops all of them here, before the first collective
@@ -247,7 +257,7 @@ def main(argv=None) -> int:
     sampling = Sampling(args.do_sample and args.temperature > 0, args.temperature, args.top_k, args.top_p)
     from qsjax.checkpoints.tokenizer import StreamDecoder
 
-    out = Output(StreamDecoder(gen.tokenizer), enabled=writer)
+    out = Output(StreamDecoder(gen.tokenizer), enabled=writer, keep_going=args.json is not None)
 
     def write_token(token_id):
         if token_id not in gen.eos_ids:
@@ -273,8 +283,8 @@ def main(argv=None) -> int:
         print(closing_line(result, gen.programs), file=sys.stderr)
     if args.json is not None and writer:
         report = make_report(args, model_dir, gen, prompts, sampling, result)
-        write_file_atomic(args.json, json.dumps(report, indent=2) + "\n")
-    return 0
+        write_output("--json", args.json, json.dumps(report, indent=2) + "\n")
+    return stdout_status(out.error, f"; the report is in {args.json}" if args.json else "")
 
 
 if __name__ == "__main__":

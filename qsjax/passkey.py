@@ -43,11 +43,12 @@ import sys
 from qsjax.runtime.cli import (
     ArgumentParser,
     UsageError,
+    check_not_inputs,
     check_output_file,
     exit_on_interrupt,
-    quiet_broken_pipe,
+    model_inputs,
     run_cli,
-    write_file_atomic,
+    write_results,
 )
 from qsjax.kvpolicy.eviction import add_eviction_args, eviction_from_args
 from qsjax.evaluation.passkey_task import (
@@ -186,10 +187,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     check_args(args)
     haystack_path, text = None, FILLER + " "
+    check_not_inputs(outputs(args), [("--quicksilver-config", args.quicksilver_config)])
     if args.haystack is not None:
         from qsjax.evaluation.data import read_text, resolve_data
 
         haystack_path = resolve_data(args.haystack)
+        check_not_inputs(outputs(args), [("--haystack", haystack_path)])
         text = read_text(haystack_path) + "\n\n"
 
     from qsjax.runtime.compilecache import enable_compilation_cache
@@ -197,6 +200,7 @@ def main(argv=None) -> int:
     from qsjax.weights import resolve_model
 
     model_dir = resolve_model(args.model)
+    check_not_inputs(outputs(args), model_inputs(model_dir))
     cfg = read_config(args.model, model_dir)
     too_long = [n for n in args.lengths if n > cfg.max_positions]
     if too_long:
@@ -227,36 +231,23 @@ def main(argv=None) -> int:
     return write_outputs(args, report)
 
 
+def outputs(args) -> list[tuple[str, str | None]]:
+    return [("--plot", args.plot), ("--json", args.json)]
+
+
 def write_outputs(args, report: dict) -> int:
     """The table first (if a file cannot be written after all, the results are still shown), then
-    the JSON and the plot."""
-    try:
-        print(format_table(report), file=sys.stderr if args.json == "-" else sys.stdout, flush=True)
-        closed = False
-    except BrokenPipeError:  # `| head`: the files are still written
-        closed = True
-    outputs = []
+    the JSON and the plot, written even when stdout fails."""
+    files = []
     if args.plot is not None:
         from qsjax.evaluation.plots import passkey_grids
 
         s = report["settings"]
         runs = [(name, run["accuracy"], accuracy_matrix(run, s["lengths"], s["depths"])) for name, run in report_runs(report)]
-        outputs.append(("--plot", args.plot, passkey_grids(runs, s["lengths"], s["depths"])))
+        files.append(("--plot", args.plot, passkey_grids(runs, s["lengths"], s["depths"])))
     if args.json is not None:
-        outputs.append(("--json", args.json, json.dumps(report, indent=2) + "\n"))
-    for flag, path, content in outputs:
-        try:
-            if path == "-":
-                sys.stdout.write(content)
-            else:
-                write_file_atomic(path, content)
-        except OSError as e:
-            if isinstance(e, BrokenPipeError):
-                closed = True
-            else:
-                raise UsageError(f"{flag} {path}: cannot write it ({e.strerror or e}); the results are in the table "
-                                 "above") from None
-    return quiet_broken_pipe() if closed else 0
+        files.append(("--json", args.json, json.dumps(report, indent=2) + "\n"))
+    return write_results(format_table(report), files)
 
 
 if __name__ == "__main__":

@@ -202,6 +202,11 @@ def resolve_model(arg: str | None) -> Path:
             raise UsageError(f"cannot fetch {name}: {error}") from error
     path = Path(arg)
     known = ", ".join(KNOWN_MODELS)
+    if not arg.strip():
+        raise UsageError(f"--model is empty; pass a Hugging Face model directory or one of: {known}")
+    if path.is_file():
+        raise UsageError(f"--model {arg} is a file; pass a Hugging Face model directory (the folder holding "
+                         f"config.json and the weights) or one of: {known}")
     if not path.is_dir():
         raise UsageError(f"--model {arg}: no such directory; pass a Hugging Face model directory or one of: {known}")
     if not (path / "config.json").is_file():

@@ -165,8 +165,7 @@ def main(argv=None) -> int:
               "results": [bench(T, args) for T in args.lengths]}
     if args.parts:
         report["parts"] = parts(args)
-    write_report(args.json, report, format_table(report))
-    return 0
+    return write_report(args.json, report, format_table(report))
 
 
 if __name__ == "__main__":

@@ -207,8 +207,7 @@ def main(argv=None) -> int:
               "torch_threads": args.threads, "new_tokens": args.new_tokens,
               **summarize(med, compile_s, cases, args.new_tokens)}
     report["load_average_at_end"] = machine()["load_average"]
-    write_report(args.json, report, format_table(report))
-    return 0
+    return write_report(args.json, report, format_table(report))
 
 
 if __name__ == "__main__":

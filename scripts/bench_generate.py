@@ -164,8 +164,7 @@ def main(argv=None) -> int:
                            "quicksilver_preset": None if args.quicksilver == "off" else args.quicksilver},
               **bench(gens, hf, tokenizer, stream, args)}
     report["load_average_at_end"] = machine()["load_average"]
-    write_report(args.json, report, format_table(report))
-    return 0
+    return write_report(args.json, report, format_table(report))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from benchlib import (check_json_path, check_positive, fmt, load_hf, log, machin
                       write_report)
 from long_settings import SETTINGS, config, recorded, truncation
 from long_settings import check as check_settings
-from qsjax.runtime.cli import ArgumentParser, UsageError, run_cli
+from qsjax.runtime.cli import ArgumentParser, UsageError, run_cli, write_output
 from qsjax.evaluation.plots import require as require_matplotlib
 
 SECTIONS = ("speed", "perplexity", "passkey")
@@ -272,7 +272,7 @@ def plot(report: dict, out: Path) -> list[Path]:
         runs = [("dense" if n == "qsjax" else n, run["accuracy"], accuracy_matrix(run, lengths, depths))
                 for n, run in report["passkey"].items()]
         written.append(out / "long_passkey.png")
-        written[-1].write_bytes(passkey_grids(runs, lengths, depths))
+        write_output("--out", str(written[-1]), passkey_grids(runs, lengths, depths))
     if "speed" not in report:
         return written
     speed = report["speed"][f"batch_1_prompt_{max(report['args']['lengths'])}"]
@@ -284,13 +284,13 @@ def plot(report: dict, out: Path) -> list[Path]:
         axes = Axes("time-to-first-token speed-up vs dense qsjax (x)", "perplexity change vs dense", (0.5, 4.0),
                     (-0.25, 2.0), band=(-0.25, 0.2), band_label="within +0.2")
         written.append(out / f"long_frontier_{data}.png")
-        written[-1].write_bytes(frontier_figure(points, axes, f"long prompts, {data}", Point("dense", "dense", 1.0, 0.0)))
+        write_output("--out", str(written[-1]), frontier_figure(points, axes, f"long prompts, {data}", Point("dense", "dense", 1.0, 0.0)))
     if "passkey" in report:
         pk = report["passkey"]
         points = [point(n, pk[n]["accuracy"]) for n in names if n in pk]
         axes = Axes("time-to-first-token speed-up vs dense qsjax (x)", "passkey accuracy", (0.5, 4.0), (0.0, 1.05))
         written.append(out / "long_frontier_passkey.png")
-        written[-1].write_bytes(frontier_figure(points, axes, "long prompts, passkey",
+        write_output("--out", str(written[-1]), frontier_figure(points, axes, "long prompts, passkey",
                                                 Point("dense", "dense", 1.0, pk["qsjax"]["accuracy"])))
     return written
 
@@ -340,11 +340,10 @@ def main(argv=None) -> int:
     if "passkey" in args.sections:
         report["passkey"] = passkey(args, model, tokenizer, configs, cells)
     report["load_average_at_end"] = machine()["load_average"]
-    write_report(args.json, report, format_table(report))
     if args.plots is not None:
         for path in plot(report, Path(args.plots)):
             log(f"wrote {path}")
-    return 0
+    return write_report(args.json, report, format_table(report))
 
 
 if __name__ == "__main__":

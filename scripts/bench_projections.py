@@ -217,8 +217,7 @@ def main(argv=None) -> int:
             lines.append(f"{case:>14} {variant:16} {m * 1e3:10.2f} {ratio(base, m):8.3f} {m_min * 1e3:8.2f} "
                          f"{ratio(base_min, m_min):8.3f} {m_cpu * 1e3:8.2f} {ratio(base_cpu, m_cpu):8.3f}")
     report["load_average_at_end"] = machine()["load_average"]
-    write_report(args.json, report, "\n".join(lines))
-    return 0
+    return write_report(args.json, report, "\n".join(lines))
 
 
 if __name__ == "__main__":

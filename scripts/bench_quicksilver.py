@@ -223,8 +223,7 @@ def main(argv=None) -> int:
     report["targets"] = targets(report)
     report["seconds_total"] = time.perf_counter() - t_start
     report["load_average_at_end"] = machine()["load_average"]
-    write_report(args.json, report, format_table(report))
-    return 0
+    return write_report(args.json, report, format_table(report))
 
 
 if __name__ == "__main__":

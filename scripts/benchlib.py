@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qsjax.runtime.cli import UsageError
+from qsjax.runtime.cli import UsageError, check_output_file, write_results
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
 
@@ -76,13 +76,9 @@ def check_strided(args) -> None:
 
 
 def check_json_path(path: str | None) -> None:
-    """Refuse a --json location that cannot be written, before any work."""
-    if path in (None, "-"):
-        return
-    if Path(path).is_dir():
-        raise UsageError(f"--json {path} is a directory; give a file name")
-    if not Path(path).parent.is_dir():
-        raise UsageError(f"--json {path}: directory {Path(path).parent} does not exist")
+    """Refuse a --json location that cannot be written, before any work (qsjax.runtime.cli.check_output_file)."""
+    if path is not None:
+        check_output_file("--json", path)
 
 
 def machine() -> dict:
@@ -106,13 +102,12 @@ def machine() -> dict:
             "device_kind": device.device_kind, "load_average": os.getloadavg(), "versions": versions}
 
 
-def write_report(path: str | None, report: dict, table: str) -> None:
-    """The JSON report to `path` (atomically; - for stdout) and the table to stdout (stderr with -)."""
-    from qsjax.eval import write_json_atomic
+def write_report(path: str | None, report: dict, table: str) -> int:
+    """The table to stdout (stderr with -), then the JSON report to `path` (- for stdout), written
+    even when stdout fails -> the exit status (qsjax.runtime.cli.write_results)."""
+    import json
 
-    if path is not None:
-        write_json_atomic(path, report)
-    print(table, file=sys.stderr if path == "-" else sys.stdout)
+    return write_results(table, [("--json", path, json.dumps(report, indent=2) + "\n")] if path is not None else [])
 
 
 def load_hf(model_dir: Path, threads: int):

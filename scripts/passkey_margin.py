@@ -155,8 +155,7 @@ def main(argv=None) -> int:
                     scorers[name, bucket] = scorer(model, qs, cache_slots(bucket, ANSWER_TOKENS))
             scores = {name: scorers[name, bucket] for name in variants}
             report["cells"].append(score_cell(cell, scores, bucket, tokenizer, bar))
-    write_report(args.json, report, format_table(report, list(variants)))
-    return 0
+    return write_report(args.json, report, format_table(report, list(variants)))
 
 
 def score_cell(cell: dict, scores: dict, bucket: int, tokenizer, bar) -> dict:

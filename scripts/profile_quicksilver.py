@@ -135,8 +135,7 @@ def main(argv=None) -> int:
     report = {"command": " ".join(["python", "scripts/profile_quicksilver.py", *(sys.argv[1:] if argv is None else argv)]),
               "model": model_dir.name, "preset": args.quicksilver, "machine_at_start": machine(),
               **profile(model, qs, tokens, args.max_length - args.stride - 1, args.repeats)}
-    write_report(args.json, report, format_table(report))
-    return 0
+    return write_report(args.json, report, format_table(report))
 
 
 if __name__ == "__main__":

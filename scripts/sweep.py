@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from benchlib import check_positive, check_strided
-from qsjax.runtime.cli import ArgumentParser, UsageError, exit_on_interrupt, run_cli, write_file_atomic
+from qsjax.runtime.cli import ArgumentParser, UsageError, exit_on_interrupt, run_cli, write_output
 from qsjax.evaluation.data import resolve_data
 from qsjax.evaluation.plots import Axes, Point, decision_map, frontier_figure
 from qsjax.evaluation.plots import require as require_matplotlib
@@ -83,7 +83,7 @@ def plot_frontiers(rows: list[dict], data: str, out: Path) -> list[Path]:
         axes = Axes(xlabel, "perplexity change vs dense", xlim, (-0.25, 2.0), band=(-0.25, 0.2), band_label="within +0.2")
         dense = Point("dense", "dense", 0.0 if key == "flops_reduction" else 1.0, 0.0)
         figure = frontier_figure(frontier_points(rows, data, key), axes, f"QuickSilver frontier, {data}", dense)
-        write_file_atomic(str(out / name), figure)
+        write_output("--out", str(out / name), figure)
         written.append(out / name)
     return written
 
@@ -197,13 +197,13 @@ def main(argv=None) -> int:
             print(f"{data} [{i + 1}/{len(todo)}]: {policy:34} {label:14} ppl {result.perplexity:9.3f} "
                   f"({result.perplexity - dense.perplexity:+.3f}) flops {-100 * stats['executed_flops_reduction']:+.1f}%  "
                   f"{dense.seconds / result.seconds:.2f}x  [{time.perf_counter() - t0:.0f} s]", file=sys.stderr)
-            write_file_atomic(str(out / "sweep.json"), json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    write_file_atomic(str(out / "sweep.csv"), csv_text(rows))
+            write_output("--out", str(out / "sweep.json"), json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    write_output("--out", str(out / "sweep.csv"), csv_text(rows))
     try:
         for data in args.data:
             plot_frontiers(rows, data, out)
             if data in decisions:
-                write_file_atomic(str(out / f"heatmap_{data}.png"), heatmap(decisions[data], tokenizer, model.cfg.n_layers))
+                write_output("--out", str(out / f"heatmap_{data}.png"), heatmap(decisions[data], tokenizer, model.cfg.n_layers))
     except ImportError:
         print("matplotlib is not installed: no plots (pip install -e '.[plot]')", file=sys.stderr)
     print(f"wrote {out}/sweep.json, sweep.csv and plots", file=sys.stderr)

@@ -83,13 +83,14 @@ def test_unwritable_json_fails_before_loading(tiny, tmp_path):
 
 def test_late_write_failure_still_prints_the_table(tiny, tmp_path, monkeypatch, capsys):
     from qsjax import eval as qeval
+    from qsjax.runtime import cli
     from qsjax.runtime.cli import UsageError
 
     def disk_full(path, text):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setenv("QSJAX_COMPILATION_CACHE", "off")
-    monkeypatch.setattr(qeval, "write_file_atomic", disk_full)
+    monkeypatch.setattr(cli, "write_file_atomic", disk_full)
     with pytest.raises(UsageError, match="No space left on device.*results are in the table above"):
         qeval.main(["--model", str(tiny), "--data", "wikitext103", "--max-eval-tokens", "64", "--max-length", "32",
                     "--stride", "16", "--no-progress", "--json", str(tmp_path / "r.json")])
