@@ -26,7 +26,7 @@ from pathlib import Path
 from benchlib import check_positive, check_strided
 from qsjax.runtime.cli import ArgumentParser, UsageError, exit_on_interrupt, run_cli, write_output
 from qsjax.evaluation.data import resolve_data
-from qsjax.evaluation.plots import Axes, Point, decision_map, frontier_figure
+from qsjax.evaluation.plots import decision_map, sweep_frontiers
 from qsjax.evaluation.plots import require as require_matplotlib
 from qsjax.quicksilver.settings import QuickSilverConfig, preset
 
@@ -63,26 +63,10 @@ def variants(n_layers: int) -> list[tuple[str, str, QuickSilverConfig]]:
     return out
 
 
-def frontier_points(rows: list[dict], data: str, key: str) -> list[Point]:
-    """The sweep's rows of one data set as frontier points: x = `key` (flops_reduction in %, or speedup),
-    y = perplexity change."""
-    scale = 100 if key == "flops_reduction" else 1
-    return [Point(r["policy"], r["label"], scale * r[key], r["ppl_increase"]) for r in rows
-            if r["data"] == data and r["policy"] != "dense"]
-
-
 def plot_frontiers(rows: list[dict], data: str, out: Path) -> list[Path]:
-    """frontier_<data>.png (perplexity change vs executed FLOPs saved) and frontier_wallclock_<data>.png
-    (vs the scoring loop's speed-up over dense qsjax) on linear axes over the range that matters."""
+    """frontier_<data>.png and frontier_wallclock_<data>.png in `out` (`plots.sweep_frontiers`)."""
     written = []
-    for key, name, xlabel, xlim in (
-        ("flops_reduction", f"frontier_{data}.png", "executed FLOPs saved vs dense (% of whole windows)", (-5, 25)),
-        ("speedup", f"frontier_wallclock_{data}.png", "wall-clock speed-up vs dense qsjax (scoring loop, x)",
-         (0.5, max(1.5, min(4.0, 1.1 * max(r["speedup"] for r in rows if r["data"] == data))))),
-    ):
-        axes = Axes(xlabel, "perplexity change vs dense", xlim, (-0.25, 2.0), band=(-0.25, 0.2), band_label="within +0.2")
-        dense = Point("dense", "dense", 0.0 if key == "flops_reduction" else 1.0, 0.0)
-        figure = frontier_figure(frontier_points(rows, data, key), axes, f"QuickSilver frontier, {data}", dense)
+    for name, figure in sweep_frontiers(rows, data).items():
         write_output("--out", str(out / name), figure)
         written.append(out / name)
     return written

@@ -1,5 +1,6 @@
 """The notebooks in notebooks/: committed without outputs, and each runs top to bottom on the default
-model in small mode (QSJAX_NOTEBOOK_SMALL=1: few evaluation tokens, short generations, a tiny sweep)."""
+model in small mode (QSJAX_NOTEBOOK_SMALL=1: few evaluation tokens, short generations, a tiny sweep, a
+2,048-token long prompt)."""
 
 import json
 import os
@@ -10,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
-NOTEBOOKS = ["01_reading_quicksilver.ipynb", "02_frontier.ipynb", "03_colab_tpu.ipynb"]
+NOTEBOOKS = ["01_reading_quicksilver.ipynb", "02_frontier.ipynb", "03_colab_tpu.ipynb", "04_long_prompts.ipynb"]
 CELL_TIMEOUT = 600  # seconds, for any one cell
 
 

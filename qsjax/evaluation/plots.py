@@ -102,6 +102,30 @@ def frontier_figure(points: list[Point], axes: Axes, title: str, reference: Poin
     return png(fig)
 
 
+def sweep_points(rows: list[dict], data: str, key: str) -> list[Point]:
+    """A sweep's rows (`scripts/sweep.py`'s sweep.json) of one data set as frontier points: x = `key`
+    (flops_reduction in %, or speedup), y = perplexity change."""
+    scale = 100 if key == "flops_reduction" else 1
+    return [Point(r["policy"], r["label"], scale * r[key], r["ppl_increase"]) for r in rows
+            if r["data"] == data and r["policy"] != "dense"]
+
+
+def sweep_frontiers(rows: list[dict], data: str) -> dict[str, bytes]:
+    """A sweep's two frontiers of one data set, on linear axes over the range that matters:
+    {"frontier_<data>.png": perplexity change vs executed FLOPs saved, "frontier_wallclock_<data>.png":
+    vs the scoring loop's speed-up over dense qsjax} -> PNG bytes each."""
+    figures = {}
+    for key, name, xlabel, xlim in (
+        ("flops_reduction", f"frontier_{data}.png", "executed FLOPs saved vs dense (% of whole windows)", (-5, 25)),
+        ("speedup", f"frontier_wallclock_{data}.png", "wall-clock speed-up vs dense qsjax (scoring loop, x)",
+         (0.5, max(1.5, min(4.0, 1.1 * max(r["speedup"] for r in rows if r["data"] == data))))),
+    ):
+        axes = Axes(xlabel, "perplexity change vs dense", xlim, (-0.25, 2.0), band=(-0.25, 0.2), band_label="within +0.2")
+        dense = Point("dense", "dense", 0.0 if key == "flops_reduction" else 1.0, 0.0)
+        figures[name] = frontier_figure(sweep_points(rows, data, key), axes, f"QuickSilver frontier, {data}", dense)
+    return figures
+
+
 GRIDS_PER_ROW = 4
 
 
