@@ -26,6 +26,59 @@ from qsjax.runtime.programs import Programs
 from qsjax.runtime.sharding import to_host
 
 
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """What the prefill and decode programs are compiled for (jit's static argument: hashable,
+    compared by value): the new tokens, the cache's slots, the sampling mode (temperature and top_p
+    fixed at 1: they are traced knobs, not part of the program), the end and pad tokens, and the
+    stream callback (one program per distinct callback)."""
+
+    max_new_tokens: int
+    cache_length: int
+    sampling: Sampling
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    stream: object = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramKey:
+    """What a call's prefill and decode programs are keyed by: the batch's rows, its prompt bucket
+    and the static argument."""
+
+    batch: int
+    bucket: int
+    static: Static
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeKey:
+    """The compaction and decode programs' key: the call's ProgramKey and the places each layer of the
+    compacted cache keeps (None: the cache is not compacted)."""
+
+    program: ProgramKey
+    kept: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CompactStatic:
+    """What the cache compaction program is compiled for: room for the new tokens, and the places
+    each layer keeps (`compacted.kept_places`)."""
+
+    max_new_tokens: int
+    kept: tuple[int, ...]
+
+
+@dataclasses.dataclass
+class Seconds:
+    """One call's timings: compilation, the prefill with the first token (and the cache's
+    compaction), and the decode loop with the transfer of its tokens to the host."""
+
+    compile: float = 0.0
+    first: float = 0.0
+    decode: float = 0.0
+
+
 class Generator:
     """A model and its tokenizer, with two compiled programs per (batch, prompt bucket, new-token
     count, sampling mode, stream callback): the prefill with the first new token, and the decode
@@ -48,9 +101,9 @@ class Generator:
         self.tokenizer = tokenizer
         self.eos_ids = tuple(sorted(set(model.cfg.eos_ids) | set(tokenizer.eos_ids)))
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (self.eos_ids or (0,))[0]
-        self._first = Programs(self._first_token, static_argnums=(5,))
-        self._compact = Programs(self._compact_cache, static_argnums=(1,))
-        self._decode = Programs(self._decode_loop, static_argnums=(3,), donate_argnums=(1,))
+        self._first = Programs(self._first_token, static_argnums=(5,))  # static: Static
+        self._compact = Programs(self._compact_cache, static_argnums=(1,))  # static: CompactStatic
+        self._decode = Programs(self._decode_loop, static_argnums=(3,), donate_argnums=(1,))  # static: Static
 
     @property
     def compacts(self) -> bool:
@@ -63,11 +116,11 @@ class Generator:
             prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
         return self.tokenizer.encode(prompt, add_special_tokens=not chat)
 
-    def _steps(self, static):
+    def _steps(self, static: Static):
         """-> (Decoding, prefill_fn, decode_fn) for sampler.first_token / decode_loop."""
-        max_new, _, sampling, eos_ids, pad_id, stream = static
+        max_new, stream = static.max_new_tokens, static.stream
         on_token = None if stream is None else (lambda step, toks: stream(int(toks[0])))
-        d = Decoding(max_new, sampling, eos_ids, pad_id, on_token)
+        d = Decoding(max_new, static.sampling, static.eos_ids, static.pad_id, on_token)
         if self.eviction is not None:
             rule = self.eviction
 
@@ -85,21 +138,20 @@ class Generator:
 
         return d, prefill_fn, functools.partial(quicksilver_decode, qs)
 
-    def _first_token(self, state, tokens, start, rng, knobs, static):
+    def _first_token(self, state, tokens, start, rng, knobs, static: Static):
         """Prefill and the first new token (compiled per `static`)."""
         d, prefill_fn, decode_fn = self._steps(static)
-        return first_token(self.model.module(state), tokens, start, rng, knobs, d, cache_length=static[1],
+        return first_token(self.model.module(state), tokens, start, rng, knobs, d, cache_length=static.cache_length,
                            prefill_fn=prefill_fn, decode_fn=decode_fn)
 
-    def _decode_loop(self, state, loop: LoopState, knobs, static) -> LoopState:
+    def _decode_loop(self, state, loop: LoopState, knobs, static: Static) -> LoopState:
         """The rest of the new tokens (compiled per `static`; the loop state's buffers are donated)."""
         d, _, decode_fn = self._steps(static)
         return decode_loop(self.model.module(state), loop, knobs, d, decode_fn=decode_fn)
 
-    def _compact_cache(self, loop: LoopState, static) -> LoopState:
+    def _compact_cache(self, loop: LoopState, static: CompactStatic) -> LoopState:
         """The prompt's cache, each layer gathered to the entries it shows (`kept` places each)."""
-        max_new, kept = static
-        return dataclasses.replace(loop, cache=compact(loop.cache, kept, max_new))
+        return dataclasses.replace(loop, cache=compact(loop.cache, static.kept, static.max_new_tokens))
 
     @property
     def programs(self) -> int:
@@ -125,46 +177,93 @@ class Generator:
         """Generate for token-id prompts.  `stream(token_id)` is called as each token of a single
         prompt is produced (programs are compiled for each distinct callback)."""
         self.check(prompts, max_new_tokens)
-        cfg = self.model.cfg
+        batch, start = self._pad(prompts)
+        key = self._program_key(batch.shape, max_new_tokens, sampling, stream)
+        knobs = (jnp.float32(sampling.temperature), jnp.float32(sampling.top_p))
+        seconds = Seconds()
+        loop, prompt_summary = self._prefill(key, batch, start, jax.random.key(seed), knobs, seconds)
+        loop, decode_key = self._compact_if_needed(key, loop, seconds)
+        kv_bytes = self._kv_bytes(key, loop)  # before decoding: the loop state is donated to it
+        out, record = self._decode_rest(decode_key, loop, knobs, seconds)
+        ids = self._trim(out)
+        return GenerationResult([self.tokenizer.decode(r) for r in ids], ids, [len(p) for p in prompts], seconds.first,
+                                seconds.decode, seconds.compile, kv_bytes, self._report(prompt_summary, start, record))
+
+    def _pad(self, prompts: list[list[int]]):
+        """The prompts left padded to their bucket (every row's next token goes to slot T).
+        -> tokens [B, T] int32, start [B] int32 (each row's first real slot)"""
         lengths = [len(p) for p in prompts]
-        T = prompt_bucket(max(lengths), cfg.max_positions)
+        T = prompt_bucket(max(lengths), self.model.cfg.max_positions)
         batch = np.full((len(prompts), T), self.pad_id, np.int32)
         for row, p in zip(batch, prompts):
-            row[T - len(p):] = p  # left padding: every row's next token goes to slot T
-        start = np.array([T - n for n in lengths], np.int32)
+            row[T - len(p):] = p
+        return batch, np.array([T - n for n in lengths], np.int32)
+
+    def _program_key(self, shape, max_new_tokens: int, sampling: Sampling, stream) -> ProgramKey:
+        """The programs' key for a padded batch of `shape` (B, T)."""
+        B, T = shape
         fixed = dataclasses.replace(sampling, temperature=1.0, top_p=1.0)  # traced values, not part of the program
-        cache_length = cache_slots(T, max_new_tokens)
-        static = (max_new_tokens, cache_length, fixed, self.eos_ids, self.pad_id, stream)
-        key = (len(prompts), T, static)
-        knobs = (jnp.float32(sampling.temperature), jnp.float32(sampling.top_p))
-        rng = jax.random.key(seed)
+        return ProgramKey(B, T, Static(max_new_tokens, cache_slots(T, max_new_tokens), fixed, self.eos_ids,
+                                       self.pad_id, stream))
+
+    def _kv_bytes(self, key: ProgramKey, loop: LoopState) -> dict:
+        """The dense KVCache's bytes for this batch and length, and what decoding carries."""
+        dense = dense_cache_bytes(self.model.cfg, key.batch, key.static.cache_length, self.kv_dtype)
+        return {"dense": dense, "this_setting": cache_bytes(loop.cache)}
+
+    def _prefill(self, key: ProgramKey, batch, start, rng, knobs, seconds: Seconds):
+        """The prefill program with the first new token, compiled for `key` (timed apart).
+        -> LoopState, the prompt's QuickSilver summary (None without QuickSilver)"""
         spec, state = self.model.spec, self.model.state
-        compile_s = self._first.compile(key, state, spec(batch.shape), spec(start.shape), rng, knobs, static)
+        seconds.compile += self._first.compile(key, state, spec(batch.shape), spec(start.shape), rng, knobs, key.static)
         t0 = time.perf_counter()
         loop, prompt_summary = self._first(key, state, self.model.place(batch), self.model.place(start), rng, knobs)
         jax.block_until_ready(loop)
-        first_s, loop_info, kept = time.perf_counter() - t0, self._first.out_info(key)[0], None
-        if self.compacts:  # each layer keeps the entries it shows: sizes read on the host, then gathered
-            kept = kept_places(to_host(visible_counts(loop.cache)), T)
-            compile_s += self._compact.compile((key, kept), loop_info, (max_new_tokens, kept))
-            t0 = time.perf_counter()
-            loop = jax.block_until_ready(self._compact((key, kept), loop))
-            first_s, loop_info = first_s + time.perf_counter() - t0, self._compact.out_info((key, kept))
-        kv_bytes = {"dense": dense_cache_bytes(cfg, len(prompts), cache_length, self.kv_dtype),
-                    "this_setting": cache_bytes(loop.cache)}
-        compile_s += self._decode.compile((key, kept), state, loop_info, knobs, static)
+        seconds.first += time.perf_counter() - t0
+        return loop, prompt_summary
+
+    def _compact_if_needed(self, key: ProgramKey, loop: LoopState, seconds: Seconds):
+        """On a compacted cache (`compacts`), each layer keeps the entries it shows: sizes read on the
+        host, then gathered (timed with the first token).  -> LoopState, the decode program's key"""
+        if not self.compacts:
+            return loop, DecodeKey(key)
+        decode_key = DecodeKey(key, kept_places(to_host(visible_counts(loop.cache)), key.bucket))
+        static = CompactStatic(key.static.max_new_tokens, decode_key.kept)
+        seconds.compile += self._compact.compile(decode_key, self._first.out_info(key)[0], static)
         t0 = time.perf_counter()
-        loop = self._decode((key, kept), state, loop, knobs)  # `loop` is donated: its cache is updated in place
+        loop = jax.block_until_ready(self._compact(decode_key, loop))
+        seconds.first += time.perf_counter() - t0
+        return loop, decode_key
+
+    def _loop_info(self, decode_key: DecodeKey):
+        """The abstract loop state the decode program for `decode_key` starts from."""
+        if decode_key.kept is None:
+            return self._first.out_info(decode_key.program)[0]
+        return self._compact.out_info(decode_key)
+
+    def _decode_rest(self, decode_key: DecodeKey, loop: LoopState, knobs, seconds: Seconds):
+        """The decode loop for the new tokens after the first, and their transfer to the host.
+        `loop` is donated: its cache is updated in place.  -> tokens [B, N], the loop's record (host)"""
+        state, static = self.model.state, decode_key.program.static
+        seconds.compile += self._decode.compile(decode_key, state, self._loop_info(decode_key), knobs, static)
+        t0 = time.perf_counter()
+        loop = self._decode(decode_key, state, loop, knobs)
         out, record = to_host((loop.out, loop.record))  # rows may live on several processes
-        decode_s = time.perf_counter() - t0
+        seconds.decode += time.perf_counter() - t0
+        return out, record
+
+    def _trim(self, out) -> list[list[int]]:
+        """Each row's new tokens up to (not including) its first end token."""
         ids = []
         for row in out:
             row = row.tolist()
             ends = [i for i, t in enumerate(row) if t in self.eos_ids]
             ids.append(row[: ends[0]] if ends else row)
-        texts = [self.tokenizer.decode(r) for r in ids]
-        qs = None
-        if self.quicksilver is not None:
-            qs = {"prompt": to_host(prompt_summary).to_json(self.quicksilver, start),
-                  "generated": generated_to_json(self.quicksilver, cfg.n_layers, record.decoded, record.info)}
-        return GenerationResult(texts, ids, lengths, first_s, decode_s, compile_s, kv_bytes, qs)
+        return ids
+
+    def _report(self, prompt_summary, start, record) -> dict | None:
+        """What QuickSilver's mechanisms did to the prompt and to the generated tokens (None without)."""
+        if self.quicksilver is None:
+            return None
+        return {"prompt": to_host(prompt_summary).to_json(self.quicksilver, start),
+                "generated": generated_to_json(self.quicksilver, self.model.cfg.n_layers, record.decoded, record.info)}

@@ -37,11 +37,23 @@ def candidates(h, prev_h, can_fuse, prev_can_fuse, threshold: float):
     return can_fuse & prev_can_fuse & (cosine(prev_h, h) > threshold)
 
 
+def can_absorb(absorbable, absorbed, layer, min_layer: int):
+    """Tokens that may absorb their predecessor after `layer`: absorbable there themselves, not grown
+    by an earlier absorption (each absorbs at most once), at l_min or above.  [B, T] -> [B, T] bool"""
+    return absorbable & ~absorbed & (layer >= min_layer)
+
+
+def fuses(cand, prev_cand):
+    """t absorbs t-1: t is a candidate and t-1 is not itself a candidate to absorb t-2 at this layer.
+    [B, T] -> [B, T] bool"""
+    return cand & ~prev_cand
+
+
 def decide(h, size, can_absorb, prev_h, prev_size, prev_can_be_absorbed, threshold: float):
     """The pairing rule for token t and its predecessor t-1 (over a window, or one decoded token
     against the previous token's view): whether t is a candidate to absorb t-1, and the merged state
     and size if it does.  -> candidates [B, T] bool, merged h [B, T, D], size [B, T].
-    The caller fuses candidates whose predecessor is not itself a candidate at this layer."""
+    Which candidates fuse: `fuses`."""
     cand = candidates(h, prev_h, can_absorb, prev_can_be_absorbed, threshold)
     merged, merged_size = merge(h, prev_h, size, prev_size)
     return cand, merged, merged_size

@@ -43,6 +43,11 @@ class Tokens:
                    size=jnp.ones((B, T), jnp.float32), bits=jnp.full((B, T), 8, jnp.int32),
                    score=jnp.zeros((B, T), jnp.float32))
 
+    @property
+    def halted(self):
+        """Tokens that stopped computing at an earlier layer and were not retired (their state frozen).  [B, T]"""
+        return self.alive & ~self.active
+
 
 @_pytree
 class Context:

@@ -118,20 +118,60 @@ def halting_decision(qs: QuickSilverConfig, module, layer, x_new, x_old, can, ct
     return zeros, n_checks
 
 
+def visible_keys(qs: QuickSilverConfig, layer, tok: Tokens, valid):
+    """The keys that may be attended at `layer`: alive, and computing or halted with K/V kept
+    (`kvskip`).  valid [B, T] -> [B, T] bool"""
+    return tok.alive & kvskip.visible_keys(qs.kv_skip, layer, tok.active, tok.halted, tok.halt, valid,
+                                           qs.kv_propagate_span)
+
+
+def key_bias(tok: Tokens, visible):
+    """Each key's score bias: the log of its group's size where it may be attended (a computing
+    token's own key included), 0 elsewhere.  [B, T] -> [B, T] float32"""
+    return jnp.where(visible | tok.active, jnp.log(tok.size), 0.0)
+
+
+def may_decide(ctx: Context, tok: Tokens, layer, n_layers: int):
+    """The tokens that may halt, or be absorbed, after `layer`: eligible, computing it, and below the
+    last layer (nothing to save after it).  tok: the tokens entering the layer.  -> [B, T] bool"""
+    return ctx.eligible & tok.active & (layer < n_layers)
+
+
+def halt_after(tok: Tokens, layer, halt_now) -> Tokens:
+    """The tokens halting after `layer` [B, T] stop computing, their halt layer recorded."""
+    return dataclasses.replace(tok, active=tok.active & ~halt_now, halt=jnp.where(halt_now, layer, tok.halt))
+
+
+def last_view(tok: Tokens, absorbable) -> FusionView:
+    """The last position's view for its successor (no fusion candidate yet).  absorbable [B, T]"""
+    return FusionView(tok.x[:, -1], tok.size[:, -1], absorbable[:, -1], jnp.zeros_like(absorbable[:, -1]))
+
+
+def fusion_candidates(qs: QuickSilverConfig, layer, tok: Tokens, absorbable, prev: FusionView):
+    """Which tokens are candidates to absorb their predecessor after `layer`, and the merged state
+    and size if they do.  absorbable [B, T]: may be absorbed here (each token's own); prev: the
+    predecessors' views, [B, T] each (x [B, T, D]; `candidate` is not read).
+    -> candidates [B, T], merged x [B, T, D], size [B, T]"""
+    can_absorb = fusion.can_absorb(absorbable, tok.absorbed, layer, qs.halt_min_layer)
+    return fusion.decide(tok.x, tok.size, can_absorb, prev.x, prev.size, prev.absorbable, qs.fuse_threshold)
+
+
+def absorb(tok: Tokens, fuse, merged, size) -> Tokens:
+    """The tokens that fuse [B, T] carry on with the merged state and size."""
+    return dataclasses.replace(tok, x=jnp.where(fuse[..., None], merged, tok.x), size=jnp.where(fuse, size, tok.size),
+                               absorbed=tok.absorbed | fuse)
+
+
 def fuse_step(qs: QuickSilverConfig, layer, tok: Tokens, can_be_absorbed, needed):
     """Contextual Token Fusion after `layer` over a window: t absorbs t-1.  -> Tokens, candidates [B, T]"""
     prev = lambda a, fill: fusion.shift_right(a, fill)
-    can_absorb = can_be_absorbed & ~tok.absorbed & (layer >= qs.halt_min_layer)
-    cand, merged, size = fusion.decide(tok.x, tok.size, can_absorb, prev(tok.x, 0), prev(tok.size, 1.0),
-                                       prev(can_be_absorbed, False), qs.fuse_threshold)
-    fuse = cand & ~prev(cand, False)  # t-1 is not itself absorbing t-2 here
+    before = FusionView(prev(tok.x, 0), prev(tok.size, 1.0), prev(can_be_absorbed, False), candidate=None)
+    cand, merged, size = fusion_candidates(qs, layer, tok, can_be_absorbed, before)
+    fuse = fusion.fuses(cand, prev(cand, False))
     retired = jnp.concatenate([fuse[:, 1:], jnp.zeros_like(fuse[:, :1])], axis=1)  # t-1 of each fused t
     stops = retired & ~needed  # a retired token whose prediction is needed computes on, for itself
     tok = dataclasses.replace(
-        tok,
-        x=jnp.where(fuse[..., None], merged, tok.x),
-        size=jnp.where(fuse, size, tok.size),
-        absorbed=tok.absorbed | fuse,
+        absorb(tok, fuse, merged, size),
         active=tok.active & ~stops,
         alive=tok.alive & ~retired,
         fused=tok.fused | retired,
@@ -140,18 +180,34 @@ def fuse_step(qs: QuickSilverConfig, layer, tok: Tokens, can_be_absorbed, needed
     return tok, cand
 
 
-def masked_block(blk, tok: Tokens, computing, visible, bias, halted, mode, ctx: Context, linear, qkv=None, win=None):
+@dataclasses.dataclass(frozen=True)
+class BlockInputs:
+    """What block l reads over a window: its parameters `blk`; the tokens entering it (the `active`
+    ones compute, the others keep their state; Matryoshka widths from `bits`); the window's context
+    (its layout and far-context window); the keys that may be attended, visible [B, T], with their
+    score bias [B, T]; and the K/V mode for halted tokens (`kvskip`: mask, zero or propagate)."""
+
+    blk: object
+    tok: Tokens
+    ctx: Context
+    visible: jax.Array
+    bias: jax.Array
+    mode: str
+
+
+def masked_block(b: BlockInputs, qkv=None):
     """The reference: the block runs on every row; rows not computing keep their state.
     `qkv`: the rows' queries, keys and values if already projected.  -> x [B, T, D], k and v [B, T, K, Dh]"""
-    w = ctx.layout
-    q, k, v = blocks.qkv(blk, tok.x, w.cos, w.sin, linear) if qkv is None else qkv
-    k, v = kvskip.zero_halted(k, v, halted, mode)
-    o = attention(q, k, v, w.slots, w.slots, visible, bias, self_visible=True, window=win)
-    x_new = blocks.tail(blk, tok.x, o, linear)
-    return jnp.where(computing[..., None], x_new, tok.x), k, v
+    w, tok = b.ctx.layout, b.tok
+    linear = with_widths(tok.bits)
+    q, k, v = blocks.qkv(b.blk, tok.x, w.cos, w.sin, linear) if qkv is None else qkv
+    k, v = kvskip.zero_halted(k, v, tok.halted, b.mode)
+    o = attention(q, k, v, w.slots, w.slots, b.visible, b.bias, self_visible=True, window=b.ctx.local)
+    x_new = blocks.tail(b.blk, tok.x, o, linear)
+    return jnp.where(tok.active[..., None], x_new, tok.x), k, v
 
 
-def compacted_block(blk, tok: Tokens, computing, visible, bias, mode, ctx: Context, linear, buckets, win=None):
+def compacted_block(b: BlockInputs, buckets):
     """The fast path: only the computing rows run the block, gathered per sequence (in slot order)
     into the smallest bucket that holds them (`lax.switch` on one scalar) and scattered back.
 
@@ -159,15 +215,16 @@ def compacted_block(blk, tok: Tokens, computing, visible, bias, mode, ctx: Conte
     the gathered rows only and attention runs among them, in gathered order (keys/values of rows that
     did not compute come back zero: nobody may attend to them). Under `propagate` halted rows'
     keys/values are needed too: q, k, v are projected for every row and the gathered queries attend
-    over all keys. Same results as `masked_block`.  -> x, k, v"""
-    w = ctx.layout
+    over all keys. Same results as `masked_block` (not for `zero`, whose zero keys need every row).
+    -> x, k, v"""
+    blk, tok, w, win, visible, bias = b.blk, b.tok, b.ctx.layout, b.ctx.local, b.visible, b.bias
+    computing = tok.active
     B, T = computing.shape
-    own_rows = mode == "mask"
-    q_all, k_all, v_all = (None,) * 3 if own_rows else blocks.qkv(blk, tok.x, w.cos, w.sin, linear)
+    own_rows = b.mode == "mask"
+    q_all, k_all, v_all = (None,) * 3 if own_rows else blocks.qkv(blk, tok.x, w.cos, w.sin, with_widths(tok.bits))
 
     def full(x):  # the full bucket: the plain window pass, nothing gathered
-        qkv = None if own_rows else (q_all, k_all, v_all)
-        return masked_block(blk, tok, computing, visible, bias, None, mode, ctx, linear, qkv, win)
+        return masked_block(b, None if own_rows else (q_all, k_all, v_all))
 
     def gathered(n):
         def branch(x):
@@ -201,29 +258,23 @@ def layer_step(qs: QuickSilverConfig, module, blk, layer, tok: Tokens, ctx: Cont
     -> new Tokens, LayerOut"""
     w = ctx.layout
     computing = tok.active
-    halted = tok.alive & ~tok.active
-    visible = tok.alive & kvskip.visible_keys(qs.kv_skip, layer, computing, halted, tok.halt, w.valid, qs.kv_propagate_span)
-    bias = jnp.where(visible | computing, jnp.log(tok.size), 0.0)
-    linear = with_widths(tok.bits)
-    writes = kvskip.writes_kv(qs.kv_skip, computing, halted, tok.halt, layer, qs.kv_propagate_span)
-    win = ctx.local
-    if buckets is None:
-        x, k, v = masked_block(blk, tok, computing, visible, bias, halted, qs.kv_skip, ctx, linear, win=win)
-    else:
-        x, k, v = compacted_block(blk, tok, computing, visible, bias, qs.kv_skip, ctx, linear, buckets, win)
+    visible = visible_keys(qs, layer, tok, w.valid)
+    bias = key_bias(tok, visible)
+    writes = kvskip.writes_kv(qs.kv_skip, computing, tok.halted, tok.halt, layer, qs.kv_propagate_span)
+    inputs = BlockInputs(blk=blk, tok=tok, ctx=ctx, visible=visible, bias=bias, mode=qs.kv_skip)
+    x, k, v = masked_block(inputs) if buckets is None else compacted_block(inputs, buckets)
 
     score, n_voters = selection_score(qs, blk, layer, tok, k, visible, ctx, computing)
-    can = ctx.eligible & computing & (layer < module.cfg.n_layers)  # nothing to save after the last layer
+    can = may_decide(ctx, tok, layer, module.cfg.n_layers)
     halt_now, n_checks = halting_decision(qs, module, layer, x, tok.x, can, ctx, score)
-    tok = dataclasses.replace(tok, x=x, score=score, active=tok.active & ~halt_now,
-                              halt=jnp.where(halt_now, layer, tok.halt))
-    view = FusionView(tok.x[:, -1], tok.size[:, -1], (can & ~halt_now)[:, -1], jnp.zeros_like(can[:, -1]))
+    tok = halt_after(dataclasses.replace(tok, x=x, score=score), layer, halt_now)
+    view = last_view(tok, can & ~halt_now)
     if qs.fuse_threshold is not None:
         tok, cand = fuse_step(qs, layer, tok, can & ~halt_now, ctx.needed)
         view = dataclasses.replace(view, candidate=cand[:, -1])
     stats = LayerStats(
         computing=computing.sum(-1).astype(jnp.int32),
-        pairs=attended_pairs(visible, computing, win),
+        pairs=attended_pairs(visible, computing, ctx.local),
         entropy_checks=n_checks,
         propagated=(writes & ~computing).sum(-1).astype(jnp.int32),
         kv_skipped=(w.valid & ~writes).sum(-1).astype(jnp.int32),
