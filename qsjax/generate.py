@@ -180,24 +180,19 @@ class Output:
 
 
 def encode_prompts(tokenizer, prompts: list[str], chat: bool, context: int, label: str) -> list[list[int]]:
-    """Each prompt's token ids (wrapped in the chat template with --chat, as Generator.encode does);
-    a prompt (or its rendering) too large for the context is refused from its size, before tokenizing."""
+    """Each prompt's token ids (`Tokenizer.encode_prompt`, as Generator.encode); a prompt (or its
+    rendering) too large for the context is refused from its size, before tokenizing."""
     from qsjax.checkpoints.tokenizer import TextTooLong
 
     ids = []
     for i, prompt in enumerate(prompts):
         what = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
         try:
-            tokenizer.check_fits(prompt, context, what)
-            if chat:
-                limit = context * tokenizer.max_token_bytes
-                prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], limit=limit)
-                tokenizer.check_fits(prompt, context, f"{what} in the chat template")
+            ids.append(tokenizer.encode_prompt(prompt, chat, context, what))
         except TextTooLong as e:
             raise UsageError(f"{e}; shorten it") from None
         except ValueError as e:
             raise UsageError(f"--chat: {label}: {e}") from None
-        ids.append(tokenizer.encode(prompt, add_special_tokens=not chat))
     return ids
 
 

@@ -86,6 +86,20 @@ class Tokenizer:
             return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         return in_worker(lambda: self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
 
+    def encode_prompt(self, prompt: str, chat: bool = False, context: int | None = None,
+                      what: str = "the prompt") -> list[int]:
+        """A user prompt's token ids: with `chat`, wrapped in the chat template as one user turn (the
+        template adds the special tokens); with `context`, refused (TextTooLong) from its size, and its
+        rendering's, when it cannot fit that many tokens."""
+        if context is not None:
+            self.check_fits(prompt, context, what)
+        if chat:
+            limit = 1 << 28 if context is None else context * self.max_token_bytes
+            prompt = self.apply_chat_template([{"role": "user", "content": prompt}], limit=limit)
+            if context is not None:
+                self.check_fits(prompt, context, f"{what} in the chat template")
+        return self.encode(prompt, add_special_tokens=not chat)
+
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
 

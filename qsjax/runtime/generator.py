@@ -112,9 +112,7 @@ class Generator:
         return qs is not None and qs.scope == "context" and qs.compact
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
-        if chat:
-            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-        return self.tokenizer.encode(prompt, add_special_tokens=not chat)
+        return self.tokenizer.encode_prompt(prompt, chat)
 
     def _steps(self, static: Static):
         """-> (Decoding, prefill_fn, decode_fn) for sampler.first_token / decode_loop."""
