@@ -110,7 +110,7 @@ def test_cached_decoding_matches_the_full_forward(name, families, rng):
     np.testing.assert_allclose(np.stack(got, 1), full[:, P - 1:T - 1], atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["llama3.2", "qwen2-yarn-mqa", "qwen3", "mistral-window", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize("name", ["qwen2-yarn-mqa", "mistral-window", "gemma2", "gemma3", "phi3"])
 def test_generator_greedy_matches_transformers(name, families, rng):
     from qsjax.runtime.generator import Generator
 
