@@ -229,3 +229,36 @@ def test_default_llama_block_has_no_options():
                   "final_softcap", "windows", "local_rope_theta"):
         assert getattr(cfg, field) == defaults[field]
     assert cfg.activation == "silu" and cfg.family == "llama"
+
+
+def test_quicksilver_refuses_layer_rules(families):
+    """QuickSilver's passes do not apply soft-capping or sliding windows yet: refused, not ignored."""
+    from qsjax.quicksilver.settings import preset
+    from qsjax.runtime.cli import UsageError
+    from qsjax.runtime.generator import Generator
+
+    tokenizer = types.SimpleNamespace(eos_ids=(), pad_id=0, decode=lambda ids: "")
+    model = families["gemma2"][2]
+    with pytest.raises(UsageError, match="QuickSilver does not support gemma2"):
+        Generator(model, tokenizer, preset("long", model.cfg.n_layers))
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3-mqa-bias", "gemma3", "phi3"])
+def test_every_parameter_has_a_sharding_rule(name, families):
+    """`shard_model`'s rules name every new parameter (q/k norms, post-norms, q/k/v biases)."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    from qsjax.runtime.sharding import logical_axes, partition_spec
+
+    model = families[name][2]
+    specs = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(model.state):
+        names = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        specs[names] = partition_spec(logical_axes(names, leaf.ndim), leaf.shape, model.cfg, {"data": 1, "model": 2})
+    split = "model" if model.cfg.n_kv_heads % 2 == 0 else None  # whole key/value groups, or replicated
+    assert specs[("blocks", 0, "qkv_proj", "w")] == P(None, split)
+    if model.cfg.qk_norm:
+        assert specs[("blocks", 0, "q_norm", "scale")] == P(None)
+    if model.cfg.qkv_bias or model.cfg.attn_bias:
+        assert specs[("blocks", 0, "qkv_proj", "b")] == P(split)

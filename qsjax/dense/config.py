@@ -86,6 +86,12 @@ class ModelConfig:
     windows: tuple[int | None, ...] = ()  # per layer: a sliding window W (keys < W slots back), None: full; (): none
     local_rope_theta: float | None = None  # RoPE base of the sliding layers, unscaled (Gemma 3); None: as the others
 
+    @property
+    def layer_rules(self) -> bool:
+        """Whether some layer attends under a rule of its own: soft-capped scores or a sliding window
+        (`attention.Rule`; QuickSilver's passes do not apply them yet)."""
+        return self.attn_softcap is not None or any(w is not None for w in self.windows)
+
     def window(self, layer: int) -> int | None:
         """The sliding window of block `layer` (0-based), None for full causal attention."""
         return self.windows[layer] if self.windows else None
