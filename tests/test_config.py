@@ -29,11 +29,11 @@ def test_llama_gqa_and_rope_parameters():
 
 @pytest.mark.parametrize("field, value", [
     ("hidden_act", "gelu"),
-    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}),
+    ("rope_scaling", {"rope_type": "dynamic", "factor": 4.0}),
     ("pretraining_tp", 2),
 ])
 def test_unsupported_llama_fields(field, value):
-    with pytest.raises(UnsupportedConfig, match=field if field != "rope_scaling" else "rope_type='yarn'"):
+    with pytest.raises(UnsupportedConfig, match=field if field != "rope_scaling" else "rope_type='dynamic'"):
         ModelConfig.from_hf({**LLAMA, field: value})
 
 
@@ -48,8 +48,8 @@ def test_unsupported_gpt2_fields(field, value):
 
 
 def test_unknown_model_type():
-    with pytest.raises(UnsupportedConfig, match="model_type 'mistral'"):
-        ModelConfig.from_hf({**LLAMA, "model_type": "mistral"})
+    with pytest.raises(UnsupportedConfig, match="model_type 'falcon'"):
+        ModelConfig.from_hf({**LLAMA, "model_type": "falcon"})
 
 
 def test_llama3_rope_matches_transformers():

@@ -54,11 +54,10 @@ GPT2_KEYS = [
 GPT2_IGNORED = [r"h\.\d+\.attn\.(bias|masked_bias)"]
 
 # Llama's separate q/k/v and gate/up matrices each fill one part ("path:part") of a fused parameter;
-# they are joined once all are read.
-LLAMA_KEYS = [
-    (r"embed_tokens\.weight", "tok_embed", False),
-    (r"layers\.(\d+)\.input_layernorm\.weight", "blocks.{layer}.attn_norm.scale", False),
-    (r"layers\.(\d+)\.post_attention_layernorm\.weight", "blocks.{layer}.mlp_norm.scale", False),
+# they are joined once all are read. Phi-3's fused qkv_proj and gate_up_proj fill several parts
+# ("path:q+k+v"), split in Hugging Face's order. Per family, the rules below a parameter the config
+# does not have (e.g. q_norm without qk_norm) still refuse its key ("this config has no parameter").
+_PROJECTIONS = [
     *[
         (rf"layers\.(\d+)\.{mod}\.{name}_proj\.{kind}", f"blocks.{{layer}}.{target}.{kind[0]}{part}", kind == "weight")
         for mod, name, target, part in (
@@ -67,13 +66,35 @@ LLAMA_KEYS = [
             ("mlp", "down", "down_proj", ""))
         for kind in ("weight", "bias")
     ],
-    (r"norm\.weight", "final_norm.scale", False),
-    (r"lm_head\.weight", "lm_head", True),
 ]
+_QK_NORMS = [(rf"layers\.(\d+)\.self_attn\.{n}_norm\.weight", f"blocks.{{layer}}.{n}_norm.scale", False) for n in "qk"]
+_ENDS = [(r"embed_tokens\.weight", "tok_embed", False), (r"norm\.weight", "final_norm.scale", False),
+         (r"lm_head\.weight", "lm_head", True)]
+_NORMS = lambda names: [(rf"layers\.(\d+)\.{hf}\.weight", f"blocks.{{layer}}.{ours}.scale", False)
+                        for hf, ours in names.items()]
+LLAMA_KEYS = [*_ENDS, *_NORMS({"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"}),
+              *_PROJECTIONS, *_QK_NORMS]
+GEMMA_KEYS = [*_ENDS, *_NORMS({"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attn_norm",
+                               "pre_feedforward_layernorm": "mlp_norm", "post_feedforward_layernorm": "post_mlp_norm"}),
+              *_PROJECTIONS, *_QK_NORMS]
+PHI3_KEYS = [*_ENDS, *_NORMS({"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"}),
+             (r"layers\.(\d+)\.self_attn\.qkv_proj\.weight", "blocks.{layer}.qkv_proj.w:q+k+v", True),
+             (r"layers\.(\d+)\.self_attn\.o_proj\.weight", "blocks.{layer}.o_proj.w", True),
+             (r"layers\.(\d+)\.mlp\.gate_up_proj\.weight", "blocks.{layer}.gate_up_proj.w:gate+up", True),
+             (r"layers\.(\d+)\.mlp\.down_proj\.weight", "blocks.{layer}.down_proj.w", True)]
 LLAMA_IGNORED = [r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
+KEY_MAPS = {"gpt2": (GPT2_KEYS, GPT2_IGNORED), "llama": (LLAMA_KEYS, LLAMA_IGNORED),
+            "mistral": (LLAMA_KEYS, LLAMA_IGNORED), "qwen2": (LLAMA_KEYS, LLAMA_IGNORED),
+            "qwen3": (LLAMA_KEYS, LLAMA_IGNORED), "phi3": (PHI3_KEYS, LLAMA_IGNORED),
+            "gemma2": (GEMMA_KEYS, LLAMA_IGNORED), "gemma3_text": (GEMMA_KEYS, LLAMA_IGNORED)}
 
 # Fused Llama parameters (by module name) and their parts in order (see `layers.fuse_qkv`, `fuse_gate_up`).
 FUSED = {"qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up")}
+
+
+def key_map(cfg: ModelConfig) -> tuple[list, list]:
+    """The (rules, ignored keys) of the config's family."""
+    return KEY_MAPS["gpt2" if cfg.arch == "gpt2" else cfg.family]
 
 
 def _part_width(cfg: ModelConfig, part: str) -> int:
@@ -153,7 +174,7 @@ def _fuse(cfg: ModelConfig, filled: dict) -> dict:
 
 def map_checkpoint(cfg: ModelConfig, tensors: dict, expected: dict) -> dict:
     """Checkpoint tensors -> nested dict shaped like `expected` (parameter path -> ShapeDtypeStruct)."""
-    rules, ignored = (GPT2_KEYS, GPT2_IGNORED) if cfg.arch == "gpt2" else (LLAMA_KEYS, LLAMA_IGNORED)
+    rules, ignored = key_map(cfg)
     if cfg.tie_embeddings:  # a tied head may still be saved; it is the embedding, not a weight of its own
         ignored = ignored + [r"lm_head\.weight"]
     slots = _slots(cfg, {".".join(map(str, k)): v for k, v in nnx.traversals.flatten_mapping(expected).items()})
@@ -170,16 +191,20 @@ def map_checkpoint(cfg: ModelConfig, tensors: dict, expected: dict) -> dict:
             raise WeightError(f"unexpected key {key!r} {tuple(array.shape)} in checkpoint")
         if m.groups():
             path = path.format(layer=m.group(1))
-        if path not in slots:
-            raise WeightError(f"unexpected key {key!r}: this config has no parameter {path.partition(':')[0]}")
-        want = slots[path].shape
+        owner, _, parts = path.partition(":")
+        targets = [f"{owner}:{p}" for p in parts.split("+")] if parts else [owner]
+        if any(t not in slots for t in targets):
+            raise WeightError(f"unexpected key {key!r}: this config has no parameter {owner}")
+        want = (*slots[targets[0]].shape[:-1], sum(slots[t].shape[-1] for t in targets))
         got = tuple(array.shape[::-1] if transpose else array.shape)
         if got != tuple(want):
             shown = tuple(want[::-1]) if transpose else tuple(want)
             raise WeightError(f"key {key!r} has shape {tuple(array.shape)}, expected {shown}")
-        if path in filled:
-            raise WeightError(f"duplicate key {key!r} (parameter {path} already loaded)")
-        filled[path] = jnp.asarray(array.T if transpose else array, slots[path].dtype)
+        if any(t in filled for t in targets):
+            raise WeightError(f"duplicate key {key!r} (parameter {owner} already loaded)")
+        value = jnp.asarray(array.T if transpose else array, slots[targets[0]].dtype)
+        ends = np.cumsum([slots[t].shape[-1] for t in targets])[:-1]
+        filled.update(zip(targets, jnp.split(value, ends, axis=-1)))
     missing = [p for p in slots if p not in filled]
     if missing:
         key, shape = checkpoint_key(cfg, missing[0], tuple(slots[missing[0]].shape))
@@ -189,11 +214,13 @@ def map_checkpoint(cfg: ModelConfig, tensors: dict, expected: dict) -> dict:
 
 def checkpoint_key(cfg: ModelConfig, path: str, shape: tuple) -> tuple[str, tuple]:
     """The Hugging Face checkpoint name and shape of parameter (or fused part) `path` (for messages)."""
-    rules, prefix = (GPT2_KEYS, "transformer.") if cfg.arch == "gpt2" else (LLAMA_KEYS, "model.")
+    rules, prefix = key_map(cfg)[0], "transformer." if cfg.arch == "gpt2" else "model."
     layer = re.search(r"blocks\.(\d+)\.", path)
     generic = path.replace(f"blocks.{layer.group(1)}.", "blocks.{layer}.") if layer else path
     for pattern, rule_path, transpose in rules:
-        if rule_path == generic:
+        owner, _, parts = rule_path.partition(":")
+        mine, _, part = generic.partition(":")
+        if rule_path == generic or (parts and mine == owner and part in parts.split("+")):
             key = pattern.replace(r"(\d+)", layer.group(1) if layer else "").replace("\\", "")
             return ("" if key.startswith("lm_head") else prefix) + key, shape[::-1] if transpose else shape
     return path, shape

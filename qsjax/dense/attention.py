@@ -4,7 +4,8 @@ For query i (slot q_i) and key j (slot k_j), with G = H // K query heads sharing
 
     visible(i, j) = k_j <= q_i  and  (ok_j  or  (self_visible and k_j == q_i))
                     [and  (k_j >= from_i  or  anchor_j)   with a local `Window`]
-    s_ij   = q_i . k_j / sqrt(Dh) + bias_j                                  (float32)
+                    [and  k_j > q_i - W                   with a layer's sliding window W, `Rule`]
+    s_ij   = q_i . k_j / sqrt(Dh) [-> c tanh(s_ij / c), `Rule`'s soft-cap] + bias_j   (float32)
     out_i  = sum_{j visible} exp(s_ij - m_i) v_j  /  sum_{j visible} exp(s_ij - m_i),   m_i = max_j s_ij
     out_i  = 0  when no key is visible to query i (a padding query).
 
@@ -28,6 +29,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from qsjax.dense import layers
+
 # Block sizes measured at SmolLM2's shapes on a 2-core AVX-512 CPU (scripts/bench_attention.py
 # --blocks): 256 x 512 was fastest or within noise of it at 2,048-8,192 tokens; 512 x 512 was
 # 0.7-0.9x, 128 x 512 0.8-0.9x. A [B, K, G, 256, 512] float32 score block is 4.7 MB (L3-resident).
@@ -48,13 +51,28 @@ class Window:
     k_anchor: jax.Array
 
 
-def attention(q, k, v, q_slot, k_slot, k_ok, bias=None, *, self_visible=False, window=None):
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A layer's own attention options, static (a block holds its own, `blocks.rule`): scores
+    soft-capped to c tanh(s / c) (Gemma 2), and a sliding window of W slots (query i sees keys with
+    k_slot > q_slot[i] - W; Mistral, Gemma's local layers). None: off. Unlike a `Window`, which a
+    caller asks for, a Rule is part of the model."""
+
+    softcap: float | None = None
+    sliding: int | None = None
+
+
+PLAIN = Rule()
+
+
+def attention(q, k, v, q_slot, k_slot, k_ok, bias=None, *, self_visible=False, window=None, rule=PLAIN):
     """q [B, T, H, Dh]; k, v [B, S, K, Dh] (H a multiple of K: grouped heads, G = H // K);
     q_slot [B, T] int32, k_slot [B, S] int32; k_ok [B, S] bool; bias [B, S] float32 or None.
     Query i may attend key j  iff  k_slot[j] <= q_slot[i]  and  (k_ok[j]  or  (self_visible and k_slot[j] == q_slot[i])).
     scores = q.k / sqrt(Dh) + bias[j]; softmax over the visible keys in float32; -> [B, T, H, Dh] in q's dtype.
     A query with no visible key returns zeros. window (a `Window`, or None): besides, query i sees
     only keys with k_slot[j] >= window.q_from[i] or window.k_anchor[j] (a sliding window with sinks).
+    rule: the layer's own soft-cap and sliding window (`Rule`).
 
     Dispatch (static, on shapes, dtype and backend): on GPU, a left-padded causal window without bias
     (checked at run time) goes to `jax.nn.dot_product_attention` (cuDNN flash attention). When
@@ -63,27 +81,28 @@ def attention(q, k, v, q_slot, k_slot, k_ok, bias=None, *, self_visible=False, w
     slower at 1,024 (the loops skip the upper triangle). Otherwise the blockwise loops above. Slots
     need not be ascending for correctness; ascending slots (every caller) let the key loop stop early."""
     T, S, Dh = q.shape[1], k.shape[1], q.shape[-1]
-    if (jax.default_backend() == "gpu" and T == S and bias is None and not self_visible and window is None
+    if (jax.default_backend() == "gpu" and T == S and bias is None and not self_visible and window is None and rule == PLAIN
             and Dh % 8 == 0 and Dh <= 128 and q.dtype in (jnp.bfloat16, jnp.float16)):  # what cuDNN flash attention takes
         return _on_plain_causal(q, k, v, q_slot, k_slot, k_ok, attention_xla, "cudnn")
-    return attention_xla(q, k, v, q_slot, k_slot, k_ok, bias, self_visible=self_visible, window=window)
+    return attention_xla(q, k, v, q_slot, k_slot, k_ok, bias, self_visible=self_visible, window=window, rule=rule)
 
 
-def attention_xla(q, k, v, q_slot, k_slot, k_ok, bias=None, *, self_visible=False, window=None):
+def attention_xla(q, k, v, q_slot, k_slot, k_ok, bias=None, *, self_visible=False, window=None, rule=PLAIN):
     """`attention` without the library dispatch: XLA's paths only (the CPU path, the GPU fallback,
     and the benchmarks' variant without cuDNN)."""
     return attention_heads_major(q, _heads(k), _heads(v), q_slot, k_slot, k_ok, bias, self_visible=self_visible,
-                                 window=window)
+                                 window=window, rule=rule)
 
 
-def attention_heads_major(q, kh, vh, q_slot, k_slot, k_ok, bias=None, *, self_visible=False, window=None):
+def attention_heads_major(q, kh, vh, q_slot, k_slot, k_ok, bias=None, *, self_visible=False, window=None,
+                          rule=PLAIN):
     """`attention` with the keys and values stored heads-major, kh, vh [B, K, S, Dh]: the KV cache's
     layout, so that a decode step reads a layer's cache as it lies (no transpose, i.e. no copy, of the
     whole cache at every step)."""
     T, S = q.shape[1], kh.shape[2]
     if T * S <= DIRECT_MAX:
-        return _direct(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, window)
-    return _blockwise(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, window, QUERY_BLOCK, KEY_BLOCK)
+        return _direct(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, window, rule)
+    return _blockwise(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, window, QUERY_BLOCK, KEY_BLOCK, rule)
 
 
 def causal_pairs_executed(T: int) -> int:
@@ -96,21 +115,25 @@ def causal_pairs_executed(T: int) -> int:
     return sum(bq * bk * ((min(T, (i + 1) * bq) - 1) // bk + 1) for i in range(-(-T // bq)))
 
 
-def _mask(q_slot, k_slot, k_ok, self_visible, window=None):
+def _mask(q_slot, k_slot, k_ok, self_visible, window=None, rule=PLAIN):
     """[B, Tq], [B, Sk], [B, Sk] -> [B, Tq, Sk] bool: which keys each query sees."""
     qs, ks = q_slot[:, :, None], k_slot[:, None, :]
     ok = k_ok[:, None, :] | (ks == qs) if self_visible else k_ok[:, None, :]
     if window is not None:
         ok = ok & ((ks >= window.q_from[:, :, None]) | window.k_anchor[:, None, :])
+    if rule.sliding is not None:
+        ok = ok & (ks > qs - rule.sliding)
     return (ks <= qs) & ok
 
 
-def _update(carry, qb, kb, vb, mask, bias):
+def _update(carry, qb, kb, vb, mask, bias, softcap=None):
     """One online-softmax step.  qb [B, K, G, Tq, Dh] (pre-scaled), kb, vb [B, K, Sk, Dh],
-    mask [B, Tq, Sk] or None (all visible), bias [B, Sk] or None;
+    mask [B, Tq, Sk] or None (all visible), bias [B, Sk] or None, softcap a float or None;
     carry (m, l [B, K, G, Tq], acc [B, K, G, Tq, Dh]) in float32."""
     m, l, acc = carry
     s = jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32)  # [B, K, G, Tq, Sk]
+    if softcap is not None:
+        s = layers.softcap(s, softcap)
     if bias is not None:
         s = s + bias[:, None, None, None, :]
     if mask is not None:
@@ -150,16 +173,16 @@ def _heads_last(o, dtype):
     return o.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, Dh).astype(dtype)
 
 
-def _direct(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, window):
+def _direct(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, window, rule):
     """All keys as one block: one [B, H, T, S] score tensor, no loop (small T x S)."""
     B, T, H, Dh = q.shape
     qh = _queries(q, kh.shape[1])
-    mask = _mask(q_slot, k_slot, k_ok, self_visible, window)
-    carry = _update(_init(B, kh.shape[1], qh.shape[2], T, Dh), qh, kh, vh, mask, bias)
+    mask = _mask(q_slot, k_slot, k_ok, self_visible, window, rule)
+    carry = _update(_init(B, kh.shape[1], qh.shape[2], T, Dh), qh, kh, vh, mask, bias, rule.softcap)
     return _heads_last(_finish(carry), q.dtype)
 
 
-def _blockwise(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, window, bq, bk):
+def _blockwise(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, window, bq, bk, rule=PLAIN):
     """Query blocks of bq (a `lax.map`), each scanning key blocks of bk (a `fori_loop` with a
     dynamic end); T and S are padded up to the block sizes with rows that see / are seen by nothing."""
     B, T, H, Dh = q.shape
@@ -194,11 +217,11 @@ def _blockwise(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, window, bq, 
         def key_block(j, carry):
             sl = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, j * bk, bk, axis)
             win = None if window is None else Window(qf, sl(k_anchor, 1))
-            mask = _mask(qs, sl(k_slot, 1), sl(k_ok, 1), self_visible, win)  # [B, bq, bk]
+            mask = _mask(qs, sl(k_slot, 1), sl(k_ok, 1), self_visible, win, rule)  # [B, bq, bk]
             kb, vb, bb = sl(kh, 2), sl(vh, 2), None if bias is None else sl(bias, 1)
             skip = lambda c: c  # nothing visible: not computed at all
-            partial = lambda c: _update(c, qb, kb, vb, mask, bb)
-            full = lambda c: _update(c, qb, kb, vb, None, bb)  # all visible: no select
+            partial = lambda c: _update(c, qb, kb, vb, mask, bb, rule.softcap)
+            full = lambda c: _update(c, qb, kb, vb, None, bb, rule.softcap)  # all visible: no select
             return jax.lax.switch(mask.any().astype(jnp.int32) + mask.all(), (skip, partial, full), carry)
 
         return _finish(jax.lax.fori_loop(0, end, key_block, _init(B, K, G, bq, Dh)))

@@ -2,8 +2,14 @@
 
     x^0 = embed(tokens, positions)
     q, k, v = qkv(block, x)                           attention projections (RoPE for Llama)
-    x = tail(block, x, attention(q, k, v))           x += out(o); x += mlp(x)
+    x = tail(block, x, attend(block, q, k, v))       x += out(o); x += mlp(x)
     logits = lm_head(final_norm(x^L))
+
+The Llama-like block carries its family's options (`ModelConfig`, `modules.LlamaBlock`); each is
+applied here, in the function every path (dense, QuickSilver) already calls, and off it adds no op:
+q/k norms and the score scale in `qkv`, post-norms in `tail`, GeGLU in `mlp`, the embedding scale in
+`embed`, final soft-capping in `lm_logits`; the layer's soft-cap and sliding window are its `rule`,
+which `attend` (or a caller of `attention`, passing `rule(block)`) hands to attention.
 
 Every linear map goes through `linear(module, x)`, by default `module(x)`: the seam through which a
 caller may apply the same weights differently (e.g. quantized weights at per-token widths) without
@@ -15,8 +21,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from qsjax.dense import layers
+from qsjax.dense.attention import PLAIN, attention
 from qsjax.dense.modules import GPT2Block, Transformer
-from qsjax.dense.rope import apply_rope
+from qsjax.dense.rope import apply_rope, pick_table
 
 
 def call(module, x):
@@ -29,6 +36,8 @@ def embed(model: Transformer, tokens, positions):
     x = model.tok_embed[...][tokens]
     if model.pos_embed is not None:
         x = x + model.pos_embed[...][positions]
+    if model.cfg.embed_scale is not None:  # rounded to the embedding's dtype first, as transformers does
+        x = x * jnp.asarray(model.cfg.embed_scale, x.dtype)
     return x
 
 
@@ -36,22 +45,42 @@ def lm_logits(model: Transformer, x):
     """Final norm and LM head, in float32.  [..., D] -> [..., V]"""
     h = model.final_norm(x)
     if model.lm_head is None:  # tied: contract with the [V, D] embedding as stored, no transpose
-        return jnp.einsum("...d,vd->...v", h, model.tok_embed[...], preferred_element_type=jnp.float32)
-    return jnp.matmul(h, model.lm_head[...], preferred_element_type=jnp.float32)
+        logits = jnp.einsum("...d,vd->...v", h, model.tok_embed[...], preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.matmul(h, model.lm_head[...], preferred_element_type=jnp.float32)
+    cap = model.cfg.final_softcap
+    return logits if cap is None else layers.softcap(logits, cap)
 
 
 def qkv(blk, x, cos, sin, linear=call):
     """Queries, keys and values of a block.  x [B, T, D] -> q [B, T, H, Dh], k and v [B, T, K, Dh]
 
     GPT-2: one fused projection of ln1(x) (positions entered at the embedding). Llama: one fused
-    projection of rmsnorm(x) (columns grouped by key/value head, `layers.split_qkv`), RoPE on q and k."""
+    projection of rmsnorm(x) (columns grouped by key/value head, `layers.split_qkv`), RoPE on q and k
+    (the block's table of cos, sin [B, T, Dh/2] or [B, T, 2, Dh/2], `rope.pick_table`); with the
+    family's options, q and k normalised per head before RoPE and q scaled for the family's score scale."""
     B, T, _ = x.shape
     Dh = blk.head_dim
     if isinstance(blk, GPT2Block):
         q, k, v = jnp.split(linear(blk.qkv_proj, blk.ln1(x)), 3, axis=-1)
         return q.reshape(B, T, -1, Dh), k.reshape(B, T, -1, Dh), v.reshape(B, T, -1, Dh)
     q, k, v = layers.split_qkv(linear(blk.qkv_proj, blk.attn_norm(x)), blk.n_kv_heads, Dh)
+    if blk.q_norm is not None:
+        q, k = blk.q_norm(q), blk.k_norm(k)
+    if blk.q_scale is not None:
+        q = q * jnp.asarray(blk.q_scale, q.dtype)
+    cos, sin = pick_table(cos, sin, blk.rope_table)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def rule(blk):
+    """The block's own attention rule (soft-cap, sliding window; `attention.Rule`)."""
+    return PLAIN if isinstance(blk, GPT2Block) else blk.rule
+
+
+def attend(blk, q, k, v, q_slot, k_slot, k_ok, bias=None, **kw):
+    """`attention.attention` under the block's rule.  -> [B, T, H, Dh]"""
+    return attention(q, k, v, q_slot, k_slot, k_ok, bias, rule=rule(blk), **kw)
 
 
 def mlp(blk, x, linear=call):
@@ -59,11 +88,18 @@ def mlp(blk, x, linear=call):
     one fused projection (`layers.swiglu`).  [B, T, D] -> [B, T, D]"""
     if isinstance(blk, GPT2Block):
         return linear(blk.proj, layers.gelu_tanh(linear(blk.fc, blk.ln2(x))))
-    return linear(blk.down_proj, layers.swiglu(linear(blk.gate_up_proj, blk.mlp_norm(x))))
+    glu = layers.geglu if blk.activation == "gelu_tanh" else layers.swiglu
+    return linear(blk.down_proj, glu(linear(blk.gate_up_proj, blk.mlp_norm(x))))
 
 
 def tail(blk, x, o, linear=call):
-    """The residual tail after attention: x += out(o); x += mlp(x).  x [B, T, D], o [B, T, H, Dh] -> [B, T, D]"""
-    out = blk.out_proj if isinstance(blk, GPT2Block) else blk.o_proj
-    x = x + linear(out, o.reshape(*o.shape[:2], -1))
-    return x + mlp(blk, x, linear)
+    """The residual tail after attention: x += out(o); x += mlp(x), with post-norms (Gemma):
+    x += norm(out(o)); x += norm(mlp(x)).  x [B, T, D], o [B, T, H, Dh] -> [B, T, D]"""
+    if isinstance(blk, GPT2Block):
+        x = x + linear(blk.out_proj, o.reshape(*o.shape[:2], -1))
+        return x + mlp(blk, x, linear)
+    if blk.post_attn_norm is None:
+        x = x + linear(blk.o_proj, o.reshape(*o.shape[:2], -1))
+        return x + mlp(blk, x, linear)
+    x = x + blk.post_attn_norm(linear(blk.o_proj, o.reshape(*o.shape[:2], -1)))
+    return x + blk.post_mlp_norm(mlp(blk, x, linear))

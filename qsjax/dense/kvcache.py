@@ -27,7 +27,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from qsjax.dense.attention import attention_heads_major
+from qsjax.dense.attention import PLAIN, attention_heads_major
 from qsjax.dense.config import ModelConfig
 
 EMPTY = jnp.iinfo(jnp.int32).max  # the slot of a place that holds nothing: above every query's slot
@@ -90,19 +90,21 @@ class KVCache:
         replace = lambda bufs, x: tuple(put(b, x) if i == layer else b for i, b in enumerate(bufs))
         return dataclasses.replace(self, k=replace(self.k, k), v=replace(self.v, v), slot=replace(self.slot, new_slot))
 
-    def attend(self, layer: int, q, k, v, key_mask=None, key_bias=None):
+    def attend(self, layer: int, q, k, v, key_mask=None, key_bias=None, rule=PLAIN):
         """Write the next token's key and value in layer `layer` (0-based) and attend over the layer's
         entries and its own: q [B, 1, H, Dh], k, v [B, 1, K, Dh]; key_mask [B, S_l] bool (None: every
-        entry), key_bias [B, S_l] (None: nothing)  -> new cache, o [B, 1, H, Dh]"""
+        entry), key_bias [B, S_l] (None: nothing); rule: the layer's (`attention.Rule`)
+        -> new cache, o [B, 1, H, Dh]"""
         cache = self.write(layer, k, v)
-        return cache, cache.attention(layer, q, key_mask, key_bias)
+        return cache, cache.attention(layer, q, key_mask, key_bias, rule)
 
-    def attention(self, layer: int, q, key_mask=None, key_bias=None):
+    def attention(self, layer: int, q, key_mask=None, key_bias=None, rule=PLAIN):
         """The next token's query over layer `layer`'s entries (its own included).  -> [B, 1, H, Dh]"""
         slot = self.slot[layer]
         q_slot = jnp.broadcast_to(self.index, (slot.shape[0], 1))
         ok = jnp.ones(slot.shape, bool) if key_mask is None else key_mask
-        return attention_heads_major(q, self.k[layer], self.v[layer], q_slot, slot, ok, key_bias, self_visible=True)
+        return attention_heads_major(q, self.k[layer], self.v[layer], q_slot, slot, ok, key_bias, self_visible=True,
+                                     rule=rule)
 
     def advance(self) -> KVCache:
         return dataclasses.replace(self, index=self.index + 1, fill=self.fill + 1)

@@ -46,6 +46,12 @@ def swiglu(y):
     return silu(y[..., 0]) * y[..., 1]
 
 
+def geglu(y):
+    """gelu_tanh(gate) * up from `fuse_gate_up`'s map (Gemma).  y [..., 2F] -> [..., F]"""
+    y = y.reshape(*y.shape[:-1], -1, 2)
+    return gelu_tanh(y[..., 0]) * y[..., 1]
+
+
 def layer_norm(x, scale, bias, eps):
     """GPT-2's LayerNorm: (x - mean) / sqrt(var + eps) * scale + bias.  [..., D] -> [..., D]"""
     x32 = x.astype(jnp.float32)
@@ -60,6 +66,18 @@ def rms_norm(x, scale, eps):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
     return scale * y.astype(x.dtype)
+
+
+def rms_norm_plus_one(x, scale, eps):
+    """Gemma's RMSNorm: x / sqrt(mean(x^2) + eps) * (1 + scale), all in float32.  [..., D] -> [..., D]"""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
+    return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def softcap(x, cap: float):
+    """cap tanh(x / cap): values squashed into (-cap, cap) (Gemma 2's scores and logits)."""
+    return cap * jnp.tanh(x / cap)
 
 
 def gelu_tanh(x):

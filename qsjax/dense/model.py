@@ -29,7 +29,6 @@ from flax import nnx
 from qsjax.dense import blocks
 from qsjax.dense.config import ModelConfig
 from qsjax.dense.kvcache import KVCache
-from qsjax.dense.attention import attention
 from qsjax.dense.modules import Transformer
 from qsjax.dense.rope import rope_angles
 
@@ -73,19 +72,47 @@ def block(blk, x, w: Layout, linear=blocks.call, window=None):
     """One transformer block over full causal windows.  x [B, T, D] -> x [B, T, D], (k, v [B, T, K, Dh])
     window: a local attention rule (`attention`'s), None for full causal attention."""
     q, k, v = blocks.qkv(blk, x, w.cos, w.sin, linear)  # [B, T, H, Dh], [B, T, K, Dh] x 2
-    o = attention(q, k, v, w.slots, w.slots, w.valid, window=window)
+    o = blocks.attend(blk, q, k, v, w.slots, w.slots, w.valid, window=window)
     return blocks.tail(blk, x, o, linear), (k, v)
+
+
+def layer_period(blks) -> int:
+    """The smallest P such that block i and block i + P have one structure (the same static options:
+    e.g. 2 for Gemma 2's alternating local and global layers; 1 when all are alike)."""
+    defs = [nnx.graphdef(b) for b in blks]
+    return next(p for p in range(1, len(defs) + 1) if all(defs[i] == defs[i + p] for i in range(len(defs) - p)))
 
 
 def scan_layers(model: Transformer, first: int, last: int, step, carry):
     """`lax.scan` of step(carry, block, layer) -> (carry, out) over layers first+1..last (1-based
-    `layer`, traced), their weights stacked inside jit (the blocks must share one structure).
-    -> carry, outs stacked [last - first, ...]"""
+    `layer`, traced), their weights stacked inside jit. Blocks whose static options alternate with a
+    period P (`layer_period`) are scanned P at a time (each step runs P blocks, one of each kind), the
+    last (last - first) mod P unrolled after.  -> carry, outs stacked [last - first, ...]"""
     blks = [model.blocks[i] for i in range(first, last)]
-    graphdef = nnx.graphdef(blks[0])
-    stacked = jax.tree.map(lambda *w: jnp.stack(w), *[nnx.state(b) for b in blks])
-    return jax.lax.scan(lambda c, xs: step(c, nnx.merge(graphdef, xs[0]), xs[1]), carry,
-                        (stacked, jnp.arange(first + 1, last + 1)))
+    P = layer_period(blks)
+    if P == 1:
+        graphdef = nnx.graphdef(blks[0])
+        stacked = jax.tree.map(lambda *w: jnp.stack(w), *[nnx.state(b) for b in blks])
+        return jax.lax.scan(lambda c, xs: step(c, nnx.merge(graphdef, xs[0]), xs[1]), carry,
+                            (stacked, jnp.arange(first + 1, last + 1)))
+    n = len(blks) // P
+    graphdefs = [nnx.graphdef(b) for b in blks[:P]]
+    stacked = [jax.tree.map(lambda *w: jnp.stack(w), *[nnx.state(b) for b in blks[j:n * P:P]]) for j in range(P)]
+
+    def period(c, xs):
+        states, base = xs
+        outs = []
+        for j in range(P):
+            c, out = step(c, nnx.merge(graphdefs[j], states[j]), base + j)
+            outs.append(out)
+        return c, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+    carry, outs = jax.lax.scan(period, carry, (stacked, jnp.arange(n, dtype=jnp.int32) * P + first + 1))
+    outs = [jax.tree.map(lambda a: a.reshape(n * P, *a.shape[2:]), outs)]
+    for i in range(n * P, len(blks)):
+        carry, out = step(carry, blks[i], jnp.int32(first + i + 1))
+        outs.append(jax.tree.map(lambda a: a[None], out))
+    return carry, jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
 
 
 def scan_blocks(model: Transformer, x, w: Layout):
@@ -138,7 +165,7 @@ def decode_step(model: Transformer, cache: KVCache, tokens, key_mask=None, key_b
     for l, blk in enumerate(model.blocks):
         q, k, v = blocks.qkv(blk, x, cos, sin)
         mask = None if key_mask is None else key_mask[l]
-        cache, o = cache.attend(l, q, k, v, mask, None if key_bias is None else key_bias[l])
+        cache, o = cache.attend(l, q, k, v, mask, None if key_bias is None else key_bias[l], rule=blocks.rule(blk))
         x = blocks.tail(blk, x, o)
     return blocks.lm_logits(model, x[:, 0]), cache.advance()
 

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from qsjax.dense import blocks
+from qsjax.dense.attention import PLAIN
 from qsjax.dense.kvcache import EMPTY, KVCache
 from qsjax.dense.model import Layout, block, scan_layers
 
@@ -87,13 +88,13 @@ class EvictingCache:
         rank = score if rule.policy == "h2o" else slot.astype(jnp.float32)
         return jnp.where(slot == EMPTY, -jnp.inf, jnp.where(protected, jnp.inf, rank))
 
-    def attend(self, layer: int, q, k, v, key_mask=None, key_bias=None):
-        """`KVCache.attend`, the new token in a free place or in the victim's."""
+    def attend(self, layer: int, q, k, v, key_mask=None, key_bias=None, rule=PLAIN):
+        """`KVCache.attend`, the new token in a free place or in the victim's (rule: the layer's attention rule)."""
         kv, score = self.kv, self.score[layer]
         full = kv.fill[layer] >= kv.length(layer)
         place = jnp.where(full, jnp.argmin(self.keep_rank(layer, score), axis=-1), kv.fill[layer]).astype(jnp.int32)
         kv = kv.write(layer, k, v, place)
-        o = kv.attention(layer, q, key_mask, key_bias)
+        o = kv.attention(layer, q, key_mask, key_bias, rule)
         if self.rule.policy == "h2o":
             mine = jnp.arange(score.shape[1])[None, :] == place[:, None]
             q_slot = jnp.broadcast_to(kv.index, (q.shape[0], 1))

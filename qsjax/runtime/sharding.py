@@ -62,7 +62,7 @@ LINEAR_AXES = {
     "down_proj": ("mlp", "embed"),
 }
 EMBEDDING_AXES = {"tok_embed": ("vocab", "embed"), "pos_embed": ("positions", "embed"), "lm_head": ("embed", "vocab")}
-NORMS = ("ln1", "ln2", "attn_norm", "mlp_norm", "final_norm")
+NORMS = ("ln1", "ln2", "attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm")
 
 
 def logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
