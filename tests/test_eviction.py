@@ -153,7 +153,6 @@ def test_rule_errors():
 
 @pytest.mark.parametrize("argv, message", [
     ("--kv-budget 0", "--kv-budget must be >= 1"),
-    ("--kv-sinks 2", "unrecognized arguments: --kv-sinks"),
     ("--kv-budget 8 --kv-evict h2o", "--kv-budget 8 must exceed --n-sink 4 [+] --kv-recent 4"),
     ("--kv-budget 4", "--kv-budget 4 must exceed --n-sink 4 [(]"),
     ("--kv-budget 8 --kv-recent 2", "--kv-recent is for h2o"),
@@ -165,6 +164,15 @@ def test_flag_errors(argv, message):
 
     with pytest.raises(UsageError, match=message):
         check_args(parse_args(["hi", *argv.split()]))
+
+
+def test_the_sinks_have_one_flag(capsys):
+    """--n-sink sets eviction's sinks too; the old second flag is gone (argparse's one error line, status 2)."""
+    from qsjax.generate import parse_args
+
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["hi", "--kv-sinks", "2"])
+    assert stop.value.code == 2 and "unrecognized arguments: --kv-sinks" in capsys.readouterr().err
 
 
 def test_flags_build_the_rule():
