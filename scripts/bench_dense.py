@@ -73,7 +73,7 @@ def qsjax_runs(model, cases, new_tokens: int, attentions: dict) -> tuple[dict, d
     import jax
     import jax.numpy as jnp
 
-    from qsjax.dense import model as dense
+    from qsjax.dense import blocks, model as dense
     from qsjax.runtime.buckets import round_up
     from qsjax.dense.sampler import Sampling, generate
 
@@ -83,7 +83,7 @@ def qsjax_runs(model, cases, new_tokens: int, attentions: dict) -> tuple[dict, d
         start = jnp.zeros(B, jnp.int32)
         if case.startswith("prefill"):
             # one function object per variant: jax.jit caches traces by function, so a shared one
-            # would hand the second variant the first one's trace, whatever `attention` is then
+            # would hand the second variant the first one's trace, whatever `blocks.attention` is then
             prefill = lambda: lambda s, t, st, P=P: dense.prefill(model.module(s), t, st, P + 128)
             variants = {name: prefill() for name in attentions}
         else:
@@ -93,7 +93,7 @@ def qsjax_runs(model, cases, new_tokens: int, attentions: dict) -> tuple[dict, d
             variants = {"qsjax": lambda s, t, st: f(s, t, st, new_tokens), "qsjax_first": lambda s, t, st: f(s, t, st, 1)}
         for name, fn in variants.items():
             t0 = time.perf_counter()
-            with mock.patch.object(dense, "attention", attentions.get(name, attentions["qsjax"])):  # decode: qsjax's
+            with mock.patch.object(blocks, "attention", attentions.get(name, attentions["qsjax"])):  # decode: qsjax's
                 compiled = jax.jit(fn).lower(model.state, jnp.asarray(tokens), start).compile()
             compile_s[(case, name)] = time.perf_counter() - t0
             log(f"compiled {case} {name}: {compile_s[(case, name)]:.1f} s")

@@ -175,18 +175,21 @@ class HFScorer:
         return out, None
 
 
-def masked_attention(q, k, v, q_slot, k_slot, k_ok, bias=None, *, self_visible=False, window=None):
+def masked_attention(q, k, v, q_slot, k_slot, k_ok, bias=None, *, self_visible=False, window=None, rule=None):
     """The attention qsjax used before `qsjax.dense.attention` (the baseline of the attention benchmarks):
     a stored [B, T, S] mask and, for a square window, blocks of 128 queries each scoring the keys up
     to its end with a full score tensor (masked scores set to the most negative float). It predates
-    local attention: the dense model passes `window=None`, anything else is refused."""
+    local attention and per-layer rules: the dense model of the benchmarks (SmolLM2, a plain Llama)
+    passes `window=None` and the plain rule, anything else is refused."""
     import jax
     import jax.numpy as jnp
 
     from qsjax.dense.layers import grouped_scores
 
-    if window is not None:
-        raise ValueError("the masked-attention baseline has no local attention")
+    from qsjax.dense.attention import PLAIN
+
+    if window is not None or rule not in (None, PLAIN):
+        raise ValueError("the masked-attention baseline has no local attention, soft-capping or sliding window")
     mask = (k_slot[:, None, :] <= q_slot[:, :, None]) & (
         k_ok[:, None, :] | (self_visible & (k_slot[:, None, :] == q_slot[:, :, None])))
 

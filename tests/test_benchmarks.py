@@ -193,15 +193,20 @@ def test_dense_benchmark_prefill_variants_agree(tiny_models):
 
     import jax.numpy as jnp
 
-    from qsjax.dense import model as dense
+    from qsjax.dense import blocks, model as dense
 
     model, T = tiny_models["llama-gqa"][0], 200  # over 128: the baseline's blocks of 128 queries
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, T)), jnp.int32)
     start = jnp.asarray([0, 5], jnp.int32)
-    outs = {}
+    outs, calls = {}, []
     for name, attention in script_module("bench_dense").prefill_attentions(True, "float32").items():
-        with mock.patch.object(dense, "attention", attention):
+        def counted(*a, attention=attention, name=name, **kw):
+            calls.append(name)
+            return attention(*a, **kw)
+
+        with mock.patch.object(blocks, "attention", counted):  # where bench_dense patches it
             outs[name] = dense.prefill(model.module(model.state), tokens, start, T + 8)
+    assert set(calls) == {"qsjax", "qsjax_masked_attention"}  # each variant really ran
     (logits, cache), (base_logits, base_cache) = outs["qsjax"], outs["qsjax_masked_attention"]
     np.testing.assert_allclose(logits, base_logits, atol=1e-5)
     for row, first in enumerate(np.asarray(start)):  # the real slots (padding's states differ and are never seen)
