@@ -1,11 +1,11 @@
-"""Convert a llama.cpp GGUF file of a Llama model into a Hugging Face model directory.
+"""Convert a llama.cpp GGUF file (Llama, Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3) into a Hugging Face model directory.
 
     python -m qsjax.convert MODEL.gguf OUT_DIR [--force]
 
-The directory holds what `transformers.LlamaForCausalLM.from_pretrained` reads (the tensors, config
-and tokenizer come from qsjax.checkpoints.gguf_file):
+The directory holds what `transformers.AutoModelForCausalLM.from_pretrained` reads (the tensors,
+config and tokenizer come from qsjax.checkpoints.gguf_file):
 
-    config.json             a LlamaConfig, rebuilt from the GGUF metadata
+    config.json             the model's config (LlamaConfig, Qwen2Config, ...), rebuilt from the GGUF metadata
     generation_config.json  the bos / eos / pad token ids
     model.safetensors       every tensor dequantized to float32, under Hugging Face names
     tokenizer.json          the byte-level BPE tokenizer described by the metadata
@@ -38,7 +38,7 @@ from qsjax.checkpoints.gguf_file import (
     build_tokenizer,
     convert_tensors,
     generation_config,
-    llama_config,
+    model_config,
     open_gguf,
     read_metadata,
     tokenizer_config,
@@ -60,7 +60,7 @@ def write_model_dir(gguf_path: Path, out_dir: Path, *, progress: bool = True) ->
     """Write the converted files of `gguf_path` into the existing directory `out_dir`."""
     reader = open_gguf(gguf_path)
     meta = read_metadata(reader)
-    config = llama_config(meta, [tensor.name for tensor in reader.tensors])
+    config = model_config(reader, meta)
     tokenizer = build_tokenizer(meta)  # before the slow part, so that an unsupported tokenizer fails fast
     tensors = convert_tensors(reader, config, progress=progress)
     write_json(out_dir / "config.json", config)
@@ -245,7 +245,7 @@ def write_dir_atomically(out_dir: Path, write, *, overwrite: bool = True, check=
 
 
 def convert_gguf(gguf_path, out_dir, *, overwrite: bool = False, progress: bool = True) -> Path:
-    """Convert a Llama GGUF file into a Hugging Face model directory `out_dir`; returns its path.
+    """Convert a GGUF file into a Hugging Face model directory `out_dir`; returns its path.
 
     Raises FileNotFoundError (no such file), FileExistsError (`out_dir` not empty and not
     `overwrite`, or not a safe place), GGUFError (unreadable, truncated or unsupported file) or
@@ -264,7 +264,7 @@ def convert_gguf(gguf_path, out_dir, *, overwrite: bool = False, progress: bool 
 
 def parse_args(argv=None):
     parser = ArgumentParser(prog="python -m qsjax.convert", description=__doc__.splitlines()[0])
-    parser.add_argument("gguf", help="a llama.cpp GGUF file of a Llama model")
+    parser.add_argument("gguf", help="a llama.cpp GGUF file (llama, qwen2, qwen3, phi3, gemma2, gemma3)")
     parser.add_argument("out_dir", help="the Hugging Face model directory to write")
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it is a model directory (one qsjax wrote, or a complete model and nothing else)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

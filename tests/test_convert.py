@@ -315,7 +315,7 @@ def test_refuses_to_overwrite(tiny_gguf, tmp_path):
 
 def test_rejects_other_architectures_and_pre_tokenizers():
     with pytest.raises(convert.GGUFError, match="'gpt2'"):
-        gguf_import.llama_config({"general.architecture": "gpt2"}, [])
+        gguf_import.hf_config({"general.architecture": "gpt2"}, [])
     with pytest.raises(convert.GGUFError, match="'qwen2'"):
         gguf_import.byte_level_pre_tokenizer("qwen2")
     with pytest.raises(convert.GGUFError, match="unknown GGUF tensor 'blk.0.attn_qkv.weight'"):

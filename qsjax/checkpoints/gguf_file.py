@@ -1,13 +1,15 @@
-"""Reading a llama.cpp GGUF file of a Llama model as Hugging Face pieces: tensors dequantized to
-float32 under Hugging Face names, a LlamaConfig, and a byte-level BPE tokenizer (see qsjax.convert,
-which writes them out as a model directory).
+"""Reading a llama.cpp GGUF file as Hugging Face pieces: tensors dequantized to float32 under
+Hugging Face names, a config.json, and a byte-level BPE tokenizer (see qsjax.convert, which writes
+them out as a model directory; the architectures and their differences: qsjax.checkpoints.gguf_arch).
 
-Three things differ between the two layouts:
+What differs between the two layouts:
 
 - GGUF lists a tensor's dimensions innermost first; read in numpy order they already are
   Hugging Face's `[out_features, in_features]`.
-- llama.cpp permutes the rows of q_proj and k_proj so that its interleaved RoPE matches the
-  half-split ("rotate_half") RoPE of Hugging Face Llama; `unpermute_rows` undoes that.
+- For Llama only, llama.cpp permutes the rows of q_proj and k_proj so that its interleaved RoPE
+  matches the half-split ("rotate_half") RoPE of Hugging Face Llama; `unpermute_rows` undoes that.
+- For Gemma, llama.cpp stores each RMSNorm weight as (1 + w); the shift is subtracted back.
+- Llama 3's RoPE scaling is a `rope_freqs.weight` tensor, turned back into config parameters.
 - Tied embeddings: llama.cpp writes no `output.weight` when the LM head is the embedding matrix.
 """
 
@@ -20,6 +22,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as GGMLType
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
+
+from qsjax.checkpoints.gguf_arch import ARCHES, Arch, GGUFError, arch_of, hf_config
 
 # Tensor types we dequantize, all with `gguf.quants.dequantize`. The K-quants are the usual
 # llama.cpp mixes (Q4_K_M uses Q4_K and Q6_K); the IQ* and ternary types are left out.
@@ -36,27 +40,11 @@ GLOBAL_TENSORS = {
     "output.weight": "lm_head.weight",
 }
 
-# `blk.N.<module>` -> `model.layers.N.<module>`, for weights and biases alike.
-BLOCK_MODULES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3's RoPE scaling, read into the config
 BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 CONTROL_TOKEN = 3  # llama.cpp token types: 1 normal, 3 control (special), 4 user-defined
 USER_DEFINED_TOKEN = 4
-
-
-class GGUFError(ValueError):
-    """The GGUF file cannot be converted: unreadable, truncated, or describing something unsupported."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,19 +68,15 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_tensor_name(gguf_name: str) -> str:
+def hf_tensor_name(gguf_name: str, arch: Arch = ARCHES["llama"]) -> str:
     """The Hugging Face name of a GGUF tensor; raises GGUFError for a name we do not know."""
     if gguf_name in GLOBAL_TENSORS:
         return GLOBAL_TENSORS[gguf_name]
     match = BLOCK_TENSOR.fullmatch(gguf_name)
-    if match and match.group(2) in BLOCK_MODULES:
+    if match and match.group(2) in arch.modules:
         layer, module, kind = match.groups()
-        return f"model.layers.{layer}.{BLOCK_MODULES[module]}.{kind}"
-    if gguf_name == "rope_freqs.weight":
-        # Llama 3.1-style RoPE scaling: llama.cpp stores the frequency factors, but the parameters
-        # Hugging Face's config needs to recompute them are not in the file.
-        raise GGUFError("tensor 'rope_freqs.weight' (Llama 3.1 RoPE scaling) is not supported")
-    raise GGUFError(f"unknown GGUF tensor {gguf_name!r}: not part of a Llama model")
+        return f"model.layers.{layer}.{arch.modules[module]}.{kind}"
+    raise GGUFError(f"unknown GGUF tensor {gguf_name!r}: not part of a {arch.model_type} model")
 
 
 def tensor_to_float32(tensor) -> np.ndarray:
@@ -109,32 +93,28 @@ def tensor_to_float32(tensor) -> np.ndarray:
     return gguf.quants.dequantize(tensor.data, qtype).astype(np.float32).reshape(shape)
 
 
-def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Every Hugging Face tensor a Llama with this config has, with its shape."""
-    d, ff, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    q_out = config["num_attention_heads"] * config["head_dim"]
-    kv_out = config["num_key_value_heads"] * config["head_dim"]
+def expected_shapes(config: dict, arch: Arch) -> dict[str, tuple[int, ...]]:
+    """Every Hugging Face tensor a model of this architecture and config has, with its shape."""
+    d, ff, vocab, head_dim = config["hidden_size"], config["intermediate_size"], config["vocab_size"], config["head_dim"]
+    q_out, kv_out = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
     shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
     if not config["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (vocab, d)
-    linears = {
-        "self_attn.q_proj": (q_out, d),
-        "self_attn.k_proj": (kv_out, d),
-        "self_attn.v_proj": (kv_out, d),
-        "self_attn.o_proj": (d, q_out),
-        "mlp.gate_proj": (ff, d),
-        "mlp.up_proj": (ff, d),
-        "mlp.down_proj": (d, ff),
+    module_shapes = {
+        "self_attn.q_proj": (q_out, d), "self_attn.k_proj": (kv_out, d), "self_attn.v_proj": (kv_out, d),
+        "self_attn.qkv_proj": (q_out + 2 * kv_out, d), "self_attn.o_proj": (d, q_out),
+        "self_attn.q_norm": (head_dim,), "self_attn.k_norm": (head_dim,),
+        "mlp.gate_proj": (ff, d), "mlp.up_proj": (ff, d), "mlp.gate_up_proj": (2 * ff, d), "mlp.down_proj": (d, ff),
     }
+    attention_bias, mlp_bias = config.get("attention_bias", False), config.get("mlp_bias", False)
     for i in range(config["num_hidden_layers"]):
-        prefix = f"model.layers.{i}"
-        shapes[f"{prefix}.input_layernorm.weight"] = (d,)
-        shapes[f"{prefix}.post_attention_layernorm.weight"] = (d,)
-        for module, shape in linears.items():
-            shapes[f"{prefix}.{module}.weight"] = shape
-            has_bias = config["attention_bias"] if module.startswith("self_attn") else config["mlp_bias"]
-            if has_bias:
-                shapes[f"{prefix}.{module}.bias"] = shape[:1]
+        for module in arch.modules.values():
+            name = f"model.layers.{i}.{module}"
+            shapes[f"{name}.weight"] = module_shapes.get(module, (d,))  # the norms not listed: (d,)
+            qkv = module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+            if (qkv and arch.qkv_bias) or (attention_bias and module.startswith("self_attn") and "norm" not in module) \
+                    or (mlp_bias and module.startswith("mlp")):
+                shapes[f"{name}.bias"] = shapes[f"{name}.weight"][:1]
     return shapes
 
 
@@ -150,19 +130,25 @@ def check_shapes(tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, 
 
 
 def convert_tensors(reader: gguf.GGUFReader, config: dict, *, progress: bool = True) -> dict[str, np.ndarray]:
-    """All tensors of the file as float32 arrays under Hugging Face names, Q/K rows un-permuted."""
+    """All tensors of the file as float32 arrays under Hugging Face names, in Hugging Face's layout:
+    Q/K rows un-permuted (Llama), norms un-shifted (Gemma); `rope_freqs.weight` is in the config."""
+    arch = ARCHES[read_metadata(reader)["general.architecture"]]
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     tensors = {}
     for tensor in tqdm(reader.tensors, desc="converting", unit="tensor", disable=not progress, file=sys.stderr):
-        name = hf_tensor_name(tensor.name)
+        if tensor.name == ROPE_FREQS:
+            continue
+        name = hf_tensor_name(tensor.name, arch)
         if name in tensors:
             raise GGUFError(f"tensor {tensor.name!r} appears twice")
         value = tensor_to_float32(tensor)
         module = name.split(".")[-2]
-        if module in heads:
+        if arch.permute_qk and module in heads:
             value = unpermute_rows(value, heads[module])
+        if arch.norm_shift and tensor.name.endswith("norm.weight"):
+            value = value - np.float32(arch.norm_shift)
         tensors[name] = value
-    check_shapes(tensors, expected_shapes(config))
+    check_shapes(tensors, expected_shapes(config, arch))
     return tensors
 
 
@@ -190,48 +176,12 @@ def metadata_value(meta: dict, key: str):
     return meta[key]
 
 
-def float32_value(x: float) -> float:
-    """A float32 metadata value as its shortest decimal (9.999999747378752e-06 -> 1e-05)."""
-    return float(str(np.float32(x)))
-
-
-def llama_config(meta: dict, tensor_names: list[str]) -> dict:
-    """A Hugging Face LlamaConfig (as a dict) from the `llama.*` and `tokenizer.ggml.*` metadata."""
-    architecture = metadata_value(meta, "general.architecture")
-    if architecture != "llama":
-        raise GGUFError(f"GGUF architecture {architecture!r} is not supported (only 'llama')")
-    hidden = metadata_value(meta, "llama.embedding_length")
-    n_head = metadata_value(meta, "llama.attention.head_count")
-    head_dim = meta.get("llama.attention.key_length", hidden // n_head)
-    if meta.get("llama.rope.dimension_count", head_dim) != head_dim:
-        raise GGUFError("partial RoPE (llama.rope.dimension_count != head_dim) is not supported")
-    if meta.get("llama.rope.scaling.type", "none") != "none":
-        raise GGUFError(f"RoPE scaling {meta['llama.rope.scaling.type']!r} is not supported")
-    tokens = metadata_value(meta, "tokenizer.ggml.tokens")
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": metadata_value(meta, "llama.feed_forward_length"),
-        "num_hidden_layers": metadata_value(meta, "llama.block_count"),
-        "num_attention_heads": n_head,
-        "num_key_value_heads": meta.get("llama.attention.head_count_kv", n_head),
-        "head_dim": head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": float32_value(metadata_value(meta, "llama.attention.layer_norm_rms_epsilon")),
-        "rope_theta": float32_value(meta.get("llama.rope.freq_base", 10000.0)),
-        "rope_scaling": None,
-        "max_position_embeddings": metadata_value(meta, "llama.context_length"),
-        "vocab_size": meta.get("llama.vocab_size", len(tokens)),
-        # llama.cpp writes the output projection only when it is not the embedding matrix
-        "tie_word_embeddings": "output.weight" not in tensor_names,
-        "attention_bias": any(name.endswith("attn_q.bias") for name in tensor_names),
-        "mlp_bias": any(name.endswith("ffn_up.bias") for name in tensor_names),
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
-        "torch_dtype": "float32",
-    }
+def model_config(reader: gguf.GGUFReader, meta: dict) -> dict:
+    """The Hugging Face config.json of the file (gguf_arch.hf_config), Llama 3's rope_freqs included."""
+    arch_of(meta)  # an unsupported architecture is named before anything else
+    names = [tensor.name for tensor in reader.tensors]
+    rope_freqs = next((tensor_to_float32(t) for t in reader.tensors if t.name == ROPE_FREQS), None)
+    return hf_config(meta, names, rope_freqs)
 
 
 def generation_config(config: dict) -> dict:
