@@ -45,6 +45,7 @@ def test_fused_group_keeps_the_later_token_and_sums_sizes(tiny_models, rng):
 def test_no_fusion_below_threshold(tiny_models, rng):
     model, _ = tiny_models["gpt2"]
     tokens = rng.integers(0, 96, (1, 24))
-    logits, tok, _, _ = run_window(model, QuickSilverConfig(scope="all", fuse_threshold=1.01), tokens)
+    # tau = 1, the largest a cosine can be (the config refuses more): cos > tau never holds
+    logits, tok, _, _ = run_window(model, QuickSilverConfig(scope="all", fuse_threshold=1.0), tokens)
     assert not np.asarray(tok.fused).any()
     np.testing.assert_allclose(logits, np.asarray(model.logits(tokens)), atol=1e-5, rtol=0)
