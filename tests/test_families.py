@@ -231,18 +231,6 @@ def test_default_llama_block_has_no_options():
     assert cfg.activation == "silu" and cfg.family == "llama"
 
 
-def test_quicksilver_refuses_layer_rules(families):
-    """QuickSilver's passes do not apply soft-capping or sliding windows yet: refused, not ignored."""
-    from qsjax.quicksilver.settings import preset
-    from qsjax.runtime.cli import UsageError
-    from qsjax.runtime.generator import Generator
-
-    tokenizer = types.SimpleNamespace(eos_ids=(), pad_id=0, decode=lambda ids: "")
-    model = families["gemma2"][2]
-    with pytest.raises(UsageError, match="QuickSilver does not support gemma2"):
-        Generator(model, tokenizer, preset("long", model.cfg.n_layers))
-
-
 @pytest.mark.parametrize("name", ["qwen2", "qwen3-mqa-bias", "gemma3", "phi3"])
 def test_every_parameter_has_a_sharding_rule(name, families):
     """`shard_model`'s rules name every new parameter (q/k norms, post-norms, q/k/v biases)."""

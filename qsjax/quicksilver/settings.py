@@ -210,11 +210,28 @@ QuickSilverConfig.__doc__ = "QuickSilver's settings; the default (OFF) turns eve
 OFF = QuickSilverConfig()
 
 
+def scaled_layer(layer: int, depth: int, n_layers: int) -> int:
+    """Layer `layer` of a `depth`-layer model at the same relative depth in a model of n_layers:
+    round(layer x n_layers / depth), kept within 1..n_layers - 1 (a decision after the last layer
+    would save nothing).  A model of fewer than 2 layers has no such layer: ValueError."""
+    if n_layers < 2:
+        raise ValueError(f"the model has {n_layers} layer: a decision needs a layer below the last one")
+    return min(max(1, round(layer * n_layers / depth)), n_layers - 1)
+
+
 def preset(name: str, n_layers: int) -> QuickSilverConfig:
     """`paper`: the paper's rule (drift + entropy halting, zero K/V, fusion, Matryoshka widths) on every
     token, at qsjax's reading of its thresholds (the abstract gives none: tau_drift, tau_H, l_min = L/4,
     tau_fuse, l_q = L/2 + 1 and the width thresholds are ours); `fast`: qsjax's calibrated setting
-    (context tokens only); `long`: context selection for long prompts (see below)."""
+    (context tokens only); `long`: context selection for long prompts (see below).
+
+    Depth: `fast` and `long` were calibrated on SmolLM2-135M's 30 layers (cut-off after layer 25,
+    selection after layer 8); on a model of n_layers they decide at the same relative depth
+    (`scaled_layer`: round(25 L / 30), round(8 L / 30), within 1..L - 1), as `paper` does with L/4 and
+    L/2 + 1, rather than refuse every model but the one they were tuned on: the papers place these
+    layers by depth (QuickSilver's l_min = L/4; FastKV, GemFilter an early-middle layer). At 30
+    layers the rule gives the calibrated layers exactly; elsewhere they are a starting point, not a
+    calibration. A model of one layer has no layer to decide after: ValueError."""
     if name == "paper":
         return QuickSilverConfig(
             scope="all", halt="drift", halt_min_layer=max(1, n_layers // 4), halt_drift=0.045, halt_entropy=1.15,
@@ -223,7 +240,8 @@ def preset(name: str, n_layers: int) -> QuickSilverConfig:
     if name == "fast":
         # calibrated on SmolLM2-135M (30 layers), strided 2048/512, first 4,096 tokens of WikiText-103 test and
         # of the C4 sample: the deepest-saving cut-off within +0.2 perplexity on both (scripts/sweep.py)
-        return QuickSilverConfig(scope="context", halt="cutoff", halt_cutoff_layer=round(n_layers * 5 / 6), kv_skip="mask")
+        return QuickSilverConfig(scope="context", halt="cutoff", halt_cutoff_layer=scaled_layer(25, 30, n_layers),
+                                 kv_skip="mask")
     if name == "long":
         # our reading of FastKV / GemFilter / SnapKV + StreamingLLM for SmolLM2-135M, calibrated with the tail
         # protocol 8192/512 on WikiText-103 and C4 and on passkey at 2,048-8,192 tokens (README, "Long
@@ -232,7 +250,7 @@ def preset(name: str, n_layers: int) -> QuickSilverConfig:
         # nothing): three quarters of that budget the most recent tokens (long coherent text needs its
         # newest ~2,300 at 8,192), the rest the keys the last 16 context queries attend to most (max over
         # KV heads), pooled over 11 neighbours so that a selected key brings its neighbours
-        return QuickSilverConfig(scope="context", halt="select", halt_cutoff_layer=round(n_layers * 8 / 30),
+        return QuickSilverConfig(scope="context", halt="select", halt_cutoff_layer=scaled_layer(8, 30, n_layers),
                                  keep_top_k=0.4, select_signal="attention", select_queries=16, select_heads="max",
                                  select_pool=11, select_pool_kind="max", select_recent=0.75, select_min_keep=1024,
                                  kv_skip="mask")

@@ -89,9 +89,6 @@ class Generator:
         """`mesh`: a qsjax.runtime.sharding mesh to shard the model over (after AMQ quantization, so that the
         int8 weights are placed by the same rules); `eviction`: hold the dense cache to a budget."""
         self.quicksilver = quicksilver if quicksilver is not None and quicksilver.enabled else None
-        if self.quicksilver is not None and model.cfg.layer_rules:
-            raise UsageError(f"QuickSilver does not support {model.cfg.family}'s attention (soft-capped scores or "
-                             "sliding-window layers) yet; run this model without QuickSilver")
         self.kv_dtype = model.dtype  # the float model's: its keys and values (AMQ may store int8 weights)
         if eviction is not None and self.quicksilver is not None:
             raise ValueError("eviction applies to the dense model's cache, not with QuickSilver")

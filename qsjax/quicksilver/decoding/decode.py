@@ -81,8 +81,10 @@ class Rows(NamedTuple):
 
 
 def rest_of_block(blk, r: Rows):
-    """Attention over the cache and the block's tail for the computing rows: -> x [n, 1, D]."""
-    o = attention_heads_major(r.q, r.keys, r.values, r.q_slot, r.k_slot, r.ok, r.bias, self_visible=True)
+    """Attention over the cache (under the block's rule) and the block's tail for the computing rows:
+    -> x [n, 1, D]."""
+    o = attention_heads_major(r.q, r.keys, r.values, r.q_slot, r.k_slot, r.ok, r.bias, self_visible=True,
+                              rule=blocks.rule(blk))
     return blocks.tail(blk, r.x, o, with_widths(r.bits))
 
 

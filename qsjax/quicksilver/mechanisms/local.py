@@ -8,9 +8,11 @@ For query i (slot s_i) and key j (slot s_j, position p_j) of a row whose eligibl
     anchor_j   = j not in E (the sinks; scored tokens come after every context token)  or  p_j < P
     visible_ij = (the layer's rule)  and  (not far_i  or  s_j > s_i - W  or  anchor_j)
 
-W = local_window, P = local_prefix. The last R context tokens (among them importance selection's
-voters and a prompt's question) and every token whose prediction is read attend to the whole prompt,
-so a needle far back is still found: its own keys and values need only its neighbours. The prefix
+W = local_window, P = local_prefix; "the layer's rule" is the causal one and, in a layer with its own
+sliding window W_l (`attention.Rule`: Mistral, Gemma's local layers), s_j > s_i - W_l: a query sees
+what both windows allow (an anchor outside W_l is not seen). The last R context tokens (among them
+importance selection's voters and a prompt's question) and every token whose prediction is read
+attend to the whole prompt (or their layer's window), so a needle far back is still found: its own keys and values need only its neighbours. The prefix
 keeps a prompt's opening instruction in view of the far tokens: without it (P = 0) the default model
 answers none of the 8,192-token passkey prompts, the needle just before the question included (our
 reading: the far tokens then carry no trace of the task). With blockwise attention a far query block

@@ -16,7 +16,8 @@ filled in this order:
    - recency: s_j = position j;
    - attention received from the voters V, the last `select_queries` eligible tokens still
      computing (FastKV / GemFilter's observation window), each voter's softmax over the keys it
-     sees at layer l, per KV head kappa (its G query heads summed):
+     sees at layer l, per KV head kappa (its G query heads summed), under the layer's rule (a
+     soft-capped score, a sliding window: a key outside a voter's window gets nothing from it):
 
          a_{kappa,j}^l = sum_{i in V} sum_g softmax_j(q_{kappa g,i} . k_{kappa,j} / sqrt(Dh))
          s_j^l = sum_kappa a_{kappa,j}^l  (select_heads="sum")
@@ -37,7 +38,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qsjax.dense.layers import grouped_scores
+from qsjax.dense.attention import PLAIN, Rule
+from qsjax.dense.layers import grouped_scores, softcap
 
 
 def last_n(mask, n):
@@ -54,13 +56,20 @@ def voters(eligible, computing, n: int):
     return idx.astype(jnp.int32), jnp.arange(n)[None, :] < mask.sum(-1, keepdims=True)
 
 
-def received(q, k, q_slot, k_slot, q_ok, visible, heads: str):
-    """Attention each key receives from the voters, reduced over KV heads (`heads`: sum or max).
+def received(q, k, q_slot, k_slot, q_ok, visible, heads: str, rule: Rule = PLAIN):
+    """Attention each key receives from the voters, reduced over KV heads (`heads`: sum or max),
+    under the layer's rule as its attention applies it: scores soft-capped before the softmax, and a
+    key outside a voter's sliding window neither seen nor scored by it.
 
     q [B, n, H, Dh] (the voters' queries), k [B, T, K, Dh], q_slot [B, n], k_slot [B, T],
     q_ok [B, n] (used places), visible [B, T] (keys that may be attended)  ->  [B, T] float32"""
     scores = grouped_scores(q, k)  # [B, K, G, n, T]
-    mask = (k_slot[:, None, :] <= q_slot[:, :, None]) & visible[:, None, :]  # [B, n, T]
+    if rule.softcap is not None:
+        scores = softcap(scores, rule.softcap)
+    qs, ks = q_slot[:, :, None], k_slot[:, None, :]
+    mask = (ks <= qs) & visible[:, None, :]  # [B, n, T]
+    if rule.sliding is not None:
+        mask = mask & (ks > qs - rule.sliding)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     per_head = jnp.einsum("bkgns,bn->bks", probs, q_ok.astype(jnp.float32))  # [B, K, T]

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from qsjax.dense import blocks
-from qsjax.dense.attention import Window, attention
+from qsjax.dense.attention import Window
 from qsjax.quicksilver.mechanisms import fusion, halting, kvskip, local, selection
 from qsjax.quicksilver.window.rows import on_rows
 from qsjax.quicksilver.settings import QuickSilverConfig
@@ -61,7 +61,7 @@ def votes(qs: QuickSilverConfig, blk, tok: Tokens, k, visible, ctx: Context, com
     idx, ok = selection.voters(ctx.eligible, computing, min(qs.select_queries, computing.shape[1]))
     take = lambda a: jnp.take_along_axis(a, idx.reshape(*idx.shape, *([1] * (a.ndim - 2))), axis=1)
     q = blocks.qkv(blk, take(tok.x), take(w.cos), take(w.sin), with_widths(take(tok.bits)))[0]
-    score = selection.received(q, k, take(w.slots), w.slots, ok, visible, qs.select_heads)
+    score = selection.received(q, k, take(w.slots), w.slots, ok, visible, qs.select_heads, blocks.rule(blk))
     return score, ok.sum(-1).astype(jnp.int32)
 
 
@@ -202,7 +202,7 @@ def masked_block(b: BlockInputs, qkv=None):
     linear = with_widths(tok.bits)
     q, k, v = blocks.qkv(b.blk, tok.x, w.cos, w.sin, linear) if qkv is None else qkv
     k, v = kvskip.zero_halted(k, v, tok.halted, b.mode)
-    o = attention(q, k, v, w.slots, w.slots, b.visible, b.bias, self_visible=True, window=b.ctx.local)
+    o = blocks.attend(b.blk, q, k, v, w.slots, w.slots, b.visible, b.bias, self_visible=True, window=b.ctx.local)
     x_new = blocks.tail(b.blk, tok.x, o, linear)
     return jnp.where(tok.active[..., None], x_new, tok.x), k, v
 
@@ -235,13 +235,13 @@ def compacted_block(b: BlockInputs, buckets):
             xa = take(x)
             if own_rows:  # slot T marks an unused place: after every real query, seen by none
                 q, k, v = blocks.qkv(blk, xa, take(w.cos), take(w.sin), lin)  # [B, n, H or K, Dh]
-                o = attention(q, k, v, idx, idx, take(visible), take(bias), self_visible=True,
-                              window=None if win is None else Window(take(win.q_from), take(win.k_anchor)))
+                o = blocks.attend(blk, q, k, v, idx, idx, take(visible), take(bias), self_visible=True,
+                                  window=None if win is None else Window(take(win.q_from), take(win.k_anchor)))
                 scatter = lambda a: jnp.zeros((B, T, *a.shape[2:]), a.dtype).at[rows, idx].set(a, mode="drop")
                 k, v = scatter(k), scatter(v)
             else:
-                o = attention(take(q_all), k_all, v_all, idx, w.slots, visible, bias, self_visible=True,
-                              window=None if win is None else Window(take(win.q_from), win.k_anchor))
+                o = blocks.attend(blk, take(q_all), k_all, v_all, idx, w.slots, visible, bias, self_visible=True,
+                                  window=None if win is None else Window(take(win.q_from), win.k_anchor))
                 k, v = k_all, v_all
             xa = blocks.tail(blk, xa, o, lin)
             return x.at[rows, idx].set(xa, mode="drop"), k, v
