@@ -278,7 +278,7 @@ def test_accumulating_scores_every_layer_up_to_the_last_stage(tiny_models, rng):
     (dict(select_heads="min"), "select_heads must be one of"),
     (dict(select_pool=4), "select_pool must be 0, 1 or an odd window"),
     (dict(select_pool_kind="median"), "select_pool_kind must be one of"),
-    (dict(select_recent=-1), "select_recent must be a count"),
+    (dict(select_recent=-1), "select_recent must be >= 0, got -1"),
     (dict(select_recent=2.5), "select_recent must be a count"),
     (dict(select_min_keep=-1), "select_min_keep must be >= 0"),
     (dict(halt_cutoff_layer2=4), "go together"),
