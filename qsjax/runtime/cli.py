@@ -280,8 +280,11 @@ def write_output(flag: str, path: str, content: str | bytes) -> None:
         if path == "-":
             if sys.stdout is None:
                 raise OSError(errno.EBADF, "stdout is closed")
-            sys.stdout.flush()
-            sys.stdout.buffer.write(data)
+            if isinstance(content, str):  # as text: stdout may be a text stream only (StringIO, a notebook)
+                sys.stdout.write(content)
+            else:  # a figure's bytes: a real stdout's byte stream
+                sys.stdout.flush()
+                sys.stdout.buffer.write(data)
             sys.stdout.flush()
             return
         target, fd, special = output_target(path)
