@@ -2,7 +2,8 @@
 
 import pytest
 
-from qsjax.dense.config import ModelConfig, UnsupportedConfig
+from qsjax.dense.config import UnsupportedConfig
+from qsjax.dense.families import config_from_hf
 from qsjax.dense.rope import inverse_frequencies
 
 GPT2 = dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
@@ -13,18 +14,18 @@ LLAMA = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate
 
 
 def test_gpt2_small():
-    cfg = ModelConfig.from_hf(GPT2)
+    cfg = config_from_hf(GPT2)
     assert (cfg.arch, cfg.d_model, cfg.n_layers, cfg.head_dim, cfg.d_ff, cfg.tie_embeddings) == ("gpt2", 768, 12, 64, 3072, True)
     assert cfg.eos_ids == (50256,)
 
 
 def test_llama_gqa_and_rope_parameters():
-    cfg = ModelConfig.from_hf(LLAMA)
+    cfg = config_from_hf(LLAMA)
     assert (cfg.n_heads, cfg.n_kv_heads, cfg.group_size, cfg.head_dim, cfg.rope_theta) == (9, 3, 3, 64, 100000.0)
     assert cfg.eos_ids == (2, 3)
     new_style = {**LLAMA, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}
     del new_style["rope_theta"]
-    assert ModelConfig.from_hf(new_style).rope_theta == 5e5
+    assert config_from_hf(new_style).rope_theta == 5e5
 
 
 @pytest.mark.parametrize("field, value", [
@@ -34,7 +35,7 @@ def test_llama_gqa_and_rope_parameters():
 ])
 def test_unsupported_llama_fields(field, value):
     with pytest.raises(UnsupportedConfig, match=field if field != "rope_scaling" else "rope_type='dynamic'"):
-        ModelConfig.from_hf({**LLAMA, field: value})
+        config_from_hf({**LLAMA, field: value})
 
 
 @pytest.mark.parametrize("field, value", [
@@ -44,12 +45,12 @@ def test_unsupported_llama_fields(field, value):
 ])
 def test_unsupported_gpt2_fields(field, value):
     with pytest.raises(UnsupportedConfig, match=field):
-        ModelConfig.from_hf({**GPT2, field: value})
+        config_from_hf({**GPT2, field: value})
 
 
 def test_unknown_model_type():
     with pytest.raises(UnsupportedConfig, match="model_type 'falcon'"):
-        ModelConfig.from_hf({**LLAMA, "model_type": "falcon"})
+        config_from_hf({**LLAMA, "model_type": "falcon"})
 
 
 def test_llama3_rope_matches_transformers():
@@ -62,5 +63,5 @@ def test_llama3_rope_matches_transformers():
                    original_max_position_embeddings=8192)
     hf_cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_theta=500000.0, rope_scaling=scaling)
     ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, torch.device("cpu"))
-    cfg = ModelConfig.from_hf(hf_cfg.to_dict())
+    cfg = config_from_hf(hf_cfg.to_dict())
     np.testing.assert_allclose(inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), ref.numpy(), rtol=1e-6)

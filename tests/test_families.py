@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from qsjax.dense.config import ModelConfig, UnsupportedConfig
+from qsjax.dense.families import config_from_hf
 
 BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1,
@@ -178,7 +179,7 @@ def test_yarn_frequencies_match_transformers():
     hf = Qwen2Config(hidden_size=1024, num_attention_heads=8, num_key_value_heads=8, rope_theta=1e6, max_position_embeddings=131072,
                      rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32768))
     ref, factor = ROPE_INIT_FUNCTIONS["yarn"](hf, torch.device("cpu"))
-    cfg = ModelConfig.from_hf(hf.to_dict())
+    cfg = config_from_hf(hf.to_dict())
     np.testing.assert_allclose(inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), ref.numpy(), rtol=1e-6)
     assert cfg.rope_scaling.attention_factor == pytest.approx(factor)
 
@@ -201,7 +202,7 @@ QWEN2 = dict(BASE, model_type="qwen2", rope_theta=1e6)
 ])
 def test_unsupported_fields_are_refused_by_name(config, field):
     with pytest.raises(UnsupportedConfig, match=field):
-        ModelConfig.from_hf(config)
+        config_from_hf(config)
 
 
 def test_a_checkpoint_key_of_another_family_is_refused(families):
@@ -223,7 +224,7 @@ def test_default_llama_block_has_no_options():
     """With Llama's config, no family option is on: the same ops as before the options existed."""
     from conftest import LLAMA_BASE
 
-    cfg = ModelConfig.from_hf(dict(LLAMA_BASE, model_type="llama", num_attention_heads=4))
+    cfg = config_from_hf(dict(LLAMA_BASE, model_type="llama", num_attention_heads=4))
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
     for field in ("qkv_bias", "qk_norm", "norm_offset", "post_norms", "embed_scale", "attn_scale", "attn_softcap",
                   "final_softcap", "windows", "local_rope_theta"):

@@ -16,7 +16,8 @@ from conftest import save_tiny_gpt2_with_tokenizer
 
 from qsjax import generate
 from qsjax.checkpoints.tokenizer import load_tokenizer
-from qsjax.dense.config import ConfigError, load_config
+from qsjax.dense.config import ConfigError
+from qsjax.dense.families import load_config
 from qsjax.runtime.cli import UsageError
 
 try:  # each test below fails on its own (not the whole file) where these are missing

@@ -19,7 +19,8 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 
 from qsjax.dense import layers
-from qsjax.dense.config import ModelConfig, load_config
+from qsjax.dense.config import ModelConfig
+from qsjax.dense.families import load_config
 from qsjax.dense.model import Model
 from qsjax.dense.modules import Transformer
 

@@ -29,7 +29,8 @@ def repair_hint(arg: str | None) -> str:
 
 def read_config(arg: str | None, model_dir: Path):
     """The ModelConfig of `model_dir` (config.json only)."""
-    from qsjax.dense.config import ConfigError, load_config
+    from qsjax.dense.config import ConfigError
+    from qsjax.dense.families import load_config
 
     try:
         return load_config(model_dir)

@@ -1,5 +1,5 @@
 """Model configuration: one frozen dataclass for GPT-2 and the Llama-like families, read from a
-Hugging Face config.json (each family's reader: `qsjax.dense.families`).
+Hugging Face config.json by each family's reader (`qsjax.dense.families`: `config_from_hf`, `load_config`).
 
 Only fields that change the math are kept, normalised: a Llama-like block with options (biases, q/k
 norms, Gemma's (1 + w) norms and post-norms, GeGLU, soft-capping, sliding windows per layer, RoPE
@@ -101,16 +101,6 @@ class ModelConfig:
         """Query heads per key/value head (1 = MHA, n_heads = MQA)."""
         return self.n_heads // self.n_kv_heads
 
-    @classmethod
-    def from_hf(cls, hf: dict) -> ModelConfig:
-        from qsjax.dense.families import READERS
-
-        model_type = hf.get("model_type")
-        if model_type not in READERS:
-            supported = ", ".join(repr(k) for k in READERS)
-            raise UnsupportedConfig(f"model_type {model_type!r} is not supported (supported: {supported})")
-        return READERS[model_type](hf)
-
 
 def read_json_object(path: Path, error=ValueError) -> dict:
     """A file holding one JSON object; `error` naming the file (and the line) when it does not."""
@@ -125,20 +115,6 @@ def read_json_object(path: Path, error=ValueError) -> dict:
     if not isinstance(value, dict):
         raise error(f"{path} must hold a JSON object, not a {type(value).__name__}")
     return value
-
-
-def load_config(model_dir: str | Path) -> ModelConfig:
-    """The config.json of a model directory; a ConfigError names the file and the field at fault."""
-    path = Path(model_dir) / "config.json"
-    hf = read_json_object(path, ConfigError)
-    try:
-        return ModelConfig.from_hf(hf)
-    except KeyError as e:
-        raise ConfigError(f"{path} has no {e.args[0]!r} field") from None
-    except ConfigError as e:
-        raise type(e)(f"{path}: {e}") from None
-    except (TypeError, ValueError) as e:  # a field of the wrong type, e.g. a string where a number belongs
-        raise ConfigError(f"{path}: a field has the wrong type ({e})") from None
 
 
 def show(value) -> str:

@@ -16,9 +16,10 @@ A field that changes the math and is not implemented raises `UnsupportedConfig` 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from qsjax.dense.config import (ConfigError, LinearScaling, ModelConfig, RopeScaling, UnsupportedConfig, YarnScaling,
-                                check_types, eos_ids, flags, numbers, positive, require, show)
+                                check_types, eos_ids, flags, numbers, positive, read_json_object, require, show)
 
 SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
          "intermediate_size", "max_position_embeddings", "sliding_window")
@@ -230,3 +231,26 @@ def _gemma3_config(hf: dict) -> ModelConfig:
 
 READERS = {"gpt2": _gpt2_config, "llama": _llama_config, "mistral": _mistral_config, "qwen2": _qwen2_config,
            "qwen3": _qwen3_config, "phi3": _phi3_config, "gemma2": _gemma2_config, "gemma3_text": _gemma3_config}
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """A Hugging Face config.json's fields as a ModelConfig, by its family's reader."""
+    model_type = hf.get("model_type")
+    if model_type not in READERS:
+        supported = ", ".join(repr(k) for k in READERS)
+        raise UnsupportedConfig(f"model_type {model_type!r} is not supported (supported: {supported})")
+    return READERS[model_type](hf)
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    """The config.json of a model directory; a ConfigError names the file and the field at fault."""
+    path = Path(model_dir) / "config.json"
+    hf = read_json_object(path, ConfigError)
+    try:
+        return config_from_hf(hf)
+    except KeyError as e:
+        raise ConfigError(f"{path} has no {e.args[0]!r} field") from None
+    except ConfigError as e:
+        raise type(e)(f"{path}: {e}") from None
+    except (TypeError, ValueError) as e:  # a field of the wrong type, e.g. a string where a number belongs
+        raise ConfigError(f"{path}: a field has the wrong type ({e})") from None
