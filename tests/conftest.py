@@ -37,12 +37,31 @@ def make_hf_model(name: str, seed: int = 0):
         model = GPT2LMHeadModel(GPT2Config(bos_token_id=0, eos_token_id=1, **spec))
     else:
         model = LlamaForCausalLM(LlamaConfig(bos_token_id=0, eos_token_id=1, **{**LLAMA_BASE, **spec}))
-    with torch.no_grad():  # larger-than-default weights so that differences are not hidden by tiny logits
+    return randomized(model)
+
+
+def randomized(model):
+    """`model` with N(0, 0.2) weights: larger than the default, so that differences are not hidden by tiny logits."""
+    import torch
+
+    with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.2)
         if hasattr(model, "tie_weights"):
             model.tie_weights()
     return model.eval()
+
+
+def random_hf_model(kind: str, fields: dict):
+    """A tiny random transformers causal LM of config class `kind` (e.g. "Qwen2Config"), eager attention
+    (Gemma 2's soft-capping needs it; the same for every family), seeded."""
+    import torch
+    import transformers
+
+    config = getattr(transformers, kind)(**fields)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return randomized(transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager"))
 
 
 @pytest.fixture(scope="session")

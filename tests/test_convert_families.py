@@ -15,7 +15,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-
+from conftest import random_hf_model
 from test_convert import CHAT_TEMPLATE, SPECIALS, train_tiny_bpe
 from test_families import BASE, GEMMA, LLAMA3
 
@@ -46,17 +46,8 @@ T = 20
 
 
 def make(name: str, vocab_size: int):
-    import transformers
-
     _, kind, fields = CASES[name]
-    config = getattr(transformers, kind)(**{**BASE, **fields, "vocab_size": vocab_size})
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-        model.tie_weights()
-    return model.eval()
+    return random_hf_model(kind, {**BASE, **fields, "vocab_size": vocab_size})
 
 
 def rope(config) -> dict:

@@ -11,6 +11,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from conftest import random_hf_model
 
 from qsjax.dense.config import ModelConfig, UnsupportedConfig
 from qsjax.dense.families import config_from_hf
@@ -52,18 +53,8 @@ T, START = 24, np.array([0, 5, 17])
 
 
 def make(name: str):
-    import transformers
-
     kind, fields = FAMILIES[name]
-    config = getattr(transformers, kind)(**{**BASE, **fields})
-    config._attn_implementation = "eager"  # Gemma 2's soft-capping; the same for every family
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-        model.tie_weights()
-    return model.eval()
+    return random_hf_model(kind, {**BASE, **fields})
 
 
 @pytest.fixture(scope="module")
