@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qsjax.runtime.cli import (
+    add_dtype_argument,
     ArgumentParser,
     UsageError,
     check_not_inputs,
@@ -81,8 +82,7 @@ def parse_args(argv=None):
     g.add_argument("--seqlen", type=int, default=2048, help="disjoint: window length (default 2048)")
     g.add_argument("--max-eval-tokens", type=int, help="keep only the first N tokens of the stream")
     g.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights and activations (default float32)")
+    add_dtype_argument(g)
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE (- for stdout); its "
                    "settings.quicksilver replays with --quicksilver-config")

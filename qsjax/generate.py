@@ -29,6 +29,7 @@ from qsjax.dense.sampler import Sampling
 from qsjax.kvpolicy.eviction import add_eviction_args, eviction_from_args
 from qsjax.quicksilver.options import add_quicksilver_args, check_quicksilver_args, quicksilver_from_args, wants_help_all
 from qsjax.runtime.cli import (
+    add_dtype_argument,
     ArgumentParser,
     UsageError,
     check_not_inputs,
@@ -58,8 +59,7 @@ def parse_args(argv=None):
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     g.add_argument("--batch-size", type=int, metavar="N", help="prompts run together (default: as many as fit in "
                    "memory); the results come in prompt order")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights and activations (default float32)")
+    add_dtype_argument(g)
     s = p.add_argument_group("sampling (greedy unless --do-sample)")
     s.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     s.add_argument("--temperature", type=float, default=1.0, metavar="X",

@@ -41,6 +41,7 @@ import sys
 
 
 from qsjax.runtime.cli import (
+    add_dtype_argument,
     ArgumentParser,
     UsageError,
     check_not_inputs,
@@ -95,8 +96,7 @@ def parse_args(argv=None):
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--compare", action="store_true", help="also run dense on the same prompts, side by side "
                    "(needs a QuickSilver option)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights and activations (default float32)")
+    add_dtype_argument(g)
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE (- for stdout); its "
                    "settings.quicksilver replays with --quicksilver-config")

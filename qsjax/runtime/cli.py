@@ -179,6 +179,14 @@ def output_target(path: str) -> Target:
     return Target(target, fd, special)
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_dtype_argument(group) -> None:
+    """--dtype, the same on every command that loads a model."""
+    group.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and activations (default float32)")
+
+
 def check_output_file(flag: str, path: str) -> None:
     """Before any slow work: `path` (not "-") must be a file we can create or replace (or a device,
     FIFO or open descriptor we can write into), so that a long run never ends unable to write its
