@@ -43,8 +43,12 @@ def ratio(a, b):
 
 
 def fmt(x, spec: str) -> str:
-    """x formatted by spec, or "-" at the same width when there is no value."""
-    return "-".rjust(int(spec.split(".")[0] or 0)) if x is None else format(x, spec)
+    """x formatted by spec, or "-" at the same width when there is no value (the width: the digits
+    after any sign option, e.g. 9 in "9.2f" and "+9.3f")."""
+    if x is not None:
+        return format(x, spec)
+    width = spec.lstrip("+- ").split(".")[0]
+    return "-".rjust(int(width) if width.isdigit() else 0)
 
 
 def timed(fn, repeats: int) -> float:

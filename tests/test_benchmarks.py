@@ -186,6 +186,13 @@ def test_attention_benchmark_runs_its_block_variants_and_parts(tmp_path):
     assert report["parts"]["seconds"]["step"] > 0
 
 
+def test_fmt_shows_a_missing_value_at_the_width_of_its_spec():
+    """A figure that was not measured (e.g. --skip-hf) is "-", for every spec the tables use."""
+    fmt = script_module("benchlib").fmt
+    assert fmt(None, "9.2f") == "        -" and fmt(None, "+.3f") == "-" and fmt(None, "+8.3f") == "       -"
+    assert fmt(0.5, "+.3f") == "+0.500" and fmt(2.0, "9.2f") == "     2.00"
+
+
 def test_dense_benchmark_prefill_variants_agree(tiny_models):
     """Every prefill variant bench_dense times (qsjax's attention, the masked baseline it is compared
     with) runs inside the dense model's prefill and gives its logits and cache."""
