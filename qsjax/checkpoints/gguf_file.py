@@ -1,5 +1,5 @@
 """Reading a llama.cpp GGUF file as Hugging Face pieces: tensors dequantized to float32 under
-Hugging Face names, a config.json, and a byte-level BPE tokenizer (see qsjax.convert, which writes
+Hugging Face names, a config.json, and a tokenizer.json (see qsjax.convert, which writes
 them out as a model directory; the architectures and their differences: qsjax.checkpoints.gguf_arch).
 
 What differs between the two layouts:
@@ -20,7 +20,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as GGMLType
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tqdm import tqdm
 
 from qsjax.checkpoints.gguf_arch import ARCHES, Arch, GGUFError, arch_of, hf_config
@@ -43,8 +43,9 @@ GLOBAL_TENSORS = {
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3's RoPE scaling, read into the config
 BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
-CONTROL_TOKEN = 3  # llama.cpp token types: 1 normal, 3 control (special), 4 user-defined
-USER_DEFINED_TOKEN = 4
+# llama.cpp token types (tokenizer.ggml.token_type); 5 unused and 6 byte ("<0x0A>") need no rule.
+NORMAL_TOKEN, UNKNOWN_TOKEN, CONTROL_TOKEN, USER_DEFINED_TOKEN = 1, 2, 3, 4
+SPM_SPACE = "\u2581"  # how SentencePiece writes a space
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,35 +206,95 @@ def special_token(meta: dict, kind: str) -> str | None:
     return None if token_id is None else meta["tokenizer.ggml.tokens"][token_id]
 
 
-def tokens_of_type(tokens: list[str], token_types: list[int], kind: int, *, special: bool) -> list[AddedToken]:
-    """The vocabulary entries of one llama.cpp token type, as added tokens matched whole in text."""
+def adds_token(meta: dict, kind: str) -> bool:
+    """Whether encoding adds the bos / eos token; llama.cpp adds BOS to a SentencePiece vocabulary
+    whose file does not say otherwise."""
+    default = kind == "bos" and meta.get("tokenizer.ggml.model") == "llama"
+    return bool(meta.get(f"tokenizer.ggml.add_{kind}_token", default)) and special_token(meta, kind) is not None
+
+
+def tokens_of_types(tokens: list[str], token_types: list[int], kinds: tuple[int, ...], *, special: bool) -> list[AddedToken]:
+    """The vocabulary entries of some llama.cpp token types, as added tokens matched whole in text."""
     return [
         AddedToken(token, special=special, normalized=False)
         for token, token_type in zip(tokens, token_types)
-        if token_type == kind
+        if token_type in kinds
     ]
 
 
-def build_tokenizer(meta: dict) -> Tokenizer:
-    """A `tokenizers.Tokenizer` equivalent to the byte-level BPE described by the metadata."""
-    model = metadata_value(meta, "tokenizer.ggml.model")
-    if model != "gpt2":
-        raise GGUFError(f"tokenizer model {model!r} is not supported (only 'gpt2', byte-level BPE)")
-    tokens = metadata_value(meta, "tokenizer.ggml.tokens")
+def byte_level_bpe(meta: dict, tokens: list[str], token_types: list[int]) -> Tokenizer:
+    """llama.cpp's "gpt2" vocabulary: byte-level BPE with the file's merges."""
     merges = [tuple(merge.split(" ")) for merge in metadata_value(meta, "tokenizer.ggml.merges")]
     tokenizer = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges))
     tokenizer.pre_tokenizer = byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
     tokenizer.decoder = decoders.ByteLevel()
-    token_types = meta.get("tokenizer.ggml.token_type", [])
-    tokenizer.add_special_tokens(tokens_of_type(tokens, token_types, CONTROL_TOKEN, special=True))
-    tokenizer.add_tokens(tokens_of_type(tokens, token_types, USER_DEFINED_TOKEN, special=False))
-    bos = special_token(meta, "bos")
-    if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tokenizer
+
+
+def sentencepiece_merges(tokens: list[str], scores: list[float], token_types: list[int]) -> list[tuple[str, str]]:
+    """BPE merges that reproduce SentencePiece BPE, which has scores instead of merges.
+
+    SentencePiece (llama.cpp's "llama" vocabulary) repeatedly joins the adjacent pair whose join is
+    a normal piece with the highest score. As BPE merges: every split of a normal piece into two
+    normal pieces, ranked by the piece's score, best first (ties: the earlier piece).
+    """
+    normal = {token: i for i, token in enumerate(tokens) if token_types[i] == NORMAL_TOKEN}
+    ranked = sorted(normal, key=lambda token: (-scores[normal[token]], normal[token]))
+    return [
+        (token[:cut], token[cut:])
+        for token in ranked
+        for cut in range(1, len(token))
+        if token[:cut] in normal and token[cut:] in normal
+    ]
+
+
+def sentencepiece_bpe(meta: dict, tokens: list[str], token_types: list[int]) -> Tokenizer:
+    """llama.cpp's "llama" vocabulary: SentencePiece BPE, spaces written as "▁", a "▁" put
+    before the text (and after each special token) unless `add_space_prefix` is false, and the
+    characters the vocabulary lacks spelled as byte tokens ("<0x0A>")."""
+    scores = metadata_value(meta, "tokenizer.ggml.scores")
+    tokenizer = Tokenizer(models.BPE(
+        vocab={token: i for i, token in enumerate(tokens)},
+        merges=sentencepiece_merges(tokens, scores, token_types),
+        unk_token=special_token(meta, "unknown"),
+        fuse_unk=True,
+        byte_fallback=True,
+    ))  # fmt: skip
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.Prepend(SPM_SPACE)] * prefix + [normalizers.Replace(" ", SPM_SPACE)]
+    )
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+        + [decoders.Strip(" ", 1, 0)] * prefix
+    )
+    return tokenizer
+
+
+TOKENIZER_MODELS = {"gpt2": byte_level_bpe, "llama": sentencepiece_bpe}
+
+
+def build_tokenizer(meta: dict) -> Tokenizer:
+    """A `tokenizers.Tokenizer` equivalent to the vocabulary the metadata describes."""
+    model = metadata_value(meta, "tokenizer.ggml.model")
+    if model not in TOKENIZER_MODELS:
+        raise GGUFError(f"tokenizer model {model!r} is not supported "
+                        "(supported: 'gpt2', byte-level BPE; 'llama', SentencePiece BPE)")
+    tokens = metadata_value(meta, "tokenizer.ggml.tokens")
+    token_types = meta.get("tokenizer.ggml.token_type") or [NORMAL_TOKEN] * len(tokens)
+    tokenizer = TOKENIZER_MODELS[model](meta, tokens, token_types)
+    tokenizer.add_special_tokens(tokens_of_types(tokens, token_types, (UNKNOWN_TOKEN, CONTROL_TOKEN), special=True))
+    tokenizer.add_tokens(tokens_of_types(tokens, token_types, (USER_DEFINED_TOKEN,), special=False))
+    ends = {kind: special_token(meta, kind) for kind in ("bos", "eos") if adds_token(meta, kind)}
+    if ends:
+        def around(part: str) -> str:  # "<s> $A </s>", with the ends the file asks for
+            return " ".join(filter(None, (ends.get("bos"), part, ends.get("eos"))))
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))]
+            single=around("$A"),
+            pair=f"{around('$A')} {around('$B')}",
+            special_tokens=[(token, meta[f"tokenizer.ggml.{kind}_token_id"]) for kind, token in ends.items()],
         )
-    else:
-        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     return tokenizer
 
 
@@ -245,8 +306,8 @@ def tokenizer_config(meta: dict, max_length: int) -> dict:
         "eos_token": special_token(meta, "eos"),
         "unk_token": special_token(meta, "unknown"),
         "pad_token": special_token(meta, "padding"),
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": False,
+        "add_bos_token": adds_token(meta, "bos"),
+        "add_eos_token": adds_token(meta, "eos"),
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_length,
     }
