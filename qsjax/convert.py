@@ -8,7 +8,7 @@ config and tokenizer come from qsjax.checkpoints.gguf_file):
     config.json             the model's config (LlamaConfig, Qwen2Config, ...), rebuilt from the GGUF metadata
     generation_config.json  the bos / eos / pad token ids
     model.safetensors       every tensor dequantized to float32, under Hugging Face names
-    tokenizer.json          the byte-level BPE tokenizer described by the metadata
+    tokenizer.json          the tokenizer described by the metadata (byte-level BPE, or SentencePiece with byte fallback)
     tokenizer_config.json   special tokens, add_bos_token and the chat template
     qsjax-manifest.json     the size and SHA-256 of each file above, to verify the directory later
 
