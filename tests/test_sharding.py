@@ -45,6 +45,7 @@ CHECKS = [
     ("llama-gqa", 8, 1, "logits"),
     ("llama-gqa", 1, 8, "logits"),
     *[(name, 2, 4, c) for name in FAMILIES for c in ("logits", "decode")],
+    ("gemma2", 2, 4, "generate"),
 ]
 TEXT = "\n\n".join(
     ["The quick brown fox jumps over the lazy dog.", "A small model reads a small text, one token at a time.",
