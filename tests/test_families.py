@@ -23,7 +23,7 @@ LLAMA3 = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0, ori
 GEMMA = dict(head_dim=16, query_pre_attn_scalar=24, pad_token_id=0)
 # name -> (transformers config class, its fields beyond BASE); windows shorter than the 24-token prompt
 FAMILIES = {
-    "llama3.1": ("LlamaConfig", dict(rope_theta=5e5, tie_word_embeddings=False, head_dim=16,
+    "llama3.1": ("LlamaConfig", dict(rope_theta=5e5, tie_word_embeddings=False, head_dim=16, num_hidden_layers=3,
                                      rope_scaling=dict(LLAMA3, factor=8.0))),
     "llama3.2": ("LlamaConfig", dict(rope_theta=5e5, tie_word_embeddings=True, num_key_value_heads=1, head_dim=16,
                                      rope_scaling=dict(LLAMA3, factor=32.0))),
@@ -102,7 +102,19 @@ def test_cached_decoding_matches_the_full_forward(name, families, rng):
     np.testing.assert_allclose(np.stack(got, 1), full[:, P - 1:T - 1], atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["qwen2-yarn-mqa", "mistral-window", "gemma2", "gemma3", "phi3"])
+def test_every_family_has_odd_depth_and_shared_kv_heads(families):
+    """Each family is checked with an odd number of layers (the scanned layers' remainder) and
+    with key/value heads shared by several query heads (GQA or MQA)."""
+    cfgs = [families[name][2].cfg for name in FAMILIES]
+    kinds = {cfg.family for cfg in cfgs}
+    assert kinds == {"llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3"}
+    assert kinds == {cfg.family for cfg in cfgs if cfg.n_layers % 2}
+    assert kinds == {cfg.family for cfg in cfgs if cfg.n_kv_heads < cfg.n_heads}
+
+
+# one per family; Mistral's window (5) is shorter than both prompts
+@pytest.mark.parametrize("name", ["llama3.1", "qwen2-yarn-mqa", "qwen3-mqa-bias", "mistral-window", "gemma2", "gemma3",
+                                  "phi3"])
 def test_generator_greedy_matches_transformers(name, families, rng):
     from qsjax.runtime.generator import Generator
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_gpt2_with_tokenizer
+from conftest import random_hf_model, save_tiny_gpt2_with_tokenizer
 from jax.sharding import PartitionSpec as P
 
 from qsjax import eval as eval_cli
@@ -22,9 +22,21 @@ from qsjax.runtime.sharding import MeshError, logical_axes, parse_mesh, partitio
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5
+# families with the most parameters beyond Llama's, 8 query and 4 key/value heads so that both split
+# over model=4: Gemma 2 (post-norms, soft-capping, GeGLU, sliding and global layers, three layers
+# with a window shorter than the 16-token batch) and Qwen3 (q/k norms)
+SPLIT_HEADS = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=8,
+                   num_key_value_heads=4, head_dim=8, max_position_embeddings=64, bos_token_id=0, eos_token_id=1)
+FAMILIES = {
+    "gemma2": ("Gemma2Config", dict(SPLIT_HEADS, query_pre_attn_scalar=24, sliding_window=5, pad_token_id=0,
+                                    attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+    "qwen3": ("Qwen3Config", dict(SPLIT_HEADS, tie_word_embeddings=True)),
+}
+KV_HEADS = {"llama-gqa": 2, "gemma2": 4, "qwen3": 4}
 # (model, data, model, check): every check on the 2 x 4 mesh (the tiny Llama's 2 key/value heads do
 # not divide over 4: replicated); on 2 x 2 (4 of the 8 devices) its key/value heads and KV cache
-# split too; data only; model only (4 query heads do not divide over 8: replicated, the MLP splits)
+# split too; data only; model only (4 query heads do not divide over 8: replicated, the MLP splits);
+# Gemma 2 and Qwen3 on 2 x 4, their attention and KV cache split
 CHECKS = [
     *[("llama-gqa", 2, 4, c) for c in ("logits", "scorer", "decode", "generate", "qs-cutoff", "qs-amq")],
     *[("gpt2", 2, 4, c) for c in ("logits", "scorer", "decode")],
@@ -32,6 +44,8 @@ CHECKS = [
     ("llama-gqa", 2, 2, "decode"),
     ("llama-gqa", 8, 1, "logits"),
     ("llama-gqa", 1, 8, "logits"),
+    *[(name, 2, 4, c) for name in FAMILIES for c in ("logits", "decode")],
+    ("gemma2", 2, 4, "generate"),
 ]
 TEXT = "\n\n".join(
     ["The quick brown fox jumps over the lazy dog.", "A small model reads a small text, one token at a time.",
@@ -140,7 +154,11 @@ def child_report(tiny_dirs, tmp_path_factory):
     """Run every check in one child process with 8 CPU devices; -> its JSON report."""
     eval_dir = save_tiny_gpt2_with_tokenizer(tmp_path_factory.mktemp("eval-gpt2"), TEXT.split("\n\n"), vocab_size=320)
     (eval_dir / "data.txt").write_text(TEXT, encoding="utf-8")
-    plan = {"models": {name: str(tiny_dirs[name][0]) for name in ("llama-gqa", "gpt2")},
+    models = {name: str(tiny_dirs[name][0]) for name in ("llama-gqa", "gpt2")}
+    for name, (kind, fields) in FAMILIES.items():
+        models[name] = str(tmp_path_factory.mktemp(name))
+        random_hf_model(kind, fields).save_pretrained(models[name], safe_serialization=True)
+    plan = {"models": models,
             "checks": CHECKS, "eval_model": str(eval_dir)}
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
            "JAX_PLATFORMS": "cpu", "QSJAX_COMPILATION_CACHE": "off"}
@@ -158,8 +176,8 @@ def test_sharded_equals_single_device(child_report, name, data, model, check):
     assert result["sharded"], result
     if data > 1 and "rows" in result:  # 4 or 8 rows divide over "data": the batch is split
         assert result["rows"] == "data", result
-    if check == "decode" and name == "llama-gqa":  # the cache follows the 2 key/value heads where they split
-        assert result["kv_heads"] == ("model" if 2 % model == 0 else None), result
+    if check == "decode" and name in KV_HEADS:  # the cache follows the key/value heads where they split
+        assert result["kv_heads"] == ("model" if KV_HEADS[name] % model == 0 else None), result
 
 
 def test_placement_of_quantized_llama(child_report):
