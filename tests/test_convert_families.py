@@ -57,22 +57,17 @@ def rope(config) -> dict:
 
 
 def llama3_rope_freqs(config) -> np.ndarray:
-    """llama.cpp's converter's `rope_freqs` for a Llama 3 rope_scaling (its loop, transcribed)."""
+    """The per-frequency factors a Llama 3 GGUF stores as `rope_freqs`: with wavelength 2 pi / inv_freq
+    and the original context N, 1 where wavelength < N / high_freq_factor, `factor` where wavelength >
+    N / low_freq_factor, and 1 / ((1 - s) / factor + s) between, s = (N / wavelength - low) / (high - low)."""
     scaling, dim = rope(config), config.head_dim
-    freqs = 1.0 / (scaling["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    inv_freq = 1.0 / scaling["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    wavelength = np.float32(2 * math.pi) / inv_freq
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old = scaling["original_max_position_embeddings"]
-    out = []
-    for freq in freqs:
-        wavelen = 2 * math.pi / freq
-        if wavelen < old / high:
-            out.append(1)
-        elif wavelen > old / low:
-            out.append(factor)
-        else:
-            smooth = (old / wavelen - low) / (high - low)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return np.array(out, np.float32)
+    n = scaling["original_max_position_embeddings"]
+    s = (n / wavelength - low) / (high - low)
+    between = 1 / ((1 - s) / factor + s)
+    return np.where(wavelength < n / high, 1.0, np.where(wavelength > n / low, factor, between)).astype(np.float32)
 
 
 def add_metadata(w: gguf.GGUFWriter, arch: str, c) -> None:
