@@ -277,7 +277,7 @@ def main(argv=None) -> int:
     if writer:
         print(closing_line(result, gen.programs), file=sys.stderr)
     if args.json is not None and writer:
-        report = make_report(args, model_dir, gen, prompts, sampling, result)
+        report = make_report(args, model_dir, gen, prompts, sampling, result, size)
         write_output("--json", args.json, json.dumps(report, indent=2) + "\n")
     return stdout_status(out.error, f"; the report is in {args.json}" if args.json else "")
 

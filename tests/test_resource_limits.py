@@ -72,8 +72,9 @@ def test_prompts_run_in_batches_that_fit_and_keep_their_order(tiny, tmp_path, mo
     # room for the weights, the prompts and two rows: the default batch is 2
     monkeypatch.setattr(memory, "available_bytes", lambda: int((need.total(2) + need.per_row // 2) / memory.HEADROOM))
     calls.clear()
-    assert generate.main(base) == 0
+    assert generate.main(base + ["--json", str(tmp_path / "r.json")]) == 0
     assert calls == [2, 2, 1]
+    assert json.loads((tmp_path / "r.json").read_text())["settings"]["batch_size"] == 2  # the batch run, not 5
     assert capsys.readouterr().out == together  # the same texts, in prompt order
     with pytest.raises(UsageError, match="--batch-size 4 needs about .* give --batch-size 2 or less"):
         generate.main(base + ["--batch-size", "4"])

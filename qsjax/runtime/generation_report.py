@@ -66,7 +66,7 @@ def join_results(results: list[GenerationResult]) -> GenerationResult:
 
 
 def make_report(args, model_dir: Path, gen, prompts: list[str], sampling: Sampling,
-                result) -> dict:
+                result, batch_size: int | None = None) -> dict:
     """The `--json` report: the settings, then per prompt and over the batch, counts and timings."""
     from qsjax.quicksilver.options import recorded
 
@@ -76,7 +76,7 @@ def make_report(args, model_dir: Path, gen, prompts: list[str], sampling: Sampli
             "model": args.model or model_dir.name,
             "model_dir": str(model_dir),
             "dtype": args.dtype,
-            "batch_size": len(prompts),
+            "batch_size": batch_size or len(prompts),  # prompts run together (all of them, or --batch-size)
             "max_new_tokens": args.max_new_tokens,
             "chat": args.chat,
             "sampling": dataclasses.asdict(sampling) | {"seed": args.seed},

@@ -60,15 +60,6 @@ class DecodeKey:
     kept: tuple[int, ...] | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class CompactStatic:
-    """What the cache compaction program is compiled for: room for the new tokens, and the places
-    each layer keeps (`compacted.kept_places`)."""
-
-    max_new_tokens: int
-    kept: tuple[int, ...]
-
-
 @dataclasses.dataclass
 class Seconds:
     """One call's timings: compilation, the prefill with the first token (and the cache's
@@ -102,7 +93,7 @@ class Generator:
         self.eos_ids = tuple(sorted(set(model.cfg.eos_ids) | set(tokenizer.eos_ids)))
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (self.eos_ids or (0,))[0]
         self._first = Programs(self._first_token, static_argnums=(5,))  # static: Static
-        self._compact = Programs(self._compact_cache, static_argnums=(1,))  # static: CompactStatic
+        self._compact = Programs(self._compact_cache, static_argnums=(1,))  # static: DecodeKey
         self._decode = Programs(self._decode_loop, static_argnums=(3,), donate_argnums=(1,))  # static: Static
 
     @property
@@ -147,9 +138,9 @@ class Generator:
         d, _, decode_fn = self._steps(static)
         return decode_loop(self.model.module(state), loop, knobs, d, decode_fn=decode_fn)
 
-    def _compact_cache(self, loop: LoopState, static: CompactStatic) -> LoopState:
-        """The prompt's cache, each layer gathered to the entries it shows (`kept` places each)."""
-        return dataclasses.replace(loop, cache=compact(loop.cache, static.kept, static.max_new_tokens))
+    def _compact_cache(self, loop: LoopState, key: DecodeKey) -> LoopState:
+        """The prompt's cache, each layer gathered to the entries it shows (`key.kept` places each)."""
+        return dataclasses.replace(loop, cache=compact(loop.cache, key.kept, key.program.static.max_new_tokens))
 
     @property
     def programs(self) -> int:
@@ -226,8 +217,7 @@ class Generator:
         if not self.compacts:
             return loop, DecodeKey(key)
         decode_key = DecodeKey(key, kept_places(to_host(visible_counts(loop.cache)), key.bucket))
-        static = CompactStatic(key.static.max_new_tokens, decode_key.kept)
-        seconds.compile += self._compact.compile(decode_key, self._first.out_info(key)[0], static)
+        seconds.compile += self._compact.compile(decode_key, self._first.out_info(key)[0], decode_key)
         t0 = time.perf_counter()
         loop = jax.block_until_ready(self._compact(decode_key, loop))
         seconds.first += time.perf_counter() - t0
