@@ -40,7 +40,7 @@ import numpy as np
 
 from benchlib import (check_json_path, check_positive, fmt, load_hf, log, machine, median, ratio, rotated, torch_run,
                       write_report)
-from long_settings import SETTINGS, config, recorded, truncation
+from long_settings import SETTINGS, config, recorded, truncation, upgraded
 from long_settings import check as check_settings
 from qsjax.runtime.cli import ArgumentParser, UsageError, run_cli, write_output
 from qsjax.evaluation.plots import require as require_matplotlib
@@ -103,7 +103,7 @@ def read_report(path: str) -> dict:
         raise UsageError(f"--replot {path}: cannot read a report ({e})") from None
     if not isinstance(report, dict) or not {"args", "settings"} <= report.keys():
         raise UsageError(f"--replot {path}: not a report of scripts/bench_long.py")
-    return report
+    return {**report, "settings": {name: upgraded(s) for name, s in report["settings"].items()}}
 
 
 def merged(earlier: dict, later: dict) -> dict:
@@ -297,7 +297,7 @@ def plot(report: dict, out: Path) -> list[Path]:
 
 def curve_name(setting: dict) -> str:
     """A frontier curve: the setting's policy after its cut-off layer (a curve traces the budget)."""
-    layer = setting["config"].get("halt_cutoff_layer")
+    layer = (setting["quicksilver"] or {}).get("halt_cutoff_layer")
     return setting["policy"] if layer is None else f"{setting['policy']}, after layer {layer}"
 
 

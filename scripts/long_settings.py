@@ -95,7 +95,20 @@ def config(name: str, L: int):
 
 
 def recorded(name: str, L: int) -> dict:
-    """How a report records setting `name`: its policy curve, label and config."""
+    """How a report records setting `name`: its policy curve, label, `quicksilver` (the whole
+    QuickSilverConfig, as every report records it and --quicksilver-config replays it; null for a
+    truncation) and `truncate` (the tokens a truncation keeps, else null)."""
     qs = config(name, L)
+    truncated = isinstance(qs, int)
     return dict(policy=SETTINGS[name]["curve"], label=SETTINGS[name]["label"],
-                config={"truncate": qs} if isinstance(qs, int) else dataclasses.asdict(qs))
+                quicksilver=None if truncated else dataclasses.asdict(qs), truncate=qs if truncated else None)
+
+
+def upgraded(setting: dict) -> dict:
+    """A setting as reports before `quicksilver`/`truncate` recorded it (one `config`: the fields, or
+    {"truncate": N}), in today's shape; today's unchanged."""
+    if "config" not in setting:
+        return setting
+    old = dict(setting)
+    fields = old.pop("config")
+    return {**old, "quicksilver": None if "truncate" in fields else fields, "truncate": fields.get("truncate")}

@@ -118,7 +118,8 @@ def test_frontier_curves_split_a_policy_by_cut_off_layer():
     assert curves["recency-30-c2"] == "recency, after layer 2"
     assert curves["attention-25"] != curves["attention-c5"] and curves["attention-25"].endswith("after layer 8")
     assert curves["long"] == curves["hybrid-40-r70"]  # the preset is a point of its policy's curve
-    assert bl.curve_name({"policy": "truncation", "config": {"truncate": 2048}}) == "truncation"
+    assert bl.curve_name({"policy": "truncation", "quicksilver": None, "truncate": 2048}) == "truncation"
+    assert settings["long"]["quicksilver"]["halt_cutoff_layer"] == 8 and settings["long"]["truncate"] is None
 
 
 def test_the_long_reports_in_docs_name_todays_settings():
@@ -128,7 +129,7 @@ def test_the_long_reports_in_docs_name_todays_settings():
     reports = sorted((ROOT / "docs" / "results" / "long-prompts").glob("bench_long*.json"))
     assert reports
     for path in reports:
-        for name, setting in bl.read_report(str(path))["settings"].items():
+        for name, setting in bl.read_report(str(path))["settings"].items():  # older reports read in today's shape
             assert setting == bl.recorded(name, 30), f"{path.name}: {name}"
 
 
