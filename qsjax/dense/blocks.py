@@ -92,14 +92,23 @@ def mlp(blk, x, linear=call):
     return linear(blk.down_proj, glu(linear(blk.gate_up_proj, blk.mlp_norm(x))))
 
 
+def attn_residual(blk, x, o, linear=call):
+    """The attention sublayer's residual: x += out(o), or x += norm(out(o)) with post-norms (Gemma).
+    x [B, T, D], o [B, T, H, Dh] -> [B, T, D]"""
+    proj = blk.out_proj if isinstance(blk, GPT2Block) else blk.o_proj
+    out = linear(proj, o.reshape(*o.shape[:2], -1))
+    post = None if isinstance(blk, GPT2Block) else blk.post_attn_norm
+    return x + (out if post is None else post(out))
+
+
+def mlp_residual(blk, x, linear=call):
+    """The MLP sublayer's residual: x += mlp(x), or x += norm(mlp(x)) with post-norms.  [B, T, D] -> [B, T, D]"""
+    post = None if isinstance(blk, GPT2Block) else blk.post_mlp_norm
+    out = mlp(blk, x, linear)
+    return x + (out if post is None else post(out))
+
+
 def tail(blk, x, o, linear=call):
-    """The residual tail after attention: x += out(o); x += mlp(x), with post-norms (Gemma):
-    x += norm(out(o)); x += norm(mlp(x)).  x [B, T, D], o [B, T, H, Dh] -> [B, T, D]"""
-    if isinstance(blk, GPT2Block):
-        x = x + linear(blk.out_proj, o.reshape(*o.shape[:2], -1))
-        return x + mlp(blk, x, linear)
-    if blk.post_attn_norm is None:
-        x = x + linear(blk.o_proj, o.reshape(*o.shape[:2], -1))
-        return x + mlp(blk, x, linear)
-    x = x + blk.post_attn_norm(linear(blk.o_proj, o.reshape(*o.shape[:2], -1)))
-    return x + blk.post_mlp_norm(mlp(blk, x, linear))
+    """The residual tail after attention: x += out(o); x += mlp(x) (each through its post-norm when
+    the family has them).  x [B, T, D], o [B, T, H, Dh] -> [B, T, D]"""
+    return mlp_residual(blk, attn_residual(blk, x, o, linear), linear)

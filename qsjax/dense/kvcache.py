@@ -106,6 +106,32 @@ class KVCache:
         return attention_heads_major(q, self.k[layer], self.v[layer], q_slot, slot, ok, key_bias, self_visible=True,
                                      rule=rule)
 
+    def run_slots(self, lead, T: int):
+        """The slots of a run of T tokens per row that starts `lead[b]` slots after `index` (speculative
+        decoding: rows that accepted different counts of drafted tokens).  lead [B] -> [B, T] int32"""
+        return (self.index + lead)[:, None].astype(jnp.int32) + jnp.arange(T, dtype=jnp.int32)
+
+    def write_run(self, layer: int, k, v, lead) -> KVCache:
+        """Layer `layer`'s keys and values of a run of T tokens per row, at places fill[layer] + lead[b] + j
+        with slots `run_slots(lead, T)`; entries already there (rejected drafts) are overwritten, and any
+        left beyond the run hold slots above its last, which its queries never see.  k, v [B, T, K, Dh]"""
+        T = k.shape[1]
+        place = self.fill[layer] + lead  # [B]
+        axis = lambda buf: 1 if buf.ndim == 3 else 0  # a row's place axis: k, v [K, S, Dh], slot [S]
+        put = jax.vmap(lambda buf, x, p: jax.lax.dynamic_update_slice_in_dim(buf, x, p, axis(buf)))
+        replace = lambda bufs, x: tuple(put(b, x, place) if i == layer else b for i, b in enumerate(bufs))
+        heads = lambda x: x.transpose(0, 2, 1, 3)  # [B, K, T, Dh]
+        return dataclasses.replace(self, k=replace(self.k, heads(k)), v=replace(self.v, heads(v)),
+                                   slot=replace(self.slot, self.run_slots(lead, T)))
+
+    def run_attention(self, layer: int, q, lead, key_mask=None, key_bias=None, rule=PLAIN):
+        """A run's queries over layer `layer`'s entries, the run's own included (written first by
+        `write_run`), causally.  q [B, T, H, Dh], lead [B] -> [B, T, H, Dh]"""
+        slot = self.slot[layer]
+        ok = jnp.ones(slot.shape, bool) if key_mask is None else key_mask
+        return attention_heads_major(q, self.k[layer], self.v[layer], self.run_slots(lead, q.shape[1]), slot, ok,
+                                     key_bias, self_visible=True, rule=rule)
+
     def advance(self) -> KVCache:
         return dataclasses.replace(self, index=self.index + 1, fill=self.fill + 1)
 

@@ -170,6 +170,38 @@ def decode_step(model: Transformer, cache: KVCache, tokens, key_mask=None, key_b
     return blocks.lm_logits(model, x[:, 0]), cache.advance()
 
 
+@dataclasses.dataclass(frozen=True)
+class Sublayers:
+    """Which sublayers a pass runs (static): layers (1-based) whose attention, or whose MLP, is
+    skipped; a skipped sublayer leaves the residual stream unchanged (and a skipped attention
+    writes no cache entry). Empty: the whole model."""
+
+    attention: frozenset = frozenset()
+    mlp: frozenset = frozenset()
+
+
+def run_step(model: Transformer, cache: KVCache, tokens, lead, key_mask=None, key_bias=None,
+             skip: Sublayers = Sublayers()):
+    """A run of T tokens per row through the cache, row b's at slots index + lead[b] + j (speculative
+    decoding: the last token and the drafts after it, verified in one pass; T = 1 with lead = 0 is
+    `decode_step`).  tokens [B, T], lead [B] -> logits [B, T, V], the cache with the run written
+    (not advanced: the caller moves each row's lead by what it accepts).
+    key_mask, key_bias: as `decode_step`'s, and they must show every place of the run."""
+    positions = cache.positions()[:, None] + lead[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    cos, sin = rope_angles(model.cfg, positions)
+    x = blocks.embed(model, tokens, positions)  # [B, T, D]
+    for l, blk in enumerate(model.blocks):
+        if l + 1 not in skip.attention:
+            q, k, v = blocks.qkv(blk, x, cos, sin)
+            cache = cache.write_run(l, k, v, lead)
+            o = cache.run_attention(l, q, lead, None if key_mask is None else key_mask[l],
+                                    None if key_bias is None else key_bias[l], rule=blocks.rule(blk))
+            x = blocks.attn_residual(blk, x, o)
+        if l + 1 not in skip.mlp:
+            x = blocks.mlp_residual(blk, x)
+    return blocks.lm_logits(model, x), cache
+
+
 @dataclasses.dataclass
 class Model:
     """A loaded model: config, NNX graph definition and state, its compiled functions, and (when

@@ -56,6 +56,19 @@ def next_token(logits, rng, sampling: Sampling, temperature, top_p):
     return jax.random.categorical(rng, top_p_filter(logits, top_p), axis=-1).astype(jnp.int32)
 
 
+def filtered_logits(logits, sampling: Sampling, temperature, top_p):
+    """The logits `next_token` samples from when `sampling.do_sample`: divided by the temperature, the
+    tokens outside the top k and the top p set to -inf.  logits [..., V] -> [..., V]
+    (speculative sampling needs this distribution itself, not a draw from it)."""
+    logits = logits / temperature
+    shape = logits.shape
+    logits = logits.reshape(-1, shape[-1])
+    if sampling.top_k > 0:
+        kth = jax.lax.top_k(logits, min(sampling.top_k, shape[-1]))[0][:, -1:]  # [N, 1]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return top_p_filter(logits, top_p).reshape(shape)
+
+
 def dense_prefill(model, tokens, start, cache_length):
     logits, cache = prefill(model, tokens, start, cache_length)
     return logits, cache, None

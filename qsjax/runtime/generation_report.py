@@ -19,6 +19,7 @@ class GenerationResult:
     seconds_compile: float
     kv_cache_bytes: dict  # {"dense": the dense KVCache of this batch and length, "this_setting": what decoding carried}
     quicksilver: dict | None = None  # {"prompt": PromptSummary.to_json, "generated": generated_to_json}
+    speculation: dict | None = None  # speculative decoding's Tally.to_json (None: plain decoding)
 
     @property
     def seconds(self) -> float:

@@ -24,6 +24,8 @@ from qsjax.runtime.cli import UsageError
 from qsjax.runtime.generation_report import GenerationResult
 from qsjax.runtime.programs import Programs
 from qsjax.runtime.sharding import to_host
+from qsjax.speculative.loop import speculative_loop
+from qsjax.speculative.settings import Speculation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,14 +78,19 @@ class Generator:
     loop for the rest (timed apart: time to first token, decode speed)."""
 
     def __init__(self, model: Model, tokenizer, quicksilver: QuickSilverConfig | None = None, mesh=None,
-                 eviction: Eviction | None = None):
+                 eviction: Eviction | None = None, speculation: Speculation | None = None):
         """`mesh`: a qsjax.runtime.sharding mesh to shard the model over (after AMQ quantization, so that the
-        int8 weights are placed by the same rules); `eviction`: hold the dense cache to a budget."""
+        int8 weights are placed by the same rules); `eviction`: hold the dense cache to a budget;
+        `speculation`: decode speculatively (`qsjax.speculative`), on the dense cache or a QuickSilver
+        prompt's (scope context)."""
         self.quicksilver = quicksilver if quicksilver is not None and quicksilver.enabled else None
         self.kv_dtype = model.dtype  # the float model's: its keys and values (AMQ may store int8 weights)
         if eviction is not None and self.quicksilver is not None:
             raise ValueError("eviction applies to the dense model's cache, not with QuickSilver")
         self.eviction = eviction
+        self.speculation = speculation
+        if speculation is not None:
+            check_speculation(speculation, self.quicksilver, eviction, model.cfg.n_layers)
         self.model = model if self.quicksilver is None else prepare(model, self.quicksilver)
         if mesh is not None:
             from qsjax.runtime.sharding import shard_model
@@ -94,7 +101,7 @@ class Generator:
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (self.eos_ids or (0,))[0]
         self._first = Programs(self._first_token, static_argnums=(5,))  # static: Static
         self._compact = Programs(self._compact_cache, static_argnums=(1,))  # static: DecodeKey
-        self._decode = Programs(self._decode_loop, static_argnums=(3,), donate_argnums=(1,))  # static: Static
+        self._decode = Programs(self._decode_loop, static_argnums=(5,), donate_argnums=(1,))  # static: Static
 
     @property
     def compacts(self) -> bool:
@@ -109,6 +116,8 @@ class Generator:
         """-> (Decoding, prefill_fn, decode_fn) for sampler.first_token / decode_loop."""
         max_new, stream = static.max_new_tokens, static.stream
         on_token = None if stream is None else (lambda step, toks: stream(int(toks[0])))
+        if stream is not None and self.speculation is not None:  # a verify step emits n[0] tokens at once
+            on_token = lambda toks, n: [stream(int(t)) for t in toks[0, : int(n[0])]]
         d = Decoding(max_new, static.sampling, static.eos_ids, static.pad_id, on_token)
         if self.eviction is not None:
             rule = self.eviction
@@ -133,14 +142,25 @@ class Generator:
         return first_token(self.model.module(state), tokens, start, rng, knobs, d, cache_length=static.cache_length,
                            prefill_fn=prefill_fn, decode_fn=decode_fn)
 
-    def _decode_loop(self, state, loop: LoopState, knobs, static: Static) -> LoopState:
-        """The rest of the new tokens (compiled per `static`; the loop state's buffers are donated)."""
+    def _decode_loop(self, state, loop: LoopState, prompt, start, knobs, static: Static):
+        """The rest of the new tokens (compiled per `static`; the loop state's buffers are donated), plainly
+        or speculatively (which reads the padded prompt [B, T] and each row's start [B]).
+        -> LoopState, the speculative Tally (None when plain)"""
         d, _, decode_fn = self._steps(static)
-        return decode_loop(self.model.module(state), loop, knobs, d, decode_fn=decode_fn)
+        module = self.model.module(state)
+        if self.speculation is None:
+            return decode_loop(module, loop, knobs, d, decode_fn=decode_fn), None
+        return speculative_loop(module, loop, prompt, start, knobs, d, self.speculation)
 
     def _compact_cache(self, loop: LoopState, key: DecodeKey) -> LoopState:
         """The prompt's cache, each layer gathered to the entries it shows (`key.kept` places each)."""
-        return dataclasses.replace(loop, cache=compact(loop.cache, key.kept, key.program.static.max_new_tokens))
+        room = key.program.static.max_new_tokens + self.draft_room
+        return dataclasses.replace(loop, cache=compact(loop.cache, key.kept, room))
+
+    @property
+    def draft_room(self) -> int:
+        """Cache places beyond the new tokens: a verify pass writes K drafts past a row's last token."""
+        return 0 if self.speculation is None else self.speculation.num_tokens
 
     @property
     def programs(self) -> int:
@@ -173,10 +193,13 @@ class Generator:
         loop, prompt_summary = self._prefill(key, batch, start, jax.random.key(seed), knobs, seconds)
         loop, decode_key = self._compact_if_needed(key, loop, seconds)
         kv_bytes = self._kv_bytes(key, loop)  # before decoding: the loop state is donated to it
-        out, record = self._decode_rest(decode_key, loop, knobs, seconds)
+        out, record, tally = self._decode_rest(decode_key, loop, self.model.place(batch), self.model.place(start), knobs,
+                                               seconds)
         ids = self._trim(out)
+        speculation = None if tally is None else tally.to_json(self.speculation, sum(max(0, len(r) - 1) for r in ids))
         return GenerationResult([self.tokenizer.decode(r) for r in ids], ids, [len(p) for p in prompts], seconds.first,
-                                seconds.decode, seconds.compile, kv_bytes, self._report(prompt_summary, start, record))
+                                seconds.decode, seconds.compile, kv_bytes, self._report(prompt_summary, start, record),
+                                speculation)
 
     def _pad(self, prompts: list[list[int]]):
         """The prompts left padded to their bucket (every row's next token goes to slot T).
@@ -192,8 +215,8 @@ class Generator:
         """The programs' key for a padded batch of `shape` (B, T)."""
         B, T = shape
         fixed = dataclasses.replace(sampling, temperature=1.0, top_p=1.0)  # traced values, not part of the program
-        return ProgramKey(B, T, Static(max_new_tokens, cache_slots(T, max_new_tokens), fixed, self.eos_ids,
-                                       self.pad_id, stream))
+        return ProgramKey(B, T, Static(max_new_tokens, cache_slots(T, max_new_tokens + self.draft_room), fixed,
+                                       self.eos_ids, self.pad_id, stream))
 
     def _kv_bytes(self, key: ProgramKey, loop: LoopState) -> dict:
         """The dense KVCache's bytes for this batch and length, and what decoding carries."""
@@ -229,16 +252,18 @@ class Generator:
             return self._first.out_info(decode_key.program)[0]
         return self._compact.out_info(decode_key)
 
-    def _decode_rest(self, decode_key: DecodeKey, loop: LoopState, knobs, seconds: Seconds):
+    def _decode_rest(self, decode_key: DecodeKey, loop: LoopState, prompt, start, knobs, seconds: Seconds):
         """The decode loop for the new tokens after the first, and their transfer to the host.
-        `loop` is donated: its cache is updated in place.  -> tokens [B, N], the loop's record (host)"""
+        `loop` is donated: its cache is updated in place.
+        -> tokens [B, N], the loop's record, the speculative Tally or None (host)"""
         state, static = self.model.state, decode_key.program.static
-        seconds.compile += self._decode.compile(decode_key, state, self._loop_info(decode_key), knobs, static)
+        seconds.compile += self._decode.compile(decode_key, state, self._loop_info(decode_key), prompt, start, knobs,
+                                                static)
         t0 = time.perf_counter()
-        loop = self._decode(decode_key, state, loop, knobs)
-        out, record = to_host((loop.out, loop.record))  # rows may live on several processes
+        loop, tally = self._decode(decode_key, state, loop, prompt, start, knobs)
+        out, record, tally = to_host((loop.out, loop.record, tally))  # rows may live on several processes
         seconds.decode += time.perf_counter() - t0
-        return out, record
+        return out, record, tally
 
     def _trim(self, out) -> list[list[int]]:
         """Each row's new tokens up to (not including) its first end token."""
@@ -255,3 +280,18 @@ class Generator:
             return None
         return {"prompt": to_host(prompt_summary).to_json(self.quicksilver, start),
                 "generated": generated_to_json(self.quicksilver, self.model.cfg.n_layers, record.decoded, record.info)}
+
+
+def check_speculation(spec: Speculation, quicksilver: QuickSilverConfig | None, eviction, n_layers: int) -> None:
+    """ValueError where speculative decoding cannot run: every generated token must go through the
+    whole model on a cache it can verify on (dense, or a QuickSilver prompt's under scope context)."""
+    if eviction is not None:
+        raise ValueError("speculative decoding verifies on the full cache; it does not run with eviction")
+    if quicksilver is not None and quicksilver.scope == "all":
+        raise ValueError("speculative decoding needs every generated token through the whole model: QuickSilver "
+                         "scope context (e.g. --quicksilver long), not scope all")
+    if spec.method == "exit" and spec.exit_layer >= n_layers:
+        raise ValueError(f"the early exit must be below the model's {n_layers} layers, got {spec.exit_layer}")
+    layers = spec.skip.attention | spec.skip.mlp
+    if layers and not all(1 <= l <= n_layers for l in layers):
+        raise ValueError(f"skipped sublayers must name layers 1..{n_layers}, got {sorted(layers)}")

@@ -1,0 +1,160 @@
+"""The speculative decode loop: one `lax.while_loop` inside the compiled decode program, static shapes.
+
+Each step, every row that is still generating either
+  - verifies: its last token x_0 and up to K drafts go through the model in one pass of K + 1 tokens
+    (`dense.model.run_step`, through the same cache), and it emits the a + 1 tokens the verdict gives
+    (`acceptance.py`): the a accepted drafts and the model's own next token; or
+  - runs a plain step: x_0 alone, one new token, as plain decoding does.
+Which of the two (for the whole batch) follows `adapt.Pace`. Rows accept different counts, so each
+row's cache grows by its own amount: row b's next token sits `lead[b]` slots after the prefill's
+`index`; entries of rejected drafts stay where they were written, above every later query of the row
+until they are overwritten (the cache's causal rule hides them: nothing to roll back but `lead`).
+A row stops at an end token or at `max_new` tokens, as in plain decoding; the text so far (prompt and
+generated tokens) is what prompt lookup searches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import io_callback
+
+from qsjax.dense.kvcache import KVCache
+from qsjax.dense.model import Sublayers, run_step
+from qsjax.dense.sampler import Decoding, LoopState, StepRecord, next_token
+from qsjax.speculative.acceptance import verdict
+from qsjax.speculative.adapt import Pace
+from qsjax.speculative.drafting import self_drafts, share_run
+from qsjax.speculative.lookup import lookup
+from qsjax.speculative.settings import Speculation
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Tally:
+    """What speculation did: drafts verified and accepted per row [B], verify passes and loop steps []."""
+
+    drafted: jax.Array
+    accepted: jax.Array
+    verifies: jax.Array
+    steps: jax.Array
+
+    def to_json(self, spec: Speculation, new_tokens: int) -> dict:
+        drafted, accepted = int(self.drafted.sum()), int(self.accepted.sum())
+        steps = int(self.steps)
+        return {"method": spec.method, **spec.to_json(), "drafted": drafted, "accepted": accepted,
+                "acceptance_rate": accepted / drafted if drafted else None, "verify_steps": int(self.verifies),
+                "steps": steps, "mean_tokens_per_step": new_tokens / steps if steps else None}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SpecState:
+    """The loop's carry: tokens emitted per row `count` [B], each row's last token [B] (not yet cached),
+    the cache and `lead` [B], which rows are done [B], the text [B, T + max_new] (the left-padded
+    prompt, then the new tokens), the random key, the pace and the tally."""
+
+    count: jax.Array
+    token: jax.Array
+    cache: object
+    lead: jax.Array
+    done: jax.Array
+    text: jax.Array
+    rng: jax.Array
+    pace: Pace
+    tally: Tally
+
+
+def run(module, cache, tokens, lead, skip: Sublayers = Sublayers()):
+    """`run_step` through any cache a prompt leaves for decoding (dense, or QuickSilver's masked or
+    compacted one, whose mask and score bias show every generated place).  -> logits [B, T, V], cache"""
+    if isinstance(cache, KVCache):
+        return run_step(module, cache, tokens, lead, skip=skip)
+    logits, kv = run_step(module, cache.kv, tokens, lead, getattr(cache, "visible", None), cache.bias, skip)
+    return logits, dataclasses.replace(cache, kv=kv)
+
+
+def open_generated(cache):
+    """A QuickSilver masked cache with every slot from `index` on shown and unbiased (the generated
+    tokens'); other caches as they are."""
+    if not hasattr(cache, "visible"):
+        return cache
+    after = jnp.arange(cache.visible.shape[2]) >= cache.kv.index  # [S]
+    return dataclasses.replace(cache, visible=cache.visible | after, bias=jnp.where(after, 0.0, cache.bias))
+
+
+def start_state(loop: LoopState, prompt, spec: Speculation) -> SpecState:
+    """The speculative carry after the first new token (`sampler.first_token`'s loop state)."""
+    B = prompt.shape[0]
+    zeros = jnp.zeros(B, jnp.int32)
+    return SpecState(jnp.ones(B, jnp.int32), loop.token, open_generated(loop.cache), zeros, loop.done,
+                     jnp.concatenate([prompt.astype(jnp.int32), loop.out], axis=1), loop.rng,
+                     Pace.start(spec.num_tokens), Tally(zeros, zeros, jnp.int32(0), jnp.int32(0)))
+
+
+def speculative_loop(module, loop: LoopState, prompt, start, knobs, d: Decoding, spec: Speculation):
+    """The new tokens after the first, speculatively.  prompt [B, T] (left-padded), start [B]
+    -> the LoopState plain decoding would end with (the same tokens under greedy decoding), the Tally."""
+    B, T = prompt.shape
+    K, L = spec.num_tokens, module.cfg.n_layers
+    skip = spec.drafter_skip(L)
+    f = 0.0 if spec.method == "lookup" else share_run(skip, module.cfg)
+    threshold = spec.break_even + K * f
+    eos = jnp.asarray(d.eos_ids if d.eos_ids else (-1,), jnp.int32)
+    places = jnp.arange(T + d.max_new, dtype=jnp.int32)[None, :]
+
+    def verify(s: SpecState, drafts, n, key):
+        cache = s.cache
+        if spec.method != "lookup":
+            drafts, cache = self_drafts(run, module, cache, s.token, s.lead, K, skip)
+        logits, cache = run(module, cache, jnp.concatenate([s.token[:, None], drafts], axis=1), s.lead)
+        v = verdict(logits, drafts, n, key, d.sampling, *knobs)
+        return v.accepted, v.tokens, cache
+
+    def plain(s: SpecState, drafts, n, key):
+        logits, cache = run(module, s.cache, s.token[:, None], s.lead)
+        tok = next_token(logits[:, 0], key, d.sampling, *knobs)
+        return jnp.zeros(B, jnp.int32), jnp.zeros((B, K + 1), jnp.int32).at[:, 0].set(tok), cache
+
+    def body(s: SpecState) -> SpecState:
+        rng, key = jax.random.split(s.rng)
+        live = ~s.done
+        room = jnp.where(live, jnp.minimum(K, d.max_new - s.count - 1), 0)  # drafts that could still be emitted
+        if spec.method == "lookup":
+            drafts, n = lookup(s.text, start, T + s.count, K, spec.max_ngram)
+        else:
+            drafts, n = jnp.zeros((B, K), jnp.int32), jnp.full(B, K, jnp.int32)
+        n = jnp.minimum(n, room)
+        chance = jnp.any(n > 0)
+        verifies = s.pace.verifies(chance, threshold)
+        accepted, tokens, cache = jax.lax.cond(verifies, verify, plain, s, drafts, n, key)
+        accepted = jnp.minimum(accepted, n)
+        emit = jnp.where(live, accepted + 1, 0)  # [B] tokens each row emits
+        is_eos = jnp.isin(tokens, eos) & (jnp.arange(K + 1)[None, :] < emit[:, None])
+        first_eos = jnp.argmax(is_eos, axis=1)
+        ended = jnp.any(is_eos, axis=1)
+        emit = jnp.where(ended, first_eos + 1, emit)
+        if d.on_token is not None:
+            io_callback(d.on_token, None, tokens, emit, ordered=True)
+        at = places - (T + s.count)[:, None]  # [B, T + max_new]: index into this step's tokens
+        new = jnp.take_along_axis(tokens, jnp.clip(at, 0, K), axis=1)
+        text = jnp.where((at >= 0) & (at < emit[:, None]), new, s.text)
+        count = s.count + emit
+        last = jnp.take_along_axis(tokens, jnp.maximum(emit - 1, 0)[:, None], axis=1)[:, 0]
+        drafting = (n > 0) & live
+        mean = jnp.sum(jnp.where(drafting, accepted, 0)) / jnp.maximum(1, jnp.sum(drafting))
+        tally = s.tally
+        tally = Tally(tally.drafted + jnp.where(drafting & verifies, n, 0),
+                      tally.accepted + jnp.where(drafting & verifies, accepted, 0),
+                      tally.verifies + verifies.astype(jnp.int32), tally.steps + 1)
+        return SpecState(count, jnp.where(live, last, s.token), cache, s.lead + jnp.where(live, accepted + 1, 0),
+                         s.done | ended | (count >= d.max_new), text, rng,
+                         s.pace.after(chance, verifies, mean.astype(jnp.float32)), tally)
+
+    s = jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, start_state(loop, prompt, spec))
+    out = jnp.where(places[:, T:] - T < s.count[:, None], s.text[:, T:], d.pad_id)
+    steps = jnp.arange(d.max_new)[None, :]
+    record = StepRecord(steps < (s.count - 1)[:, None], jax.tree.map(lambda a: a, loop.record.info))
+    return LoopState(jnp.max(s.count), s.token, s.cache, s.done, out, record, s.rng), s.tally
