@@ -44,7 +44,8 @@ from qsjax.runtime.cli import (
 )
 from qsjax.runtime.distributed import add_distributed_args, check_distributed_args, is_writer, start, together
 from qsjax.runtime.generation_report import closing_line, make_report
-from qsjax.runtime.generator import Generator
+from qsjax.runtime.generator import Generator, check_speculation
+from qsjax.speculative.settings import add_speculation_args, speculation_from_args
 
 
 def parse_args(argv=None):
@@ -75,6 +76,7 @@ def parse_args(argv=None):
                    "bytes, QuickSilver statistics")
     add_quicksilver_args(p, wants_help_all(argv))
     add_eviction_args(p)
+    add_speculation_args(p)
     add_distributed_args(p, "shard over devices, e.g. data=2,model=4: prompts split over data, attention heads and MLP "
                          "over model (default: one device)")
     return p.parse_args(argv)
@@ -123,6 +125,7 @@ def check_args(args) -> list[str]:
     if args.json is not None:
         check_output_file("--json", args.json)
     eviction_from_args(args, quicksilver_from_args(args, None).enabled)
+    speculation_from_args(args)
     if (args.prompt is None) == (args.prompts_file is None):
         raise UsageError("give a prompt or --prompts-file (exactly one of them)")
     if args.prompts_file is None:
@@ -217,6 +220,12 @@ def load_generator(args, prompts: list[str]):
     check_not_inputs([("--json", args.json)], model_inputs(model_dir))
     cfg = read_config(args.model, model_dir)
     qs = quicksilver_from_args(args, cfg.n_layers)
+    eviction, speculation = eviction_from_args(args, qs.enabled), speculation_from_args(args)
+    if speculation is not None:
+        try:  # a drafter the model or the other options do not allow
+            check_speculation(speculation, qs if qs.enabled else None, eviction, cfg.n_layers)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     tokenizer = load_tokenizer_checked(args.model, model_dir)
     ids = encode_prompts(tokenizer, prompts, args.chat, cfg.max_positions, model_label(args.model, model_dir))
     check_vocabulary(ids, cfg.vocab_size)
@@ -227,7 +236,7 @@ def load_generator(args, prompts: list[str]):
         size = batch_size(need, args.batch_size, len(ids))
     enable_compilation_cache()
     model = load_model_checked(args.model, model_dir, args.dtype)
-    gen = Generator(model, tokenizer, qs, mesh, eviction_from_args(args, qs.enabled))
+    gen = Generator(model, tokenizer, qs, mesh, eviction, speculation)
     gen.check(ids, args.max_new_tokens)
     return gen, ids, model_dir, size
 

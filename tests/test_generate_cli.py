@@ -62,7 +62,8 @@ ERROR_NAMES = [
     "model dir missing", "model dir without config", "model dir without weights", "prompt longer than context",
     "prompt + new tokens > context", "temperature -1", "top-p 0", "top-p 1.5", "top-k -1", "max-new-tokens 0",
     "empty prompt", "prompts file not UTF-8", "prompts file missing", "no prompt", "prompt and prompts file",
-    "unknown flag", "bad type", "bad choice",
+    "unknown flag", "bad type", "bad choice", "lookup 0 tokens", "two drafters", "ngram without lookup",
+    "early exit past the model", "speculation under scope all", "speculation with eviction",
 ]  # fmt: skip
 
 
@@ -93,6 +94,13 @@ def error_cases(model: Path, tmp: Path) -> dict:
         "unknown flag": ([*m, "Hi", "--bogus"], "unrecognized arguments: --bogus"),
         "bad type": ([*m, "Hi", "--top-k", "many"], "invalid int value"),
         "bad choice": ([*m, "Hi", "--dtype", "int8"], "invalid choice"),
+        "lookup 0 tokens": ([*m, "Hi", "--prompt-lookup-num-tokens", 0], "--prompt-lookup-num-tokens must be >= 1"),
+        "two drafters": ([*m, "Hi", "--prompt-lookup-num-tokens", 4, "--assistant-early-exit", 1], "one drafter"),
+        "ngram without lookup": ([*m, "Hi", "--max-matching-ngram-size", 3], "goes with --prompt-lookup-num-tokens"),
+        "early exit past the model": ([*m, "Hi", "--assistant-early-exit", 2], "below the model's 2 layers"),
+        "speculation under scope all": ([*m, "Hi", "--prompt-lookup-num-tokens", 4, "--quicksilver", "paper"],
+                                        "scope context"),
+        "speculation with eviction": ([*m, "Hi", "--prompt-lookup-num-tokens", 4, "--kv-budget", 16], "eviction"),
     }  # fmt: skip
 
 

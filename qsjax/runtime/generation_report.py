@@ -60,10 +60,21 @@ def join_results(results: list[GenerationResult]) -> GenerationResult:
         qs = {"prompt": {"tokens": tokens, "fraction_token_layers_executed": share},
               "batches": [r.quicksilver for r in results]}
     kv = {key: max(r.kv_cache_bytes[key] for r in results) for key in results[0].kv_cache_bytes}
+    spec = None if results[0].speculation is None else joined_speculation([r.speculation for r in results])
     return GenerationResult(
         [t for r in results for t in r.texts], [t for r in results for t in r.token_ids],
         [n for r in results for n in r.prompt_tokens], sum(r.seconds_first_token for r in results),
-        sum(r.seconds_decode for r in results), sum(r.seconds_compile for r in results), kv, qs)
+        sum(r.seconds_decode for r in results), sum(r.seconds_compile for r in results), kv, qs, spec)
+
+
+def joined_speculation(parts: list[dict]) -> dict:
+    """Consecutive batches' speculation statistics as one: counts summed, rates recomputed."""
+    out = dict(parts[0])
+    for key in ("drafted", "accepted", "verify_steps", "steps", "row_steps", "tokens"):
+        out[key] = sum(p[key] for p in parts)
+    out["acceptance_rate"] = out["accepted"] / out["drafted"] if out["drafted"] else None
+    out["mean_tokens_per_step"] = out["tokens"] / out["row_steps"] if out["row_steps"] else None
+    return out
 
 
 def make_report(args, model_dir: Path, gen, prompts: list[str], sampling: Sampling,
@@ -82,6 +93,7 @@ def make_report(args, model_dir: Path, gen, prompts: list[str], sampling: Sampli
             "chat": args.chat,
             "sampling": dataclasses.asdict(sampling) | {"seed": args.seed},
             "mesh": args.mesh,
+            "speculation": None if gen.speculation is None else gen.speculation.to_json(),
             **recorded(args, qs),  # quicksilver: the whole QuickSilverConfig (None: off), which
         },  # --quicksilver-config replays; quicksilver_preset: the preset it started from
         "prompts": [{"prompt": p, "prompt_tokens": n, "new_tokens": len(ids), "text": text, "token_ids": ids}
@@ -95,6 +107,7 @@ def make_report(args, model_dir: Path, gen, prompts: list[str], sampling: Sampli
         "programs_compiled": gen.programs,
         "kv_cache_bytes": result.kv_cache_bytes,
         "quicksilver": result.quicksilver,
+        "speculation": result.speculation,
     }
 
 
@@ -102,6 +115,11 @@ def closing_line(result, programs: int) -> str:
     speed = result.decode_tokens_per_second
     qs = "" if result.prompt_layers_executed is None else (
         f", quicksilver: {100 * result.prompt_layers_executed:.1f}% of prompt token-layers executed")
+    spec = result.speculation
+    if spec is not None:
+        rate = spec["acceptance_rate"]
+        qs += (f", speculation: {'no drafts verified' if rate is None else f'{100 * rate:.0f}% of drafts accepted'}, "
+               f"{spec['mean_tokens_per_step'] or 0:.2f} tokens per step")
     return (f"prompt tokens {sum(result.prompt_tokens)}, new tokens {result.new_tokens}, "
             f"compile {result.seconds_compile:.2f} s ({programs} compiled programs), "
             f"first token {result.seconds_first_token:.3f} s, "

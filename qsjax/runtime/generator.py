@@ -116,8 +116,6 @@ class Generator:
         """-> (Decoding, prefill_fn, decode_fn) for sampler.first_token / decode_loop."""
         max_new, stream = static.max_new_tokens, static.stream
         on_token = None if stream is None else (lambda step, toks: stream(int(toks[0])))
-        if stream is not None and self.speculation is not None:  # a verify step emits n[0] tokens at once
-            on_token = lambda toks, n: [stream(int(t)) for t in toks[0, : int(n[0])]]
         d = Decoding(max_new, static.sampling, static.eos_ids, static.pad_id, on_token)
         if self.eviction is not None:
             rule = self.eviction
@@ -150,7 +148,9 @@ class Generator:
         module = self.model.module(state)
         if self.speculation is None:
             return decode_loop(module, loop, knobs, d, decode_fn=decode_fn), None
-        return speculative_loop(module, loop, prompt, start, knobs, d, self.speculation)
+        stream = static.stream
+        on_tokens = None if stream is None else (lambda toks, n: [stream(int(t)) for t in toks[0, : int(n[0])]])
+        return speculative_loop(module, loop, prompt, start, knobs, d, self.speculation, on_tokens)
 
     def _compact_cache(self, loop: LoopState, key: DecodeKey) -> LoopState:
         """The prompt's cache, each layer gathered to the entries it shows (`key.kept` places each)."""

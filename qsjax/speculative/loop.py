@@ -34,19 +34,25 @@ from qsjax.speculative.settings import Speculation
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Tally:
-    """What speculation did: drafts verified and accepted per row [B], verify passes and loop steps []."""
+    """What speculation did: drafts verified and accepted and the passes each row was still generating
+    in, per row [B]; verify passes and loop steps []."""
 
     drafted: jax.Array
     accepted: jax.Array
+    row_steps: jax.Array
     verifies: jax.Array
     steps: jax.Array
 
     def to_json(self, spec: Speculation, new_tokens: int) -> dict:
-        drafted, accepted = int(self.drafted.sum()), int(self.accepted.sum())
-        steps = int(self.steps)
-        return {"method": spec.method, **spec.to_json(), "drafted": drafted, "accepted": accepted,
+        """The report's `speculation`: the settings, drafts verified and accepted, passes through the
+        model (`steps`, `verify_steps` of them verifying; `row_steps`: summed over the rows still
+        generating) and the tokens they delivered (each row's new tokens after its first, which the
+        prefill makes) per row step."""
+        drafted, accepted, row_steps = int(self.drafted.sum()), int(self.accepted.sum()), int(self.row_steps.sum())
+        return {**spec.to_json(), "drafted": drafted, "accepted": accepted,
                 "acceptance_rate": accepted / drafted if drafted else None, "verify_steps": int(self.verifies),
-                "steps": steps, "mean_tokens_per_step": new_tokens / steps if steps else None}
+                "steps": int(self.steps), "row_steps": row_steps, "tokens": new_tokens,
+                "mean_tokens_per_step": new_tokens / row_steps if row_steps else None}
 
 
 @jax.tree_util.register_dataclass
@@ -85,17 +91,19 @@ def open_generated(cache):
     return dataclasses.replace(cache, visible=cache.visible | after, bias=jnp.where(after, 0.0, cache.bias))
 
 
-def start_state(loop: LoopState, prompt, spec: Speculation) -> SpecState:
+def start_state(loop: LoopState, prompt, spec: Speculation, max_new: int) -> SpecState:
     """The speculative carry after the first new token (`sampler.first_token`'s loop state)."""
     B = prompt.shape[0]
     zeros = jnp.zeros(B, jnp.int32)
-    return SpecState(jnp.ones(B, jnp.int32), loop.token, open_generated(loop.cache), zeros, loop.done,
+    return SpecState(jnp.ones(B, jnp.int32), loop.token, open_generated(loop.cache), zeros, loop.done | (max_new <= 1),
                      jnp.concatenate([prompt.astype(jnp.int32), loop.out], axis=1), loop.rng,
-                     Pace.start(spec.num_tokens), Tally(zeros, zeros, jnp.int32(0), jnp.int32(0)))
+                     Pace.start(spec.num_tokens), Tally(zeros, zeros, zeros, jnp.int32(0), jnp.int32(0)))
 
 
-def speculative_loop(module, loop: LoopState, prompt, start, knobs, d: Decoding, spec: Speculation):
-    """The new tokens after the first, speculatively.  prompt [B, T] (left-padded), start [B]
+def speculative_loop(module, loop: LoopState, prompt, start, knobs, d: Decoding, spec: Speculation, on_tokens=None):
+    """The new tokens after the first, speculatively.  prompt [B, T] (left-padded), start [B];
+    on_tokens(tokens [B, K + 1], n [B]), if given, is called from inside the program with each step's
+    tokens, row b's first n[b] of them new (streaming; `d.on_token` is the first token's)
     -> the LoopState plain decoding would end with (the same tokens under greedy decoding), the Tally."""
     B, T = prompt.shape
     K, L = spec.num_tokens, module.cfg.n_layers
@@ -136,8 +144,8 @@ def speculative_loop(module, loop: LoopState, prompt, start, knobs, d: Decoding,
         first_eos = jnp.argmax(is_eos, axis=1)
         ended = jnp.any(is_eos, axis=1)
         emit = jnp.where(ended, first_eos + 1, emit)
-        if d.on_token is not None:
-            io_callback(d.on_token, None, tokens, emit, ordered=True)
+        if on_tokens is not None:
+            io_callback(on_tokens, None, tokens, emit, ordered=True)
         at = places - (T + s.count)[:, None]  # [B, T + max_new]: index into this step's tokens
         new = jnp.take_along_axis(tokens, jnp.clip(at, 0, K), axis=1)
         text = jnp.where((at >= 0) & (at < emit[:, None]), new, s.text)
@@ -147,14 +155,14 @@ def speculative_loop(module, loop: LoopState, prompt, start, knobs, d: Decoding,
         mean = jnp.sum(jnp.where(drafting, accepted, 0)) / jnp.maximum(1, jnp.sum(drafting))
         tally = s.tally
         tally = Tally(tally.drafted + jnp.where(drafting & verifies, n, 0),
-                      tally.accepted + jnp.where(drafting & verifies, accepted, 0),
+                      tally.accepted + jnp.where(drafting & verifies, accepted, 0), tally.row_steps + live,
                       tally.verifies + verifies.astype(jnp.int32), tally.steps + 1)
         return SpecState(count, jnp.where(live, last, s.token), cache, s.lead + jnp.where(live, accepted + 1, 0),
                          s.done | ended | (count >= d.max_new), text, rng,
                          s.pace.after(chance, verifies, mean.astype(jnp.float32)), tally)
 
-    s = jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, start_state(loop, prompt, spec))
+    s = jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, start_state(loop, prompt, spec, d.max_new))
     out = jnp.where(places[:, T:] - T < s.count[:, None], s.text[:, T:], d.pad_id)
     steps = jnp.arange(d.max_new)[None, :]
-    record = StepRecord(steps < (s.count - 1)[:, None], jax.tree.map(lambda a: a, loop.record.info))
+    record = StepRecord(steps < (s.count - 1)[:, None], loop.record.info)
     return LoopState(jnp.max(s.count), s.token, s.cache, s.done, out, record, s.rng), s.tally

@@ -48,3 +48,40 @@ class Speculation:
         out = dataclasses.asdict(self)
         out["skip"] = {"attention": sorted(self.skip.attention), "mlp": sorted(self.skip.mlp)}
         return out
+
+
+def add_speculation_args(parser) -> None:
+    """The options of `python -m qsjax.generate` (named as transformers' `generate` names them)."""
+    g = parser.add_argument_group("speculative decoding (lossless: greedy output identical to plain decoding)")
+    g.add_argument("--prompt-lookup-num-tokens", type=int, metavar="K",
+                   help="draft up to K tokens per step by prompt lookup: what followed the text's last n-gram "
+                   "where it appeared before (fast on copying, extracting, summarising, editing)")
+    g.add_argument("--max-matching-ngram-size", type=int, metavar="N",
+                   help="prompt lookup: the longest n-gram matched (default 2)")
+    g.add_argument("--assistant-early-exit", type=int, metavar="E",
+                   help="draft with the model's first E layers (an early exit; for comparison: an untrained "
+                   "model's early exit is rarely accepted)")
+    g.add_argument("--num-assistant-tokens", type=int, metavar="K",
+                   help="drafts per step with --assistant-early-exit (default 4)")
+
+
+def speculation_from_args(args) -> Speculation | None:
+    """The Speculation the options ask for (None: plain decoding); UsageError for a bad combination."""
+    from qsjax.runtime.cli import UsageError
+
+    lookup, exit_layer = args.prompt_lookup_num_tokens, args.assistant_early_exit
+    for flag, value in (("--prompt-lookup-num-tokens", lookup), ("--max-matching-ngram-size", args.max_matching_ngram_size),
+                        ("--assistant-early-exit", exit_layer), ("--num-assistant-tokens", args.num_assistant_tokens)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    if lookup is not None and exit_layer is not None:
+        raise UsageError("give one drafter: --prompt-lookup-num-tokens or --assistant-early-exit")
+    if lookup is None and args.max_matching_ngram_size is not None:
+        raise UsageError("--max-matching-ngram-size goes with --prompt-lookup-num-tokens")
+    if exit_layer is None and args.num_assistant_tokens is not None:
+        raise UsageError("--num-assistant-tokens goes with --assistant-early-exit")
+    if lookup is not None:
+        return Speculation("lookup", lookup, args.max_matching_ngram_size or 2)
+    if exit_layer is not None:
+        return Speculation("exit", args.num_assistant_tokens or 4, exit_layer=exit_layer)
+    return None
