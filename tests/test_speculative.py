@@ -76,9 +76,9 @@ def test_greedy_output_is_plain_greedy(name, spec, tiny_models, rng):
     tally = got.speculation
     assert tally["verify_steps"] > 0 and tally["drafted"] > 0 and tally["steps"] < NEW
     assert tally["tokens"] == sum(len(t) - 1 for t in got.token_ids)
-    assert tally["row_steps"] <= len(ids) * tally["steps"] and tally["mean_tokens_per_step"] > 1
+    assert tally["row_steps"] <= len(ids) * tally["steps"]
     if spec.method == "lookup":
-        assert tally["accepted"] > 0
+        assert tally["accepted"] > 0 and tally["mean_tokens_per_step"] > 1
 
 
 def test_end_tokens_and_max_new(tiny_models, rng):
