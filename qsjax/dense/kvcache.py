@@ -27,7 +27,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from qsjax.dense.attention import PLAIN, attention_heads_major
+from qsjax.dense.attention import PLAIN, Own, attention_heads_major, attention_step
 from qsjax.dense.config import ModelConfig
 
 EMPTY = jnp.iinfo(jnp.int32).max  # the slot of a place that holds nothing: above every query's slot
@@ -95,8 +95,24 @@ class KVCache:
         entries and its own: q [B, 1, H, Dh], k, v [B, 1, K, Dh]; key_mask [B, S_l] bool (None: every
         entry), key_bias [B, S_l] (None: nothing); rule: the layer's (`attention.Rule`)
         -> new cache, o [B, 1, H, Dh]"""
-        cache = self.write(layer, k, v)
-        return cache, cache.attention(layer, q, key_mask, key_bias, rule)
+        slot, fill = self.slot[layer], self.fill[layer]
+        q_slot = jnp.broadcast_to(self.index, (slot.shape[0], 1))
+        ok = jnp.arange(slot.shape[1]) != fill  # the place written holds the new entry, not its old one
+        ok = ok[None] if key_mask is None else ok & key_mask
+        own_bias = None if key_bias is None else jax.lax.dynamic_index_in_dim(key_bias, fill, 1, keepdims=False)
+        own = Own(k[:, 0], v[:, 0], own_bias)
+        o = attention_step(q, self.k[layer], self.v[layer], own, q_slot, slot, jnp.broadcast_to(ok, slot.shape),
+                           key_bias, rule=rule)
+        return self.after(o).write(layer, k, v), o
+
+    def after(self, read) -> KVCache:
+        """The same cache, its writes made to wait for `read` (an array computed from its buffers).
+        XLA updates a buffer in place only after the reads it can see must come first, i.e. those
+        the update depends on; otherwise it copies the buffer (for a decode step: every layer's keys,
+        values and slots, at every step). So the write place is given a dependency on what the step
+        read, by adding a term that is always 0 (no number exceeds +inf; NaN neither)."""
+        late = (read.max() > jnp.inf).astype(jnp.int32)  # 0
+        return dataclasses.replace(self, fill=self.fill + late)
 
     def attention(self, layer: int, q, key_mask=None, key_bias=None, rule=PLAIN):
         """The next token's query over layer `layer`'s entries (its own included).  -> [B, 1, H, Dh]"""
