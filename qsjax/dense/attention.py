@@ -128,6 +128,24 @@ def attention_step(q, kh, vh, own: Own, q_slot, k_slot, k_ok, bias=None, *, wind
     return _single(q, kh, vh, mask, bias, rule, own)
 
 
+def attention_run(q, kh, vh, own_k, own_v, q_slot, k_slot, k_ok, bias=None, *, rule=PLAIN):
+    """A run of T queries per row (speculative decoding's verify pass) over keys and values stored
+    heads-major, kh, vh [B, K, S, Dh], and the run's own keys and values, own_k, own_v [B, T, K, Dh],
+    not among them (query i sees own entries 0..i, unbiased): `attention_heads_major` with the run
+    written into the cache first, to float rounding, without reading the write (`attention_step`).
+    Both parts are steps of one online softmax. q [B, T, H, Dh]; q_slot [B, T] (the run's slots);
+    k_slot, k_ok [B, S] (cached keys at slots >= the run's first are not seen: entries a rejected
+    draft left); bias [B, S] or None -> [B, T, H, Dh]"""
+    B, T, H, Dh = q.shape
+    qh = _queries(q, kh.shape[1])  # [B, K, G, T, Dh]
+    carry = _init(B, kh.shape[1], qh.shape[2], T, Dh)
+    cached = _mask(q_slot, k_slot, k_ok & (k_slot < q_slot[:, :1]), False, rule=rule)  # [B, T, S]
+    carry = _update(carry, qh, kh, vh, cached, bias, rule.softcap)
+    own = _mask(q_slot, q_slot, jnp.ones(q_slot.shape, bool), False, rule=rule)  # [B, T, T]: causal
+    carry = _update(carry, qh, _heads(own_k), _heads(own_v), own, None, rule.softcap)
+    return _heads_last(_finish(carry), q.dtype)
+
+
 def causal_pairs_executed(T: int) -> int:
     """(query, key) pairs scored per row for a full causal window of T real tokens (slots 0..T-1):
     the whole square on the direct path, else every (query block, key block) up to the block that
