@@ -140,7 +140,7 @@ def attention_run(q, kh, vh, own_k, own_v, q_slot, k_slot, k_ok, bias=None, *, r
     qh = _queries(q, kh.shape[1])  # [B, K, G, T, Dh]
     carry = _init(B, kh.shape[1], qh.shape[2], T, Dh)
     cached = _mask(q_slot, k_slot, k_ok & (k_slot < q_slot[:, :1]), False, rule=rule)  # [B, T, S]
-    carry = _update(carry, qh, kh, vh, cached, bias, rule.softcap)
+    carry = _update(carry, qh, kh, vh, cached, bias, rule.softcap, rows=True)
     own = _mask(q_slot, q_slot, jnp.ones(q_slot.shape, bool), False, rule=rule)  # [B, T, T]: causal
     carry = _update(carry, qh, _heads(own_k), _heads(own_v), own, None, rule.softcap)
     return _heads_last(_finish(carry), q.dtype)
@@ -167,12 +167,19 @@ def _mask(q_slot, k_slot, k_ok, self_visible, window=None, rule=PLAIN):
     return (ks <= qs) & ok
 
 
-def _update(carry, qb, kb, vb, mask, bias, softcap=None):
+def _update(carry, qb, kb, vb, mask, bias, softcap=None, rows=False):
     """One online-softmax step.  qb [B, K, G, Tq, Dh] (pre-scaled), kb, vb [B, K, Sk, Dh],
     mask [B, Tq, Sk] or None (all visible), bias [B, Sk] or None, softcap a float or None;
-    carry (m, l [B, K, G, Tq], acc [B, K, G, Tq, Dh]) in float32."""
+    carry (m, l [B, K, G, Tq], acc [B, K, G, Tq, Dh]) in float32.
+    rows: the products over G x Tq query rows of one matrix, for keys read where they lie (a verify
+    pass over a whole cache: with separate G and Tq axes XLA:CPU transposes the keys, a copy)."""
     m, l, acc = carry
-    s = jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32)  # [B, K, G, Tq, Sk]
+    if rows:
+        B, K, G, Tq, Dh = qb.shape
+        s = jnp.einsum("bkrd,bksd->bkrs", qb.reshape(B, K, G * Tq, Dh), kb, preferred_element_type=jnp.float32)
+        s = s.reshape(B, K, G, Tq, -1)
+    else:
+        s = jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32)  # [B, K, G, Tq, Sk]
     if softcap is not None:
         s = layers.softcap(s, softcap)
     if bias is not None:
@@ -182,7 +189,11 @@ def _update(carry, qb, kb, vb, mask, bias, softcap=None):
     m_new = jnp.maximum(m, s.max(-1))  # >= m, finite (m starts at the most negative float)
     p = jnp.exp(s - m_new[..., None])  # 0 where masked
     alpha = jnp.exp(m - m_new)
-    pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+    if rows:
+        pv = jnp.einsum("bkrs,bksd->bkrd", p.astype(vb.dtype).reshape(B, K, G * Tq, -1), vb,
+                        preferred_element_type=jnp.float32).reshape(B, K, G, Tq, Dh)
+    else:
+        pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
     return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
 
