@@ -23,13 +23,9 @@ from __future__ import annotations
 import sys
 import time
 
-import numpy as np
-
-from benchlib import check_json_path, check_positive, fmt, load_hf, log, machine, median, ratio, rotated, write_report
+from benchlib import (BANDWIDTH_BYTES, check_json_path, check_positive, fmt, load_hf, log, machine, median, ratio,
+                      read_bandwidth, rotated, write_report)
 from qsjax.runtime.cli import ArgumentParser, UsageError, run_cli
-
-BANDWIDTH_BYTES = 1 << 30
-
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="scripts/bench_decode_long.py", description=__doc__.splitlines()[0])
@@ -50,29 +46,6 @@ def check_args(args) -> None:
     if args.new_tokens < 2:
         raise UsageError(f"--new-tokens must be at least 2 (a decode step follows the first), got {args.new_tokens}")
     check_json_path(args.json)
-
-
-def read_bandwidth() -> dict:
-    """Bytes per second of a plain sum over BANDWIDTH_BYTES of float32: jitted (XLA's threads) and
-    NumPy's (one thread), each the best of 3 after a warm-up."""
-    import jax
-    import jax.numpy as jnp
-
-    n = BANDWIDTH_BYTES // 4
-    a = jnp.ones(n, jnp.float32)
-    total = jax.jit(jnp.sum)
-    b = np.ones(n, np.float32)
-
-    def best(f):
-        f()
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - t0)
-        return BANDWIDTH_BYTES / min(times)
-
-    return {"jax": best(lambda: total(a).block_until_ready()), "numpy": best(lambda: b.sum())}
 
 
 class Stamps:

@@ -21,6 +21,7 @@ import numpy as np
 from qsjax.runtime.cli import UsageError, check_output_file, write_results
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+BANDWIDTH_BYTES = 1 << 30  # the array read_bandwidth sums
 
 
 def log(message: str) -> None:
@@ -104,6 +105,29 @@ def machine() -> dict:
     return {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "cpu_flags": {f: f in flags for f in CPU_FLAGS}, "device": str(device),
             "device_kind": device.device_kind, "load_average": os.getloadavg(), "versions": versions}
+
+
+def read_bandwidth() -> dict:
+    """Bytes per second of a plain sum over BANDWIDTH_BYTES of float32: jitted (XLA's threads) and
+    NumPy's (one thread), each the best of 3 after a warm-up."""
+    import jax
+    import jax.numpy as jnp
+
+    n = BANDWIDTH_BYTES // 4
+    a = jnp.ones(n, jnp.float32)
+    total = jax.jit(jnp.sum)
+    b = np.ones(n, np.float32)
+
+    def best(f):
+        f()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        return BANDWIDTH_BYTES / min(times)
+
+    return {"jax": best(lambda: total(a).block_until_ready()), "numpy": best(lambda: b.sum())}
 
 
 def write_report(path: str | None, report: dict, table: str) -> int:

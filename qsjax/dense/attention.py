@@ -19,7 +19,8 @@ Queries go by blocks of `QUERY_BLOCK`; for each, the key-block loop stops after 
 smallest slot is <= the query block's largest slot (so a causal window does about half the square),
 and a block whose mask is empty is skipped by a `lax.cond`, never computed and discarded. Grouped
 heads are handled by viewing the G query heads of a key/value head as extra query rows of one matmul,
-so K and V are never repeated. Memory is O(T x block), not O(T x S).
+so K and V are never repeated. Memory is O(T x block), not O(T x S). A single query (a decode step)
+takes one plain softmax over all keys as they lie (`attention_step`).
 """
 
 from __future__ import annotations

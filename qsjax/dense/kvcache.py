@@ -93,8 +93,11 @@ class KVCache:
     def attend(self, layer: int, q, k, v, key_mask=None, key_bias=None, rule=PLAIN):
         """Write the next token's key and value in layer `layer` (0-based) and attend over the layer's
         entries and its own: q [B, 1, H, Dh], k, v [B, 1, K, Dh]; key_mask [B, S_l] bool (None: every
-        entry), key_bias [B, S_l] (None: nothing); rule: the layer's (`attention.Rule`)
-        -> new cache, o [B, 1, H, Dh]"""
+        entry), key_bias [B, S_l] (None: nothing; the own entry gets the bias of the place it is
+        written to); rule: the layer's (`attention.Rule`)  -> new cache, o [B, 1, H, Dh]
+        Attention reads the cache as it was, the own entry beside it (`attention.attention_step`),
+        and the write follows (`after`), so that a compiled step reads each buffer once and
+        updates it in place."""
         slot, fill = self.slot[layer], self.fill[layer]
         q_slot = jnp.broadcast_to(self.index, (slot.shape[0], 1))
         ok = jnp.arange(slot.shape[1]) != fill  # the place written holds the new entry, not its old one
