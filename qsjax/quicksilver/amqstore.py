@@ -7,8 +7,8 @@ and the calibration's settings) and `amq-g<group>.npz.sha256`, the file's SHA-25
 load: a damaged store is an error that names the command that rebuilds it. Both files are written
 under temporary names and renamed (the checksum first), so Ctrl-C leaves the old store or none.
 
-When AMQ is on (`--amq-layer`), eval and generate load the store of the default group size if it
-is there and quantize with it (nested group-wise grids, `calibration`); if it is not, AMQ runs the
+When AMQ is on (`--amq-layer`), eval and generate load the store beside the model (of the default
+group size, 64, when there are several) and quantize with it (nested group-wise grids, `calibration`); if it is not, AMQ runs the
 naive per-channel store and says so on stderr. Every report's `weights` block names the store
 that ran and its group size, and the bytes the weights take in memory.
 
@@ -149,14 +149,21 @@ def build(model, tokens, settings: Settings, progress: bool = True) -> ClipStore
     return ClipStore(settings.group_size, clips, meta)
 
 
-def amq_model(model, qs, model_dir, group: int = DEFAULT_GROUP, quiet: bool = False):
+def find(model_dir) -> ClipStore | None:
+    """The store beside the model: of the default group size if there is one, else the smallest group found."""
+    found = sorted(int(p.name[5:-4]) for p in Path(model_dir).glob("amq-g*.npz") if p.name[5:-4].isdigit())
+    groups = sorted(found, key=lambda g: (g != DEFAULT_GROUP, g))
+    return load(model_dir, groups[0]) if groups else None
+
+
+def amq_model(model, qs, model_dir, quiet: bool = False):
     """The model as a command runs AMQ: quantized with the calibrated store when there is one (else
     naive, said on stderr); unchanged when AMQ is off."""
     from qsjax.quicksilver.decoding.steps import prepare
 
     if qs is None or not qs.enabled or qs.amq_layer is None:
         return model
-    store = load(model_dir, group)
+    store = find(model_dir)
     if store is None and not quiet:
         print(f"note: no calibrated AMQ store in {model_dir}: AMQ runs the naive per-channel slicing "
               "(build the store with `python -m qsjax.weights calibrate-amq`)", file=sys.stderr)
@@ -187,6 +194,7 @@ def calibrate_command(args) -> int:
     tokenizer = load_tokenizer_checked(args.model, model_dir)
     model = load_model_checked(args.model, model_dir, "float32")
     settings = Settings(group_size=args.group_size, steps=args.steps)
-    store = build(model, calibration_tokens(tokenizer), settings, progress=not args.quiet)
+    tokens = calibration_tokens(tokenizer, min(CALIBRATION_TOKENS, cfg.max_positions))
+    store = build(model, tokens, settings, progress=not args.quiet)
     print(save(store, model_dir))
     return 0

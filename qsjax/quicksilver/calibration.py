@@ -108,10 +108,11 @@ def calibrate_weight(w, gram, s: Settings) -> LayerFit:
 
 
 def nested_quantizer(gamma, beta, group: int):
-    """w -> its nested QuantizedWeight under the learned clipping (gamma, beta) [G, D_out]."""
+    """w -> its nested QuantizedWeight under the learned clipping (gamma, beta) [G, D_out]; None: min-max."""
 
     def quantize(w) -> QuantizedWeight:
-        codes, s, z = nested.quantize_nested(w, group, jnp.asarray(gamma), jnp.asarray(beta))
+        clip = (None, None) if gamma is None else (jnp.asarray(gamma), jnp.asarray(beta))
+        codes, s, z = nested.quantize_nested(w, group, *clip)
         return QuantizedWeight(codes, s, z, group)
 
     return quantize

@@ -175,7 +175,7 @@ def weight_bytes(module) -> int:
 
 def store_report(module) -> dict:
     """Which Matryoshka store a module holds: {"store": "naive" | "calibrated" | None, "group_size"}."""
-    groups = {m.group for _, m in module.iter_modules() if isinstance(m, MatryoshkaLinear)}
+    groups = {m.group for _, m in nnx.iter_modules(module) if isinstance(m, MatryoshkaLinear)}
     if not groups:
         return {"store": None, "group_size": None}
     group = max(groups)

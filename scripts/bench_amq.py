@@ -1,0 +1,122 @@
+"""The Matryoshka width table: perplexity of every width, every token from layer 1 at that width.
+
+    python scripts/bench_amq.py --data c4 --group-size 64 --json docs/results/matryoshka/c4_g64.json
+
+Rows (strided 2,048/512 over the first 4,096 tokens unless told otherwise):
+- dense: the float model;
+- naive r: today's store (symmetric int8 per output channel, views by round-to-nearest top bits);
+- alone r: every linear on its own r-bit min-max grid with the same groups (not a view of int8);
+- nested min-max r: the nested group-wise grid, views = the int8 codes' top r bits, no calibration;
+- calibrated r: the same grid with the clipping of the store beside the model (`calibrate-amq`).
+The AMQ rows are what `python -m qsjax.eval --amq-layer 1` gives with --amq-low/--amq-high 0/0
+(8 bits), 0/1e9 (4) and 1e9/1e9 (2); "alone" runs the dense program on the replaced weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+THRESHOLDS = {8: (0.0, 0.0), 4: (0.0, 1e9), 2: (1e9, 1e9)}
+
+
+def perplexity(model, stream, windows, qs=None) -> float:
+    from qsjax.evaluation.perplexity import Scorer, evaluate
+    from qsjax.quicksilver.scorer import QuickSilverScorer, evaluate_quicksilver
+
+    if qs is None:
+        return evaluate(Scorer(model), stream, windows, progress=False).perplexity
+    return evaluate_quicksilver(QuickSilverScorer(model, qs), stream, windows, progress=False)[0].perplexity
+
+
+def amq_rows(model, stream, windows, store, label: str) -> dict:
+    from qsjax.quicksilver.decoding.steps import prepare
+    from qsjax.quicksilver.settings import QuickSilverConfig
+
+    out = {}
+    for r, (low, high) in THRESHOLDS.items():
+        qs = QuickSilverConfig(amq_layer=1, amq_low=low, amq_high=high)
+        out[f"{label} {r}"] = perplexity(prepare(model, qs, store), stream, windows, qs)
+        print(f"{label} {r}: {out[f'{label} {r}']:.4f}", file=sys.stderr, flush=True)
+    return out
+
+
+def alone(model, bits: int, group: int):
+    """The model with every block's linear weights on their own r-bit grid (dequantized)."""
+    from qsjax.dense.model import Model
+    from qsjax.dense.modules import Linear
+    from qsjax.quicksilver.mechanisms.nested import quantize_alone
+
+    module = model.module()
+    for blk in module.blocks:
+        for child in vars(blk).values():
+            if isinstance(child, Linear):
+                child.w[...] = quantize_alone(child.w[...], bits, group).astype(child.w[...].dtype)
+    return dataclasses.replace(Model.from_module(module), mesh=model.mesh)
+
+
+class MinMax:
+    """A store with no learned clipping (gamma = beta = 1)."""
+
+    def __init__(self, group: int):
+        self.group = group
+
+    def quantizer(self, layer, name):
+        from qsjax.quicksilver.calibration import nested_quantizer
+
+        return nested_quantizer(None, None, self.group)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="c4")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--stride", type=int, default=512)
+    p.add_argument("--max-eval-tokens", type=int, default=4096)
+    p.add_argument("--rows", default="dense,naive,alone,minmax,calibrated")
+    p.add_argument("--json", required=True)
+    args = p.parse_args(argv)
+    from qsjax.checkpoints.hf_params import load_model
+    from qsjax.checkpoints.tokenizer import load_tokenizer
+    from qsjax.evaluation.data import read_text, resolve_data, tokenize
+    from qsjax.evaluation.perplexity import strided_windows
+    from qsjax.quicksilver import amqstore
+    from qsjax.weights import resolve_model
+
+    model_dir = resolve_model(None)
+    model = load_model(model_dir, "float32")
+    stream = tokenize(load_tokenizer(model_dir), read_text(resolve_data(args.data)), args.max_eval_tokens)
+    windows = strided_windows(len(stream), args.max_length, args.stride)
+    rows, g = args.rows.split(","), args.group_size
+    table = {}
+    if "dense" in rows:
+        table["dense"] = perplexity(model, stream, windows)
+        print(f"dense: {table['dense']:.4f}", file=sys.stderr, flush=True)
+    if "naive" in rows:
+        table.update(amq_rows(model, stream, windows, None, "naive"))
+    if "alone" in rows:
+        for r in (4, 2):
+            table[f"alone {r}"] = perplexity(alone(model, r, g), stream, windows)
+            print(f"alone {r}: {table[f'alone {r}']:.4f}", file=sys.stderr, flush=True)
+    if "minmax" in rows:
+        table.update(amq_rows(model, stream, windows, MinMax(g), "nested min-max"))
+    store = amqstore.load(model_dir, g) if "calibrated" in rows else None
+    if store is not None:
+        table.update(amq_rows(model, stream, windows, store, "calibrated"))
+    report = {"model": model_dir.name, "data": args.data, "group_size": g,
+              "protocol": {"name": "strided", "max_length": args.max_length, "stride": args.stride,
+                           "max_eval_tokens": args.max_eval_tokens, "tokens": int(len(stream))},
+              "every_token_from_layer": 1, "perplexity": table,
+              "calibration": None if store is None else store.meta["settings"],
+              "command": "python scripts/bench_amq.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=2)
+    print(json.dumps(table, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
