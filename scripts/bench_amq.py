@@ -9,7 +9,9 @@ Rows (strided 2,048/512 over the first 4,096 tokens unless told otherwise):
 - nested min-max r: the nested group-wise grid, views = the int8 codes' top r bits, no calibration;
 - calibrated r: the same grid with the clipping of the store beside the model (`calibrate-amq`).
 The AMQ rows are what `python -m qsjax.eval --amq-layer 1` gives with --amq-low/--amq-high 0/0
-(8 bits), 0/1e9 (4) and 1e9/1e9 (2); "alone" runs the dense program on the replaced weights.
+(8 bits), 0/1e9 (4) and 1e9/1e9 (2): by default computed by the dense program on the dequantized
+views (the same products, far faster than the per-width gathers), `--through-quicksilver` runs
+AMQ itself; "alone" runs the dense program on the replaced weights.
 """
 
 from __future__ import annotations
@@ -31,30 +33,50 @@ def perplexity(model, stream, windows, qs=None) -> float:
     return evaluate_quicksilver(QuickSilverScorer(model, qs), stream, windows, progress=False)[0].perplexity
 
 
-def amq_rows(model, stream, windows, store, label: str) -> dict:
+def amq_rows(model, stream, windows, store, label: str, through_quicksilver: bool = False) -> dict:
+    """Each width's perplexity with every block's linear layers at that width. By default the dense
+    program runs the dequantized view W^(r) (what AMQ computes when every token takes width r, in a
+    fraction of the time); `through_quicksilver` runs AMQ itself (`--amq-layer 1` and thresholds)."""
     from qsjax.quicksilver.decoding.steps import prepare
     from qsjax.quicksilver.settings import QuickSilverConfig
 
     out = {}
     for r, (low, high) in THRESHOLDS.items():
         qs = QuickSilverConfig(amq_layer=1, amq_low=low, amq_high=high)
-        out[f"{label} {r}"] = perplexity(prepare(model, qs, store), stream, windows, qs)
+        if through_quicksilver:
+            out[f"{label} {r}"] = perplexity(prepare(model, qs, store), stream, windows, qs)
+        else:
+            out[f"{label} {r}"] = perplexity(replaced(model, lambda w, layer, name: view(w, r, store, layer, name)),
+                                             stream, windows)
         print(f"{label} {r}: {out[f'{label} {r}']:.4f}", file=sys.stderr, flush=True)
     return out
 
 
-def alone(model, bits: int, group: int):
-    """The model with every block's linear weights on their own r-bit grid (dequantized)."""
+def view(w, bits: int, store, layer: int, name: str):
+    """W^(r) of a weight under a store (None: naive)."""
+    from qsjax.quicksilver.mechanisms.matryoshka import dequantize, quantize
+
+    return dequantize(quantize(w) if store is None else store.quantizer(layer, name)(w), bits, w.dtype)
+
+
+def replaced(model, f):
+    """The model with every block's linear weights w replaced by f(w, layer, name)."""
     from qsjax.dense.model import Model
     from qsjax.dense.modules import Linear
-    from qsjax.quicksilver.mechanisms.nested import quantize_alone
 
     module = model.module()
-    for blk in module.blocks:
-        for child in vars(blk).values():
+    for layer, blk in enumerate(module.blocks):
+        for name, child in vars(blk).items():
             if isinstance(child, Linear):
-                child.w[...] = quantize_alone(child.w[...], bits, group).astype(child.w[...].dtype)
+                child.w[...] = f(child.w[...], layer, name).astype(child.w[...].dtype)
     return dataclasses.replace(Model.from_module(module), mesh=model.mesh)
+
+
+def alone(model, bits: int, group: int):
+    """The model with every block's linear weights on their own r-bit grid (dequantized)."""
+    from qsjax.quicksilver.mechanisms.nested import quantize_alone
+
+    return replaced(model, lambda w, layer, name: quantize_alone(w, bits, group))
 
 
 class MinMax:
@@ -77,6 +99,8 @@ def main(argv=None) -> int:
     p.add_argument("--stride", type=int, default=512)
     p.add_argument("--max-eval-tokens", type=int, default=4096)
     p.add_argument("--rows", default="dense,naive,alone,minmax,calibrated")
+    p.add_argument("--through-quicksilver", action="store_true",
+                   help="the AMQ rows through QuickSilver's AMQ path (slow) instead of the dense program on W^(r)")
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
     from qsjax.checkpoints.hf_params import load_model
@@ -96,20 +120,21 @@ def main(argv=None) -> int:
         table["dense"] = perplexity(model, stream, windows)
         print(f"dense: {table['dense']:.4f}", file=sys.stderr, flush=True)
     if "naive" in rows:
-        table.update(amq_rows(model, stream, windows, None, "naive"))
+        table.update(amq_rows(model, stream, windows, None, "naive", args.through_quicksilver))
     if "alone" in rows:
         for r in (4, 2):
             table[f"alone {r}"] = perplexity(alone(model, r, g), stream, windows)
             print(f"alone {r}: {table[f'alone {r}']:.4f}", file=sys.stderr, flush=True)
     if "minmax" in rows:
-        table.update(amq_rows(model, stream, windows, MinMax(g), "nested min-max"))
+        table.update(amq_rows(model, stream, windows, MinMax(g), "nested min-max", args.through_quicksilver))
     store = amqstore.load(model_dir, g) if "calibrated" in rows else None
     if store is not None:
-        table.update(amq_rows(model, stream, windows, store, "calibrated"))
+        table.update(amq_rows(model, stream, windows, store, "calibrated", args.through_quicksilver))
     report = {"model": model_dir.name, "data": args.data, "group_size": g,
               "protocol": {"name": "strided", "max_length": args.max_length, "stride": args.stride,
                            "max_eval_tokens": args.max_eval_tokens, "tokens": int(len(stream))},
               "every_token_from_layer": 1, "perplexity": table,
+              "amq_rows_through": "quicksilver" if args.through_quicksilver else "dense program on W^(r)",
               "calibration": None if store is None else store.meta["settings"],
               "command": "python scripts/bench_amq.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     with open(args.json, "w") as f:
