@@ -229,7 +229,7 @@ def parse_args(argv=None):
     amq.add_argument("--model", help="a known model name or a Hugging Face model directory (default: the default model)")
     amq.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128),
                      help="input rows per group of scales (default 64)")
-    amq.add_argument("--steps", type=int, default=100, help="Adam steps per weight (default 100)")
+    amq.add_argument("--steps", type=int, default=50, help="Adam steps per weight (default 50)")
     amq.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.command == "calibrate-amq" and args.steps < 1:

@@ -32,7 +32,7 @@ class Settings:
     """What a calibration is (recorded in the store)."""
 
     group_size: int = 64
-    steps: int = 100
+    steps: int = 50
     learning_rate: float = 0.05
     rank: int = 64  # eigenvectors of H kept (the rest as its diagonal)
     widths_weight: tuple = (1.0, 1.0, 1.0)  # lambda_r for r = 8, 4, 2
