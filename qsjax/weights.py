@@ -227,13 +227,15 @@ def parse_args(argv=None):
     amq = commands.add_parser("calibrate-amq", help="learn the nested AMQ grids' clipping and store it beside the "
                               "model (see qsjax.quicksilver.amqstore)")
     amq.add_argument("--model", help="a known model name or a Hugging Face model directory (default: the default model)")
-    amq.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128),
-                     help="input rows per group of scales (default 64)")
+    amq.add_argument("--group-size", type=int, default=64,
+                     help="input rows per group of scales: divides the model's input dimensions (default 64)")
     amq.add_argument("--steps", type=int, default=50, help="Adam steps per weight (default 50)")
     amq.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.command == "calibrate-amq" and args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.command == "calibrate-amq" and args.group_size < 1:
+        parser.error(f"--group-size must be at least 1, got {args.group_size}")
     return args
 
 

@@ -2,6 +2,9 @@
 
     python scripts/bench_amq.py --data c4 --group-size 64 --json docs/results/matryoshka/c4_g64.json
 
+Each row is written as soon as it is measured; rows already in --json (the same data, groups and
+protocol) are kept, so `--rows` may add rows run by run (`commands` lists the runs).
+
 Rows (strided 2,048/512 over the first 4,096 tokens unless told otherwise):
 - dense: the float model;
 - naive r: today's store (symmetric int8 per output channel, views by round-to-nearest top bits);
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 THRESHOLDS = {8: (0.0, 0.0), 4: (0.0, 1e9), 2: (1e9, 1e9)}
@@ -88,7 +92,7 @@ class MinMax:
     def quantizer(self, layer, name):
         from qsjax.quicksilver.calibration import nested_quantizer
 
-        return nested_quantizer(None, None, self.group)
+        return nested_quantizer(None, self.group)
 
 
 def main(argv=None) -> int:
@@ -114,32 +118,42 @@ def main(argv=None) -> int:
     model = load_model(model_dir, "float32")
     stream = tokenize(load_tokenizer(model_dir), read_text(resolve_data(args.data)), args.max_eval_tokens)
     windows = strided_windows(len(stream), args.max_length, args.stride)
-    rows, g = args.rows.split(","), args.group_size
-    table = {}
-    if "dense" in rows:
-        table["dense"] = perplexity(model, stream, windows)
-        print(f"dense: {table['dense']:.4f}", file=sys.stderr, flush=True)
-    if "naive" in rows:
-        table.update(amq_rows(model, stream, windows, None, "naive", args.through_quicksilver))
-    if "alone" in rows:
-        for r in (4, 2):
-            table[f"alone {r}"] = perplexity(alone(model, r, g), stream, windows)
-            print(f"alone {r}: {table[f'alone {r}']:.4f}", file=sys.stderr, flush=True)
-    if "minmax" in rows:
-        table.update(amq_rows(model, stream, windows, MinMax(g), "nested min-max", args.through_quicksilver))
-    store = amqstore.load(model_dir, g) if "calibrated" in rows else None
-    if store is not None:
-        table.update(amq_rows(model, stream, windows, store, "calibrated", args.through_quicksilver))
+    g = args.group_size
+    store = amqstore.load(model_dir, g) if "calibrated" in args.rows.split(",") else None
     report = {"model": model_dir.name, "data": args.data, "group_size": g,
               "protocol": {"name": "strided", "max_length": args.max_length, "stride": args.stride,
                            "max_eval_tokens": args.max_eval_tokens, "tokens": int(len(stream))},
-              "every_token_from_layer": 1, "perplexity": table,
+              "every_token_from_layer": 1,
               "amq_rows_through": "quicksilver" if args.through_quicksilver else "dense program on W^(r)",
-              "calibration": None if store is None else store.meta["settings"],
-              "command": "python scripts/bench_amq.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=2)
-    print(json.dumps(table, indent=1))
+              "perplexity": {}, "calibration": None, "commands": []}
+    if os.path.exists(args.json):  # rows measured before, by the same protocol, are kept
+        before = json.load(open(args.json))
+        if all(before.get(k) == report[k] for k in ("data", "group_size", "protocol", "amq_rows_through")):
+            report.update(perplexity=before["perplexity"], calibration=before.get("calibration"),
+                          commands=before.get("commands", []))
+    report["commands"].append("python scripts/bench_amq.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    if store is not None:
+        report["calibration"] = store.meta["settings"]
+
+    def record(rows: dict):
+        report["perplexity"].update(rows)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+
+    for row in args.rows.split(","):
+        if row == "dense":
+            record({"dense": perplexity(model, stream, windows)})
+        elif row == "naive":
+            record(amq_rows(model, stream, windows, None, "naive", args.through_quicksilver))
+        elif row == "alone":
+            for r in (4, 2):
+                record({f"alone {r}": perplexity(alone(model, r, g), stream, windows)})
+        elif row == "minmax":
+            record(amq_rows(model, stream, windows, MinMax(g), "nested min-max", args.through_quicksilver))
+        elif row == "calibrated" and store is not None:
+            record(amq_rows(model, stream, windows, store, "calibrated", args.through_quicksilver))
+        print(json.dumps(report["perplexity"]), file=sys.stderr, flush=True)
     return 0
 
 

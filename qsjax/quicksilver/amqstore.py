@@ -2,8 +2,8 @@
 
     python -m qsjax.weights calibrate-amq [--model M] [--group-size 64] [--steps 100]
 
-writes `<model dir>/amq-g<group>.npz` (gamma and beta [G, D_out] of every block's linear layers,
-and the calibration's settings) and `amq-g<group>.npz.sha256`, the file's SHA-256, checked on every
+writes `<model dir>/amq-g<group>.npz` (the learned grids of every block's linear layers: gamma,
+beta, step4, offset4, step2, offset2 [G, D_out] each, `calibration`; and the calibration's settings) and `amq-g<group>.npz.sha256`, the file's SHA-256, checked on every
 load: a damaged store is an error that names the command that rebuilds it. Both files are written
 under temporary names and renamed (the checksum first), so Ctrl-C leaves the old store or none.
 
@@ -53,7 +53,7 @@ def rebuild_hint(group: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ClipStore:
-    """Learned clipping per (layer, linear name): (gamma, beta) [G, D_out] each; what was run."""
+    """The learned grids per (layer, linear name): {name: [G, D_out]} (`nested`); what was run."""
 
     group: int
     clips: dict
@@ -62,11 +62,11 @@ class ClipStore:
     def quantizer(self, layer: int, name: str):
         if (layer, name) not in self.clips:
             raise StoreError(f"the AMQ store has no clipping for block {layer} {name}; {rebuild_hint(self.group)}")
-        gamma, beta = self.clips[layer, name]
-        quantize = nested_quantizer(gamma, beta, self.group)
+        clip = self.clips[layer, name]
+        quantize = nested_quantizer(clip, self.group)
 
         def checked(w):
-            if w.shape[-2] % self.group or gamma.shape != (w.shape[-2] // self.group, w.shape[-1]):
+            if w.shape[-2] % self.group or clip["gamma"].shape != (w.shape[-2] // self.group, w.shape[-1]):
                 raise StoreError(f"the AMQ store's block {layer} {name} does not fit the model's weight "
                                  f"{tuple(w.shape)}; {rebuild_hint(self.group)}")
             return quantize(w)
@@ -74,8 +74,8 @@ class ClipStore:
         return checked
 
     def to_bytes(self) -> bytes:
-        arrays = {f"{layer}/{name}/{part}": a for (layer, name), pair in sorted(self.clips.items())
-                  for part, a in zip(("gamma", "beta"), pair)}
+        arrays = {f"{layer}/{name}/{part}": a for (layer, name), clip in sorted(self.clips.items())
+                  for part, a in sorted(clip.items())}
         buf = io.BytesIO()
         np.savez(buf, meta=np.frombuffer(json.dumps(self.meta, sort_keys=True).encode(), np.uint8), **arrays)
         return buf.getvalue()
@@ -89,7 +89,7 @@ class ClipStore:
                 if key != "meta":
                     layer, name, part = key.split("/")
                     clips.setdefault((int(layer), name), {})[part] = f[key]
-        return cls(meta["group_size"], {k: (v["gamma"], v["beta"]) for k, v in clips.items()}, meta)
+        return cls(meta["group_size"], clips, meta)
 
 
 def save(store: ClipStore, model_dir) -> Path:
@@ -138,7 +138,7 @@ def build(model, tokens, settings: Settings, progress: bool = True) -> ClipStore
     for layer, blk in enumerate(module.blocks):
         for name in names[layer]:
             f = calibrate_weight(getattr(blk, name).w[...], grams[layer][name], settings)
-            clips[layer, name] = (f.gamma, f.beta)
+            clips[layer, name] = f.clip
             fits[f"{layer}/{name}"] = {"before": f.before, "after": f.after}
             bar.update(1)
     bar.close()

@@ -1,10 +1,11 @@
 """Calibrating the nested Matryoshka grids (MatQuant's objective, OmniQuant's learnable clipping).
 
-Every linear layer's weights W stay frozen; only its clipping (gamma, beta per group and output
-column, `nested`) is learned, so that the int8, int4 and int2 views together reproduce the
-layer's outputs on calibration activations X (the dense model's inputs to that layer):
+Every linear layer's weights W stay frozen; only its grids are learned (per group and output column,
+`nested`): the clipping gamma, beta of the int8 grid, and the 4- and 2-bit views' own step and
+offset factors m_r, o_r, so that the int8, int4 and int2 views together reproduce the layer's
+outputs on calibration activations X (the dense model's inputs to that layer):
 
-    min_{gamma, beta}  sum_r  lambda_r  ||X (W - W^(r))||^2 / ||X (W - W^(r)_minmax)||^2,    r in {8, 4, 2}
+    min  sum_r  lambda_r  ||X (W - W^(r))||^2 / ||X (W - W^(r)_minmax)||^2,    r in {8, 4, 2}
 
 each width's error relative to plain min-max quantization (so that no width's scale drowns the
 others), rounding through the straight-through estimator, Adam (optax). ||X E||^2 = tr(E^T H E)
@@ -36,7 +37,7 @@ class Settings:
     learning_rate: float = 0.05
     rank: int = 64  # eigenvectors of H kept (the rest as its diagonal)
     widths_weight: tuple = (1.0, 1.0, 1.0)  # lambda_r for r = 8, 4, 2
-    init_logit: float = 6.0  # gamma = beta = sigmoid(6) = 0.9975 at the start
+    init_logit: float = 8.0  # gamma = beta = sigmoid(8) = 0.9997 at the start (min-max, nearly)
 
 
 @jax.tree_util.register_dataclass
@@ -61,22 +62,35 @@ class Curvature:
         return jnp.sum((self.factor @ e) ** 2) + jnp.sum(self.diag[:, None] * e ** 2)
 
 
-def view_energies(w, curv: Curvature, logits, group: int, train: bool):
-    """Each width's output error energy under clipping logits (a, b) [G, D_out] each.  -> [3]"""
-    a, b = logits
-    v = nested.views(w, jax.nn.sigmoid(a), jax.nn.sigmoid(b), group, WIDTHS, train)
+def clip_of(raw: dict) -> dict:
+    """The learned raw parameters -> the clip `nested` reads: gamma, beta = sigmoid(a, b); m_r = exp(l_r)."""
+    clip = {"gamma": jax.nn.sigmoid(raw["a"]), "beta": jax.nn.sigmoid(raw["b"])}
+    for r in WIDTHS[1:]:
+        clip[f"step{r}"], clip[f"offset{r}"] = jnp.exp(raw[f"l{r}"]), raw[f"o{r}"]
+    return clip
+
+
+def initial(shape, init_logit: float) -> dict:
+    raw = {"a": jnp.full(shape, init_logit), "b": jnp.full(shape, init_logit)}
+    for r in WIDTHS[1:]:
+        raw[f"l{r}"], raw[f"o{r}"] = jnp.zeros(shape), jnp.zeros(shape)
+    return raw
+
+
+def view_energies(w, curv: Curvature, clip: dict | None, group: int, train: bool):
+    """Each width's output error energy under `clip` (None: min-max).  -> [3]"""
+    v = nested.views(w, clip, group, WIDTHS, train)
     return jnp.stack([curv.energy(w - v[r]) for r in WIDTHS])
 
 
 @functools.partial(jax.jit, static_argnames=("group", "steps", "lr"))
-def fit(w, curv: Curvature, init, lam, group: int, steps: int, lr: float):
-    """Adam on the clipping logits; -> (learned logits, energies before [3], after [3])."""
-    ones = jnp.ones_like(init[0])
-    base = view_energies(w, curv, (10 * ones, 10 * ones), group, False)  # min-max (sigmoid(10) ~ 1)
+def fit(w, curv: Curvature, init: dict, lam, group: int, steps: int, lr: float):
+    """Adam on the raw parameters; -> (learned raw parameters, energies before [3], after [3])."""
+    base = view_energies(w, curv, None, group, False)
     opt = optax.adam(lr)
 
     def loss(p):
-        return jnp.sum(lam * view_energies(w, curv, p, group, True) / jnp.maximum(base, 1e-30))
+        return jnp.sum(lam * view_energies(w, curv, clip_of(p), group, True) / jnp.maximum(base, 1e-30))
 
     def step(_, carry):
         p, state = carry
@@ -85,35 +99,34 @@ def fit(w, curv: Curvature, init, lam, group: int, steps: int, lr: float):
         return optax.apply_updates(p, updates), state
 
     p, _ = jax.lax.fori_loop(0, steps, step, (init, opt.init(init)))
-    return p, base, view_energies(w, curv, p, group, False)
+    return p, base, view_energies(w, curv, clip_of(p), group, False)
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerFit:
-    gamma: np.ndarray  # [G, D_out]
-    beta: np.ndarray
+    clip: dict  # name -> [G, D_out] numpy (gamma, beta, step4, offset4, step2, offset2)
     before: list  # output error energy per width, min-max
     after: list  # and calibrated
 
 
 def calibrate_weight(w, gram, s: Settings) -> LayerFit:
-    """Learn one weight's clipping (w [D_in, D_out], gram [D_in, D_in])."""
+    """Learn one weight's grids (w [D_in, D_out], gram [D_in, D_in])."""
     w = jnp.asarray(w, jnp.float32)
     lo, _ = nested.group_range(w, s.group_size)
-    init = (jnp.full(lo.shape, s.init_logit), jnp.full(lo.shape, s.init_logit))
     curv = Curvature.of(gram, min(s.rank, w.shape[0]))
-    (a, b), before, after = fit(w, curv, init, jnp.asarray(s.widths_weight), s.group_size, s.steps, s.learning_rate)
-    return LayerFit(np.asarray(jax.nn.sigmoid(a)), np.asarray(jax.nn.sigmoid(b)),
+    raw, before, after = fit(w, curv, initial(lo.shape, s.init_logit), jnp.asarray(s.widths_weight), s.group_size,
+                             s.steps, s.learning_rate)
+    return LayerFit({k: np.asarray(v) for k, v in clip_of(raw).items()},
                     np.asarray(before).tolist(), np.asarray(after).tolist())
 
 
-def nested_quantizer(gamma, beta, group: int):
-    """w -> its nested QuantizedWeight under the learned clipping (gamma, beta) [G, D_out]; None: min-max."""
+def nested_quantizer(clip: dict | None, group: int):
+    """w -> its nested QuantizedWeight under a learned clip ({name: [G, D_out]}); None: min-max."""
 
     def quantize(w) -> QuantizedWeight:
-        clip = (None, None) if gamma is None else (jnp.asarray(gamma), jnp.asarray(beta))
-        codes, s, z = nested.quantize_nested(w, group, *clip)
-        return QuantizedWeight(codes, s, z, group)
+        arrays = None if clip is None else {k: jnp.asarray(v) for k, v in clip.items()}
+        codes, steps, offsets = nested.quantize_nested(w, group, arrays)
+        return QuantizedWeight(codes, steps, offsets, group)
 
     return quantize
 

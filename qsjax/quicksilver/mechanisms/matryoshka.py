@@ -32,14 +32,14 @@ from flax import nnx
 
 from qsjax.quicksilver.mechanisms import nested
 
-WIDTHS = (8, 4, 2)
+WIDTHS = nested.WIDTHS  # (8, 4, 2)
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeight:
     codes: jax.Array  # [..., D_in, D_out] int8
-    scale: jax.Array  # [..., 1, D_out] float32, one per output channel (naive); [..., G, D_out] step (nested)
-    zero: jax.Array | None = None  # [..., G, D_out] float32 offset (nested); None (naive)
+    scale: jax.Array  # [..., 1, D_out] float32, one per output channel (naive); [..., 3, G, D_out] steps (nested)
+    zero: jax.Array | None = None  # [..., 3, G, D_out] float32 offsets, one per width (nested); None (naive)
     group: int = 0  # input rows per group (nested); 0: the naive per-channel store
 
     @property

@@ -13,8 +13,15 @@ dequantizes to the middle of the 2^k codes it stands for:
 
 so c^(2) = floor(c^(4) / 4): every narrower view is derived from the wider one's codes, and each
 view is an r-bit uniform grid over the same range (levels in the middle of its 2^r bins). With
-gamma = beta = 1 this is plain min-max quantization; `calibrate` learns gamma and beta per group
-and column so that the 8-, 4- and 2-bit views together reproduce a layer's outputs.
+gamma = beta = 1 this is plain min-max quantization. The 4- and 2-bit views may have their own
+step and offset, s_r = m_r s and z_r = z + o_r s (m_r = 1, o_r = 0: the grid above), so that their
+levels sit where the narrower bins' weights are:
+
+    W^(r) = s_r (2^k c^(r) + (2^k - 1) / 2) + z_r
+
+`calibration` learns gamma, beta, m_r and o_r per group and column (a `clip` dict of [G, D_out]
+arrays: gamma, beta, step4, offset4, step2, offset2) so that the 8-, 4- and 2-bit views together
+reproduce a layer's outputs. Stored: int8 codes, and each width's s_r, z_r [..., 3, G, D_out].
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 LEVELS = 255  # int8 steps from -128 to 127
+WIDTHS = (8, 4, 2)
 
 
 def grouped(a, group: int):
@@ -74,30 +82,43 @@ def decode(top, bits: int, s, z):
     return w.reshape(*lead, G * g, d_out)
 
 
-def views(w, gamma, beta, group: int, widths=(8, 4, 2), train: bool = False) -> dict:
-    """Every width's dequantized view of w under clipping (gamma, beta) [..., G, D_out]; `train`
-    rounds with the straight-through estimator so gradients reach gamma and beta."""
+def width_grid(s, z, clip: dict | None, bits: int):
+    """The r-bit view's own step and offset: s_r = m_r s, z_r = z + o_r s (8 bits, or no clip: s, z)."""
+    if bits == 8 or clip is None or f"step{bits}" not in clip:
+        return s, z
+    return s * clip[f"step{bits}"], z + s * clip[f"offset{bits}"]
+
+
+def base_grid(w, group: int, clip: dict | None):
     lo, hi = group_range(w, group)
-    s, z = grid(lo, hi, gamma, beta)
+    one = jnp.ones_like(lo)
+    return grid(lo, hi, one if clip is None else clip["gamma"], one if clip is None else clip["beta"])
+
+
+def views(w, clip: dict | None, group: int, widths=WIDTHS, train: bool = False) -> dict:
+    """Every width's dequantized view of w under `clip` (None: min-max); `train` rounds with the
+    straight-through estimator so that gradients reach the clip's arrays."""
+    s, z = base_grid(w, group, clip)
     rnd = (lambda x: ste(jnp.round, x)) if train else jnp.round
     flo = (lambda x: ste(jnp.floor, x)) if train else jnp.floor
     codes = encode(w, s, z, group, rnd)
-    return {r: decode(top_bits(codes, r, flo), r, s, z) for r in widths}
+    return {r: decode(top_bits(codes, r, flo), r, *width_grid(s, z, clip, r)) for r in widths}
 
 
-def quantize_nested(w, group: int, gamma=None, beta=None):
-    """int8 codes [..., D_in, D_out], step s and offset z [..., G, D_out] (min-max when gamma, beta are None)."""
-    lo, hi = group_range(w, group)
-    one = jnp.ones_like(lo)
-    s, z = grid(lo, hi, one if gamma is None else gamma, one if beta is None else beta)
-    codes = encode(jnp.asarray(w, jnp.float32), s, z, group).astype(jnp.int8)
-    return codes.reshape(jnp.shape(w)), s, z
+def quantize_nested(w, group: int, clip: dict | None = None):
+    """int8 codes [..., D_in, D_out]; each width's step and offset [..., 3, G, D_out] (WIDTHS order)."""
+    w = jnp.asarray(w, jnp.float32)
+    s, z = base_grid(w, group, clip)
+    codes = encode(w, s, z, group).astype(jnp.int8).reshape(w.shape)
+    per_width = [width_grid(s, z, clip, r) for r in WIDTHS]
+    return codes, jnp.stack([a for a, _ in per_width], -3), jnp.stack([b for _, b in per_width], -3)
 
 
-def dequantize_nested(codes, s, z, bits: int, group: int, dtype=jnp.float32):
-    """W^(r) from stored int8 codes.  -> [..., D_in, D_out]"""
+def dequantize_nested(codes, steps, offsets, bits: int, group: int, dtype=jnp.float32):
+    """W^(r) from stored int8 codes and each width's step and offset.  -> [..., D_in, D_out]"""
+    i = WIDTHS.index(bits)
     top = view_codes(grouped(codes, group), bits).astype(jnp.float32)
-    return decode(top, bits, s, z).astype(dtype)
+    return decode(top, bits, steps[..., i, :, :], offsets[..., i, :, :]).astype(dtype)
 
 
 def quantize_alone(w, bits: int, group: int):
