@@ -153,3 +153,13 @@ def test_calibrate_command_error_paths(store_dir, tmp_path):
         proc = run("qsjax.weights", "calibrate-amq", *(["--model", store_dir] if "--model" not in args else []), *args)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+
+
+def test_a_quantized_model_keeps_its_float_dtype(tiny_models):
+    """The generator's K/V and the scorer's accounting read `Model.dtype`: AMQ's int8 codes must not change it."""
+    from qsjax.quicksilver.decoding.steps import prepare
+    from qsjax.quicksilver.settings import QuickSilverConfig
+
+    for name in ("gpt2", "llama-gqa"):
+        model, _ = tiny_models[name]
+        assert prepare(model, QuickSilverConfig(amq_layer=1)).dtype == model.dtype == jnp.float32, name
