@@ -68,7 +68,9 @@ def replaced(model, f):
     from qsjax.dense.model import Model
     from qsjax.dense.modules import Linear
 
-    module = model.module()
+    from flax import nnx
+
+    module = nnx.clone(model.module())  # a copy: assigning to a merged module's weights changes the model's own
     for layer, blk in enumerate(module.blocks):
         for name, child in vars(blk).items():
             if isinstance(child, Linear):
