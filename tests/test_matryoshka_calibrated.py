@@ -163,3 +163,12 @@ def test_a_quantized_model_keeps_its_float_dtype(tiny_models):
     for name in ("gpt2", "llama-gqa"):
         model, _ = tiny_models[name]
         assert prepare(model, QuickSilverConfig(amq_layer=1)).dtype == model.dtype == jnp.float32, name
+
+
+def test_the_calibrated_store_has_sharding_rules():
+    """Its per-width steps and offsets [3, G, D_out] shard like the naive scales: along the output."""
+    from qsjax.runtime.sharding import logical_axes
+
+    for part in ("scale", "zero"):
+        assert logical_axes(("blocks", 1, "down_proj", part), 3) == (None, None, "embed")
+        assert logical_axes(("blocks", 1, "gate_up_proj", part), 3) == (None, None, "gate_up")
