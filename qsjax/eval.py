@@ -278,6 +278,9 @@ def load_inputs(args, writer: bool = True) -> Inputs:
     enable_compilation_cache()
     t0 = time.perf_counter()
     model = load_model_checked(args.model, model_dir, args.dtype)
+    from qsjax.quicksilver.amqstore import amq_model
+
+    model = amq_model(model, qs, model_dir, quiet=not writer)  # AMQ: int8 codes, calibrated when stored
     seconds_load = time.perf_counter() - t0
     t0 = time.perf_counter()
     stream = tokenize(tokenizer, text, args.max_eval_tokens)
@@ -287,11 +290,9 @@ def load_inputs(args, writer: bool = True) -> Inputs:
     check_vocabulary([stream.tolist()], model.cfg.vocab_size)
     windows = make_windows(args, len(stream))
     if mesh is not None:
-        from qsjax.quicksilver.decoding.steps import prepare
         from qsjax.runtime.sharding import shard_model
 
-        # quantize (AMQ) before sharding, so that the int8 weights are placed by the rules too
-        model = shard_model(prepare(model, qs) if qs.enabled else model, mesh)
+        model = shard_model(model, mesh)  # quantized (AMQ) above, so the int8 weights are placed by the rules too
     return Inputs(model_dir, data_path, model, stream, windows, qs, mesh, seconds_load, seconds_tokenize)
 
 
@@ -310,7 +311,9 @@ def evaluate_model(args, inputs: Inputs, progress: bool) -> dict:
     else:
         result = evaluate(Scorer(model), stream, windows, args.batch_size, progress=progress)
         report = make_report(args, inputs.model_dir, inputs.data_path, len(stream), result)
-    report.update(settings=recorded(args, qs), seconds_load=inputs.seconds_load,
+    from qsjax.quicksilver.amqstore import weights_report
+
+    report.update(settings=recorded(args, qs), weights=weights_report(model), seconds_load=inputs.seconds_load,
                   seconds_tokenize=inputs.seconds_tokenize)
     if inputs.mesh is not None:
         report["mesh"] = dict(inputs.mesh.shape)

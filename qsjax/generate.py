@@ -235,7 +235,9 @@ def load_generator(args, prompts: list[str]):
         need = estimate(cfg, args.dtype, longest, args.max_new_tokens, len(ids), sum(map(len, ids)))
         size = batch_size(need, args.batch_size, len(ids))
     enable_compilation_cache()
-    model = load_model_checked(args.model, model_dir, args.dtype)
+    from qsjax.quicksilver.amqstore import amq_model
+
+    model = amq_model(load_model_checked(args.model, model_dir, args.dtype), qs, model_dir)  # AMQ's store
     gen = Generator(model, tokenizer, qs, mesh, eviction, speculation)
     gen.check(ids, args.max_new_tokens)
     return gen, ids, model_dir, size
@@ -287,6 +289,9 @@ def main(argv=None) -> int:
         print(closing_line(result, gen.programs), file=sys.stderr)
     if args.json is not None and writer:
         report = make_report(args, model_dir, gen, prompts, sampling, result, size)
+        from qsjax.quicksilver.amqstore import weights_report
+
+        report["weights"] = weights_report(gen.model)  # bytes held, and which AMQ store ran
         write_output("--json", args.json, json.dumps(report, indent=2) + "\n")
     return stdout_status(out.error, f"; the report is in {args.json}" if args.json else "")
 

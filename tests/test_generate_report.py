@@ -54,7 +54,7 @@ def check_common(report: dict, prompts: list[str], tokenizer, m) -> None:
     """Keys, types and counts that every report has."""
     assert set(report) == {"settings", "prompts", "prompt_tokens", "new_tokens", "ttft_seconds", "decode_seconds",
                            "decode_tokens_per_second", "compile_seconds", "programs_compiled", "kv_cache_bytes",
-                           "quicksilver", "speculation"}
+                           "quicksilver", "speculation", "weights"}
     s = report["settings"]
     assert s["batch_size"] == len(prompts) and s["max_new_tokens"] == MAX_NEW
     assert set(s["sampling"]) == {"do_sample", "temperature", "top_k", "top_p", "seed"}
@@ -73,6 +73,8 @@ def check_common(report: dict, prompts: list[str], tokenizer, m) -> None:
     else:
         assert report["decode_tokens_per_second"] is None and m[6] == "n/a"
     assert set(report["kv_cache_bytes"]) == {"dense", "this_setting"}
+    w, qs = report["weights"], report["settings"]["quicksilver"]
+    assert w["bytes"] > 0 and w["amq_store"] == (None if not qs or qs["amq_layer"] is None else "naive")
 
 
 def test_report_dense_single_prompt(tiny_gpt2, tmp_path):

@@ -218,7 +218,7 @@ class Model:
 
     @property
     def dtype(self):
-        return jax.tree.leaves(self.state)[0].dtype
+        return self.state["tok_embed"][...].dtype  # never quantized (AMQ stores int8 codes in the blocks)
 
     def module(self, state=None) -> Transformer:
         return nnx.merge(self.graphdef, self.state if state is None else state)

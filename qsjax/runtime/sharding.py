@@ -69,7 +69,8 @@ def logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
     """Logical axis names of the parameter at `path` in the model state, e.g. ("blocks", 3, "qkv_proj", "w").
 
     A Linear holds w [D_in, D_out] and b [D_out], or, quantized (QuickSilver's AMQ), int8 codes
-    [D_in, D_out] and scales [1, D_out]: codes shard like w, scales and biases like its output.
+    [D_in, D_out] and scales [1, D_out] (naive) or per-width steps and offsets [3, G, D_out] (the
+    calibrated store): codes shard like w, scales, offsets and biases like its output.
     Leading stacked-layer axes are replicated. An unknown parameter raises: a new parameter needs
     a rule, not a silent default."""
     owner, name = (path[-2] if len(path) > 1 else None), path[-1]
@@ -77,7 +78,8 @@ def logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
         axes = EMBEDDING_AXES[name]
     elif owner in LINEAR_AXES:
         d_in, d_out = LINEAR_AXES[owner]
-        axes = {"w": (d_in, d_out), "codes": (d_in, d_out), "scale": (None, d_out), "b": (d_out,)}[name]
+        axes = {"w": (d_in, d_out), "codes": (d_in, d_out), "scale": (None, d_out), "zero": (None, d_out),
+                "b": (d_out,)}[name]
     elif owner in NORMS:
         axes = ("norm",)
     else:

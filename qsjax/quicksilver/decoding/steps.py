@@ -31,13 +31,14 @@ from qsjax.quicksilver.window.state import LayerStats, Tokens
 from qsjax.quicksilver.window.forward import quicksilver_window
 
 
-def prepare(model: Model, qs: QuickSilverConfig) -> Model:
-    """The model as QuickSilver runs it: layers >= amq_layer stored as int8 (float weights dropped)."""
+def prepare(model: Model, qs: QuickSilverConfig, store=None) -> Model:
+    """The model as QuickSilver runs it: layers >= amq_layer stored as int8 (float weights dropped),
+    naive per-channel, or nested group-wise with a calibrated `store` (`amqstore.ClipStore`)."""
     qs.validate_for(model.cfg.n_layers)
     if qs.amq_layer is None:
         return model
     module = model.module()
-    quantize_blocks(module, qs.amq_layer - 1, grouped=qs.compact)
+    quantize_blocks(module, qs.amq_layer - 1, grouped=qs.compact, store=store)
     return dataclasses.replace(Model.from_module(module), mesh=model.mesh)
 
 

@@ -15,6 +15,11 @@ Each token picks its width from its entropy H (bits) at layer l_q (QuickSilver's
 
 and uses W^(r) in every linear layer from l_q up. Only the int8 codes and the scales are kept in
 memory (4x smaller than float32); views are formed inside the compiled program.
+
+That is the naive store. The calibrated store (`nested`, built by `calibration`) keeps int8 codes
+too, with a step and an offset per group of input rows and output column, clipped so that the
+8-, 4- and 2-bit views together reproduce each layer's outputs; its r-bit view is the codes' top
+r bits. `QuantizedWeight.group` says which: 0 for the naive per-channel scales.
 """
 
 from __future__ import annotations
@@ -25,18 +30,24 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-WIDTHS = (8, 4, 2)
+from qsjax.quicksilver.mechanisms import nested
+
+WIDTHS = nested.WIDTHS  # (8, 4, 2)
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeight:
     codes: jax.Array  # [..., D_in, D_out] int8
-    scale: jax.Array  # [..., 1, D_out] float32, one per output channel
+    scale: jax.Array  # [..., 1, D_out] float32, one per output channel (naive); [..., 3, G, D_out] steps (nested)
+    zero: jax.Array | None = None  # [..., 3, G, D_out] float32 offsets, one per width (nested); None (naive)
+    group: int = 0  # input rows per group (nested); 0: the naive per-channel store
 
     @property
     def nbytes(self) -> int:
-        return self.codes.nbytes + self.scale.nbytes
+        return sum(a.nbytes for a in (self.codes, self.scale, self.zero) if a is not None)
+
+
+jax.tree_util.register_dataclass(QuantizedWeight, data_fields=["codes", "scale", "zero"], meta_fields=["group"])
 
 
 def quantize(w) -> QuantizedWeight:
@@ -58,7 +69,9 @@ def view_codes(codes, bits: int):
 
 
 def dequantize(q: QuantizedWeight, bits: int = 8, dtype=jnp.float32):
-    """W^(r) = s * q^(r).  -> [..., D_in, D_out]"""
+    """W^(r) = s * q^(r) (naive); the nested grid's view (`nested.dequantize_nested`).  -> [..., D_in, D_out]"""
+    if q.group:
+        return nested.dequantize_nested(q.codes, q.scale, q.zero, bits, q.group, dtype)
     return (view_codes(q.codes, bits).astype(jnp.float32) * q.scale).astype(dtype)
 
 
@@ -101,16 +114,19 @@ class MatryoshkaLinear(nnx.Module):
     """A linear layer stored as int8 codes + per-channel scales, applied with per-token widths:
     every view masked (the reference) or each width's tokens gathered (`grouped`, the fast path)."""
 
-    def __init__(self, w, b=None, grouped: bool = True):
-        q = quantize(w)
+    def __init__(self, w, b=None, grouped: bool = True, quantizer=quantize):
+        q = quantizer(w)
         self.codes = nnx.Param(q.codes)
         self.scale = nnx.Param(q.scale)
+        self.zero = None if q.zero is None else nnx.Param(q.zero)
+        self.group = q.group
         self.b = None if b is None else nnx.Param(jnp.asarray(b))
         self.grouped = grouped
 
     @property
     def weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.codes[...], self.scale[...])
+        return QuantizedWeight(self.codes[...], self.scale[...], None if self.zero is None else self.zero[...],
+                               self.group)
 
     def __call__(self, x, bits=None):
         """bits [...] per token (None: the full int8 view for every token)."""
@@ -131,19 +147,36 @@ def with_widths(bits):
     return linear
 
 
-def quantize_blocks(module, from_layer: int, grouped: bool = True) -> int:
+def quantize_blocks(module, from_layer: int, grouped: bool = True, store=None) -> int:
     """Replace, in place, every Linear of blocks[from_layer:] by a MatryoshkaLinear (the float
-    weights are dropped).  Returns the bytes of int8 storage (codes + scales) now held.
+    weights are dropped): naive, or with `store` (`calibration.ClipStore`) the nested grid with its
+    learned clipping.  Returns the bytes of int8 storage (codes + scales) now held.
     Scales are per output column, so a fused map (Llama's q/k/v, gate/up) quantizes exactly as its
     separate matrices would, one by one."""
     from qsjax.dense.modules import Linear
 
     stored = 0
-    for blk in module.blocks[from_layer:]:
+    for layer in range(from_layer, len(module.blocks)):
+        blk = module.blocks[layer]
         for name, child in list(vars(blk).items()):
             if isinstance(child, Linear):
                 b = None if child.b is None else child.b[...]
-                ml = MatryoshkaLinear(child.w[...], b, grouped)
+                quantizer = quantize if store is None else store.quantizer(layer, name)
+                ml = MatryoshkaLinear(child.w[...], b, grouped, quantizer)
                 setattr(blk, name, ml)
                 stored += ml.weight.nbytes
     return stored
+
+
+def weight_bytes(module) -> int:
+    """Bytes of every parameter the module holds (int8 codes and their scales where quantized)."""
+    return sum(a.nbytes for a in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def store_report(module) -> dict:
+    """Which Matryoshka store a module holds: {"store": "naive" | "calibrated" | None, "group_size"}."""
+    groups = {m.group for _, m in nnx.iter_modules(module) if isinstance(m, MatryoshkaLinear)}
+    if not groups:
+        return {"store": None, "group_size": None}
+    group = max(groups)
+    return {"store": "calibrated" if group else "naive", "group_size": group or None}
