@@ -5,7 +5,8 @@
 
 Prompts (scripts/speculative_prompts.py): grounded (copy, extract from, summarise, quote a C4 passage),
 open-ended (questions, story starts), and a long prompt of ~--long-tokens C4 tokens under
-`--quicksilver long` (qsjax's variants; transformers runs it dense). Greedy, the model's end tokens,
+`--quicksilver long` (qsjax's variants; transformers runs it dense). transformers' assistant_early_exit
+only with --hf-exit (minutes per prompt on a 2-core machine). Greedy, the model's end tokens,
 batch 1, float32, --threads PyTorch threads. Each variant and prompt is run once untimed (compilation,
 warm-up); then each repeat runs every prompt with every variant, the order rotated; medians.
 
@@ -56,21 +57,23 @@ def parse_pair(text: str):
 def parse_args(argv=None):
     p = ArgumentParser(prog="scripts/bench_speculative.py", description=__doc__.splitlines()[0])
     p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE (- for stdout)")
-    p.add_argument("--lookup", nargs="+", default=["4:2", "8:2", "10:2", "10:3"], metavar="K:N",
-                   help="qsjax prompt lookup settings (default 4:2 8:2 10:2 10:3)")
+    p.add_argument("--lookup", nargs="+", default=["4:2", "10:2", "10:3"], metavar="K:N",
+                   help="qsjax prompt lookup settings (default 4:2 10:2 10:3)")
     p.add_argument("--hf-lookup", type=int, default=10, metavar="K",
                    help="transformers' prompt_lookup_num_tokens (n-gram 2, its default), compared with qsjax's K:2 "
                    "(default 10)")
     p.add_argument("--exit-layer", type=int, default=20, help="early exit drafter: the first E layers (default 20)")
     p.add_argument("--exit-tokens", type=int, default=4, help="early exit drafter: drafts per step (default 4)")
-    p.add_argument("--prompts", type=int, default=4, help="grounded and open-ended prompts each (1..4, default 4)")
-    p.add_argument("--new-tokens", type=int, default=128, help="new tokens at most (end token ends; default 128)")
-    p.add_argument("--long-tokens", type=int, default=3000, help="C4 tokens of the long prompt (default 3000)")
-    p.add_argument("--long-new-tokens", type=int, default=64, help="new tokens after the long prompt (default 64)")
+    p.add_argument("--prompts", type=int, default=2, help="grounded and open-ended prompts each (1..4, default 2)")
+    p.add_argument("--new-tokens", type=int, default=64, help="new tokens at most (end token ends; default 64)")
+    p.add_argument("--long-tokens", type=int, default=2000, help="C4 tokens of the long prompt (default 2000)")
+    p.add_argument("--long-new-tokens", type=int, default=32, help="new tokens after the long prompt (default 32)")
     p.add_argument("--skip-long", action="store_true", help="leave out the long prompt")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats; medians are reported (default 3)")
+    p.add_argument("--repeats", type=int, default=2, help="timed repeats; medians are reported (default 2)")
     p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads (default 2)")
     p.add_argument("--skip-hf", action="store_true", help="leave out transformers")
+    p.add_argument("--hf-exit", action="store_true",
+                   help="also transformers' assistant_early_exit (slow: minutes per prompt on a 2-core machine)")
     p.add_argument("--quick", action="store_true",
                    help="a CI-sized check: one prompt per group, 24 new tokens, a 600-token long prompt, "
                    "lookup 10:2, one repeat")
@@ -104,10 +107,11 @@ def variants(args, n_layers: int) -> list[Variant]:
     if not args.skip_hf:
         out += [Variant("hf_plain", "transformers", long=True),
                 Variant(f"hf_lookup_k{args.hf_lookup}", "transformers",
-                        hf_options=(("prompt_lookup_num_tokens", args.hf_lookup),), long=True),
-                Variant(f"hf_exit_e{args.exit_layer}_k{args.exit_tokens}", "transformers",
-                        hf_options=(("assistant_early_exit", args.exit_layer),
-                                    ("num_assistant_tokens", args.exit_tokens)))]
+                        hf_options=(("prompt_lookup_num_tokens", args.hf_lookup),), long=True)]
+        if args.hf_exit:
+            out.append(Variant(f"hf_exit_e{args.exit_layer}_k{args.exit_tokens}", "transformers",
+                               hf_options=(("assistant_early_exit", args.exit_layer),
+                                           ("num_assistant_tokens", args.exit_tokens))))
     return out
 
 
@@ -346,6 +350,9 @@ def main(argv=None) -> int:
                                     "speculation": None if v.speculation is None else v.speculation.to_json(),
                                     "transformers_options": dict(v.hf_options) or None} for v in vs},
               "quicksilver_long": dataclasses.asdict(quicksilver), "groups": grouped,
+              "transformers_assistant_early_exit": "run" if args.hf_exit else
+              "not run (--hf-exit): transformers supports it for Llama (EarlyExitCandidateGenerator runs the "
+              "model with num_hidden_layers set to E), at 0.1-0.2 tokens/s on a shared 2-core machine",
               "targets": targets(grouped, args.hf_lookup),
               "verify_cost": verify_cost(model, groups[0].prompts[0].ids, ks, 5 if args.quick else 20)}
     report["load_average_at_end"] = machine()["load_average"]

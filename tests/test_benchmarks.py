@@ -270,7 +270,10 @@ def test_speculative_benchmark_variants_and_prompts():
     lookups = [n for n in vs if n.startswith("qsjax_lookup")]
     assert lookups == ["qsjax_lookup_k4_n2", "qsjax_lookup_k10_n2", "qsjax_lookup_k8_n3", "qsjax_lookup_k8_n2"]
     assert [n for n, v in vs.items() if v.long] == ["qsjax_plain", "qsjax_lookup_k8_n2", "hf_plain", "hf_lookup_k8"]
-    assert vs["hf_exit_e20_k4"].reference == "hf_plain" and vs["qsjax_exit_e20_k4"].reference == "qsjax_plain"
+    assert vs["hf_lookup_k8"].reference == "hf_plain" and vs["qsjax_exit_e20_k4"].reference == "qsjax_plain"
+    with_exit = bs.parse_args(["--hf-exit"])
+    bs.check_args(with_exit)
+    assert "hf_exit_e20_k4" in [v.name for v in bs.variants(with_exit, 30)]
     with pytest.raises(bs.UsageError, match="--exit-layer must be below"):
         bs.variants(bs.parse_args(["--exit-layer", "30"]), 30)
     sp = script_module("speculative_prompts")
