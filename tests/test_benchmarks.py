@@ -14,10 +14,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 
 
-def run_script(name, *args):
+def run_script(name, *args, timeout=120):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=120, check=False)
+                          env=env, cwd=ROOT, timeout=timeout, check=False)
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -54,6 +54,13 @@ def run_script(name, *args):
     ("passkey_margin.py", ["--lengths", "0"], "lengths must be positive"),
     ("passkey_margin.py", ["--trials", "0"], "--trials must be at least 1"),
     ("passkey_margin.py", ["--json", "/nonexistent-dir/out.json"], "does not exist"),
+    ("bench_speculative.py", ["--repeats", "0"], "--repeats must be at least 1"),
+    ("bench_speculative.py", ["--new-tokens", "1"], "--new-tokens must be at least 2"),
+    ("bench_speculative.py", ["--prompts", "5"], "--prompts must be at most 4"),
+    ("bench_speculative.py", ["--lookup", "4"], "--lookup 4: give K:N"),
+    ("bench_speculative.py", ["--lookup", "0:2"], "--lookup 0:2: give K:N"),
+    ("bench_speculative.py", ["--hf-lookup", "0"], "--hf-lookup must be at least 1"),
+    ("bench_speculative.py", ["--json", "/nonexistent-dir/out.json"], "does not exist"),
     ("sweep.py", ["--stride", "0"], "--stride must be in 1..--max-length"),
     ("sweep.py", ["--max-length", "x"], "invalid int value"),
     ("sweep.py", ["--max-eval-tokens", "1"], "--max-eval-tokens must be at least 2"),
@@ -251,3 +258,56 @@ def test_bench_long_refuses_a_short_passkey_length_before_any_section(default_mo
     lines = stderr.strip().splitlines()
     assert lines[-1].startswith("error: --passkey-lengths 10 is too short"), stderr
     assert not any("warmed up" in line or "compiled" in line for line in lines), stderr
+
+
+def test_speculative_benchmark_variants_and_prompts():
+    """bench_speculative: each lookup setting once (transformers' K with n-gram 2 always among them,
+    and run on the long prompt), the early exit within the model; grounded prompts hold their passage."""
+    bs = script_module("bench_speculative")
+    args = bs.parse_args(["--lookup", "4:2", "10:2", "8:3", "--hf-lookup", "8"])
+    bs.check_args(args)
+    vs = {v.name: v for v in bs.variants(args, 30)}
+    lookups = [n for n in vs if n.startswith("qsjax_lookup")]
+    assert lookups == ["qsjax_lookup_k4_n2", "qsjax_lookup_k10_n2", "qsjax_lookup_k8_n3", "qsjax_lookup_k8_n2"]
+    assert [n for n, v in vs.items() if v.long] == ["qsjax_plain", "qsjax_lookup_k8_n2", "hf_plain", "hf_lookup_k8"]
+    assert vs["hf_lookup_k8"].reference == "hf_plain" and vs["qsjax_exit_e20_k4"].reference == "qsjax_plain"
+    with_exit = bs.parse_args(["--hf-exit"])
+    bs.check_args(with_exit)
+    assert "hf_exit_e20_k4" in [v.name for v in bs.variants(with_exit, 30)]
+    with pytest.raises(bs.UsageError, match="--exit-layer must be below"):
+        bs.variants(bs.parse_args(["--exit-layer", "30"]), 30)
+    sp = script_module("speculative_prompts")
+    docs = ["short", "x" * 800, "y" * 2000, "z" * 1000]
+    assert sp.passages(docs, 4) == [1, 3]
+
+
+def test_speculative_benchmark_figures_from_calls():
+    """A group's decode rate is its tokens over its summed median decode seconds; transformers' decode
+    time is generate's less the one-token call's; identical means every prompt's tokens match."""
+    bs = script_module("bench_speculative")
+    calls = [bs.Call(0.5, 2.0, [1, 2, 3, 4, 5]), bs.Call(0.7, 4.0, [1, 2, 3, 4, 5]), bs.Call(0.6, 3.0, [1, 2, 3, 4, 5])]
+    cell = bs.prompt_cell(calls, None, [1, 2, 3, 4, 5])
+    assert cell["decode_seconds"] == 3.0 and cell["decode_tokens_per_second"] == 4 / 3.0 and cell["first_token_seconds"] == 0.6
+    hf = bs.prompt_cell([bs.Call(0.0, 3.5, [1, 2, 9], passes=2)], [bs.Call(0.5, 0.0, [])], [1, 2, 3])
+    assert hf["decode_seconds"] == 3.0 and not hf["identical_to_reference"]
+    group = bs.group_cell([cell, hf])
+    assert group["decode_tokens_per_second"] == 6 / 6.0 and not group["identical"]
+
+
+@pytest.mark.slow
+def test_speculative_benchmark_runs_quick(default_model_dir, tmp_path):
+    """bench_speculative --quick end to end (qsjax only): every group and variant measured, the
+    drafters' greedy output identical to plain decoding, the verify cost recorded."""
+    import json
+
+    out = tmp_path / "spec.json"
+    status, stdout, stderr = run_script("bench_speculative.py", "--quick", "--skip-hf", "--json", out, timeout=900)
+    assert status == 0, stderr
+    report = json.loads(out.read_text())
+    assert set(report["groups"]) == {"grounded", "open", "long"}
+    for name, group in report["groups"].items():
+        for variant, figures in group["variants"].items():
+            assert figures["identical"], (name, variant)
+            assert figures["decode_tokens_per_second"] > 0
+    assert report["groups"]["grounded"]["variants"]["qsjax_lookup_k10_n2"]["acceptance_rate"] > 0
+    assert "qsjax_plain" in stdout and report["verify_cost"]["cost_over_plain_step"]["11"] > 0
