@@ -94,6 +94,17 @@ def point(skip: Sublayers, agree, cfg) -> Point:
                  tuple(accepted_runs(agree, K) for K in range(1, MAX_K + 1)))
 
 
+def search_text(tokenizer, n_tokens: int, rows: int) -> np.ndarray:
+    """The last n_tokens // rows * rows tokens of the shipped C4 validation sample (its last
+    documents, tokenized whole) as rows [rows, n_tokens // rows] int32."""
+    from qsjax.evaluation.data import read_text, resolve_data
+
+    T = n_tokens // rows
+    text = read_text(resolve_data("c4"))
+    ids = np.asarray(tokenizer.encode(text[-max(20000, 16 * n_tokens):], add_special_tokens=False), np.int32)
+    return ids[len(ids) - rows * T:].reshape(rows, T)
+
+
 def doubled(rule):
     """A layer's attention rule over doubled slots (`drafter_pass`): a sliding window of W slots
     becomes 2W - 1, so that query 2t sees key 2s + 1 iff s > t - W, and its own key 2t."""

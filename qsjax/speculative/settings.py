@@ -50,6 +50,54 @@ class Speculation:
         return out
 
 
+PARTS = {"attn": "attention", "mlp": "mlp"}
+
+
+def parse_sublayers(text: str) -> Sublayers:
+    """"attn:3,5-7;mlp:4" (layers 1-based; either part may be left out) -> Sublayers; ValueError
+    saying what is wrong otherwise."""
+    found = {}
+    for part in text.split(";"):
+        name, colon, layers = part.strip().partition(":")
+        if name.strip() not in PARTS or not colon:
+            raise ValueError(f"expected parts like attn:3,5-7 and mlp:4 separated by ';', got {part.strip()!r}")
+        if name.strip() in found:
+            raise ValueError(f"{name.strip()} given twice")
+        found[name.strip()] = frozenset(layer_list(layers, name.strip()))
+    if not any(found.values()):
+        raise ValueError("no sublayer to skip")
+    return Sublayers(found.get("attn", frozenset()), found.get("mlp", frozenset()))
+
+
+def layer_list(text: str, name: str) -> list[int]:
+    """"3,5-7" -> [3, 5, 6, 7]"""
+    layers = []
+    for item in text.split(","):
+        first, dash, last = item.strip().partition("-")
+        if not (first.isdigit() and (last.isdigit() if dash else True)):
+            raise ValueError(f"{name}: expected layer numbers or ranges like 5-7, got {item.strip()!r}")
+        first, last = int(first), int(last) if dash else int(first)
+        if first < 1 or last < first:
+            raise ValueError(f"{name}: layers count from 1 and a range goes up, got {item.strip()!r}")
+        layers += range(first, last + 1)
+    return layers
+
+
+def format_sublayers(skip: Sublayers) -> str:
+    """Sublayers -> the text parse_sublayers reads ("" for none), ranges joined."""
+    def ranges(layers):
+        out, run = [], []
+        for l in sorted(layers):
+            if run and l != run[-1] + 1:
+                out.append(run)
+                run = []
+            run.append(l)
+        out += [run] if run else []
+        return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in out)
+
+    return ";".join(f"{name}:{ranges(getattr(skip, field))}" for name, field in PARTS.items() if getattr(skip, field))
+
+
 def add_speculation_args(parser) -> None:
     """The options of `python -m qsjax.generate` (named as transformers' `generate` names them)."""
     g = parser.add_argument_group("speculative decoding (lossless: greedy output identical to plain decoding)")
