@@ -1,5 +1,7 @@
-"""Which sublayers a self-drafting model skips: a greedy search on shipped text (Draft & Verify's
-question, answered training-free with a cheap proxy), stored beside the model (`store.py`).
+"""Which sublayers a self-drafting model skips: a greedy search on shipped text, stored beside the model.
+
+Draft & Verify's question (Zhang et al. 2024), answered training-free with a cheap proxy; the chosen
+set is stored beside the model (`store.py`) for `python -m qsjax.generate --self-speculation`.
 
     python -m qsjax.speculative.search [--model M] [--tokens N] [--max-skipped 0.5] [--skipped 0.3]
 
@@ -202,3 +204,81 @@ def search(model, tokens, max_skipped: float, candidates: int = 0, progress: boo
             curve.append(point(sublayer_set(mask), agree, cfg))
             bar.update(min(100 * max_skipped, 100 * curve[-1].skipped) - bar.n)
     return curve
+
+
+# ---------------------------------------------------------------------------------------------
+# The command: search, then store the chosen set beside the model (`store.py`)
+
+DEFAULT_SKIPPED = 0.2  # the stored set: the curve's first point skipping this share (chosen by measurement)
+
+
+def parse_args(argv=None):
+    from qsjax.runtime.cli import ArgumentParser
+
+    p = ArgumentParser(prog="python -m qsjax.speculative.search", description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="a Hugging Face model directory or a known model name (default: smollm2-135m-instruct)")
+    p.add_argument("--tokens", type=int, default=128, metavar="N", help="tokens of text scored (default 128)")
+    p.add_argument("--rows", type=int, default=2, metavar="R", help="rows the text is cut into, run as one batch (default 2)")
+    p.add_argument("--max-skipped", type=float, default=0.5, metavar="X",
+                   help="search until this share of the layers' weights is skipped (default 0.5)")
+    p.add_argument("--skipped", type=float, default=DEFAULT_SKIPPED, metavar="X",
+                   help=f"store the set that skips this share (the curve's first point at or above it; default {DEFAULT_SKIPPED})")
+    p.add_argument("--candidates", type=int, default=6, metavar="M",
+                   help="sublayers tried per step after the first, the best when last tried; 0: all (default 6)")
+    p.add_argument("--output", metavar="FILE", help="where to write (default: self-draft.json in the model directory)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    from qsjax.runtime.cli import UsageError, check_output_file
+
+    if args.rows < 1:
+        raise UsageError(f"--rows must be >= 1, got {args.rows}")
+    if args.tokens < 2 * args.rows:
+        raise UsageError(f"--tokens must be at least 2 per row ({2 * args.rows}), got {args.tokens}")
+    if args.candidates < 0:
+        raise UsageError(f"--candidates must be >= 0, got {args.candidates}")
+    if not 0 < args.max_skipped <= 1:
+        raise UsageError(f"--max-skipped must be in (0, 1], got {args.max_skipped}")
+    if not 0 < args.skipped <= args.max_skipped:
+        raise UsageError(f"--skipped must be in (0, --max-skipped = {args.max_skipped}], got {args.skipped}")
+    if args.output is not None:
+        check_output_file("--output", args.output)
+
+
+def main(argv=None) -> int:
+    import json
+    import sys
+
+    from qsjax.checkpoints.load import load_model_checked, load_tokenizer_checked
+    from qsjax.runtime.cli import check_not_inputs, check_output_file, exit_on_interrupt, model_inputs, write_output
+    from qsjax.speculative.settings import format_sublayers
+    from qsjax.speculative.store import store_json, store_path
+    from qsjax.weights import resolve_model
+
+    args = parse_args(argv)
+    check_args(args)
+    model_dir = resolve_model(args.model)
+    output = args.output or str(store_path(model_dir))
+    check_output_file("--output", output)
+    check_not_inputs([("--output", output)], [i for i in model_inputs(model_dir) if i[1] != str(store_path(model_dir))])
+    tokenizer = load_tokenizer_checked(args.model, model_dir)
+    model = load_model_checked(args.model, model_dir, "float32")
+    tokens = search_text(tokenizer, args.tokens, args.rows)
+    with exit_on_interrupt():  # nothing is written before the search ends
+        curve = search(model, tokens, args.max_skipped, args.candidates, progress=not args.quiet)
+    chosen = next((p for p in curve if p.skipped >= args.skipped), curve[-1])
+    searched_on = {"text": "the last tokens of the shipped C4 validation sample (not scored by the evaluations)",
+                   "tokens": int(tokens.size), "rows": args.rows, "max_skipped": args.max_skipped,
+                   "candidates": args.candidates, "dtype": "float32"}
+    write_output("--output", output, json.dumps(store_json(curve, chosen, model.cfg.n_layers, searched_on), indent=2) + "\n")
+    print(f"stored {format_sublayers(chosen.skip)} ({100 * chosen.skipped:.0f}% of the layers' weights skipped, "
+          f"one-draft agreement {chosen.agreement:.2f}) in {output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    from qsjax.runtime.cli import run_cli
+
+    run_cli(main)

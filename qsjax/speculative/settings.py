@@ -8,6 +8,8 @@ import dataclasses
 from qsjax.dense.model import Sublayers
 
 METHODS = ("lookup", "layers", "exit")
+EXIT_TOKENS = 4  # drafts per verify pass with an early exit
+SELF_DRAFT_TOKENS = 2  # with skipped sublayers (chosen by measurement: docs/results/speculative/)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,12 +111,20 @@ def add_speculation_args(parser) -> None:
     g.add_argument("--assistant-early-exit", type=int, metavar="E",
                    help="draft with the model's first E layers (an early exit; for comparison: an untrained "
                    "model's early exit is rarely accepted)")
+    g.add_argument("--self-speculation", action="store_true",
+                   help="draft with the model's own layers, some sublayers skipped: the set stored beside the model "
+                   "(python -m qsjax.speculative.search makes it)")
+    g.add_argument("--skip-sublayers", metavar="SET",
+                   help="draft with the model without these sublayers (layers from 1), e.g. 'attn:3,5-7;mlp:4'")
     g.add_argument("--num-assistant-tokens", type=int, metavar="K",
-                   help="drafts per step with --assistant-early-exit (default 4)")
+                   help=f"drafts per step with --assistant-early-exit, --self-speculation or --skip-sublayers "
+                   f"(default {EXIT_TOKENS}, {SELF_DRAFT_TOKENS} when self-drafting)")
 
 
-def speculation_from_args(args) -> Speculation | None:
-    """The Speculation the options ask for (None: plain decoding); UsageError for a bad combination."""
+def speculation_from_args(args, model_dir=None, n_layers: int | None = None) -> Speculation | None:
+    """The Speculation the options ask for (None: plain decoding); UsageError for a bad combination.
+    model_dir, n_layers: the model whose stored set --self-speculation reads (`store.py`); None: the
+    options are only checked, and the set is left empty."""
     from qsjax.runtime.cli import UsageError
 
     lookup, exit_layer = args.prompt_lookup_num_tokens, args.assistant_early_exit
@@ -122,14 +132,30 @@ def speculation_from_args(args) -> Speculation | None:
                         ("--assistant-early-exit", exit_layer), ("--num-assistant-tokens", args.num_assistant_tokens)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
-    if lookup is not None and exit_layer is not None:
-        raise UsageError("give one drafter: --prompt-lookup-num-tokens or --assistant-early-exit")
+    given = [flag for flag, on in (("--prompt-lookup-num-tokens", lookup is not None),
+                                   ("--assistant-early-exit", exit_layer is not None),
+                                   ("--self-speculation", args.self_speculation),
+                                   ("--skip-sublayers", args.skip_sublayers is not None)) if on]
+    if len(given) > 1:
+        raise UsageError(f"give one drafter: {' or '.join(given)}")
     if lookup is None and args.max_matching_ngram_size is not None:
         raise UsageError("--max-matching-ngram-size goes with --prompt-lookup-num-tokens")
-    if exit_layer is None and args.num_assistant_tokens is not None:
-        raise UsageError("--num-assistant-tokens goes with --assistant-early-exit")
+    if given in ([], ["--prompt-lookup-num-tokens"]) and args.num_assistant_tokens is not None:
+        raise UsageError("--num-assistant-tokens goes with --assistant-early-exit, --self-speculation or --skip-sublayers")
     if lookup is not None:
         return Speculation("lookup", lookup, args.max_matching_ngram_size or 2)
     if exit_layer is not None:
-        return Speculation("exit", args.num_assistant_tokens or 4, exit_layer=exit_layer)
+        return Speculation("exit", args.num_assistant_tokens or EXIT_TOKENS, exit_layer=exit_layer)
+    K = args.num_assistant_tokens or SELF_DRAFT_TOKENS
+    if args.skip_sublayers is not None:
+        try:
+            return Speculation("layers", K, skip=parse_sublayers(args.skip_sublayers))
+        except ValueError as e:
+            raise UsageError(f"--skip-sublayers {args.skip_sublayers!r}: {e}") from None
+    if args.self_speculation:
+        if model_dir is None:
+            return Speculation("layers", K)
+        from qsjax.speculative.store import load_skip
+
+        return Speculation("layers", K, skip=load_skip(model_dir, n_layers, args.model))
     return None
