@@ -9,15 +9,18 @@ and decode speed against plain decoding, in one run.
    open-ended chat prompts: the one-draft agreement at each generated position (exactly the greedy
    acceptance of one draft there) and accepted_K for K = 1..6 (the runs of agreement).
 3. What a pass costs at batch 1 after the prompt, in plain steps: a verify pass of K + 1 tokens
-   (c_K) and a draft step of each set (d), medians of --repeats x 10 calls, so that the expected
-   speed-up of (set, K) is (accepted_K + 1) / (K d + c_K).
-4. Decode speed of the Generator, plain against self-drafting with the set and K the estimate
-   favours (the loop's pace on, and off: break_even 0), interleaved, medians of decode tokens/s.
+   (c_K) and a draft step of each set (d), interleaved, so that the expected speed-up of (set, K),
+   every step verifying, is (accepted_K + 1) / (K d + c_K).
+4. Decode speed of the Generator, plain against self-drafting with the two (set, K) the estimate
+   favours (the loop's own pace deciding when to verify), interleaved, medians of decode tokens/s;
+   each output checked against plain greedy's.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -33,6 +36,8 @@ SHARES = (0.1, 0.2, 0.3, 0.4, 0.5)
 def parse_args(argv=None):
     p = ArgumentParser(prog="scripts/self_draft_acceptance.py", description=__doc__.splitlines()[0])
     p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE (- for stdout)")
+    p.add_argument("--store", metavar="FILE", help="take the curve from this self-draft.json (python -m "
+                   "qsjax.speculative.search --output FILE) instead of searching")
     p.add_argument("--search-tokens", type=int, default=128, help="tokens the search scores (default 128)")
     p.add_argument("--candidates", type=int, default=6, help="the search's candidates per step (default 6)")
     p.add_argument("--max-new-tokens", type=int, default=96, help="new tokens per prompt (default 96)")
@@ -69,7 +74,8 @@ def own_text_scores(model, prompts, answers, sets: dict) -> dict:
 
 def pass_costs(model, prompt, sets: dict, repeats: int) -> dict:
     """Seconds of a full pass of T = 1..7 tokens, and of each set's one-token draft step, at batch 1
-    through the cache a prompt left (medians)."""
+    through the cache a prompt left: every pass once per round, the order rotated, medians over
+    repeats x 10 rounds (a shared machine's load drifts alike over all of them)."""
     import jax
     import jax.numpy as jnp
 
@@ -78,20 +84,33 @@ def pass_costs(model, prompt, sets: dict, repeats: int) -> dict:
     _, cache = model.prefill(jnp.asarray([prompt], jnp.int32), jnp.zeros(1, jnp.int32), len(prompt) + 16)
     lead = jnp.zeros(1, jnp.int32)
 
-    def seconds(T, skip):
+    def compiled(T, skip):
         f = jax.jit(lambda state, cache, t: run_step(model.module(state), cache, t, lead, skip=skip)[0])
         tokens = jnp.ones((1, T), jnp.int32)
         jax.block_until_ready(f(model.state, cache, tokens))
-        times = []
-        for _ in range(repeats * 10):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(model.state, cache, tokens))
-            times.append(time.perf_counter() - t0)
-        return median(times)
+        return lambda: jax.block_until_ready(f(model.state, cache, tokens))
 
-    out = {"full": {T: seconds(T, Sublayers()) for T in range(1, 8)}}
-    out["draft"] = {name: seconds(1, skip) for name, skip in sets.items()}
-    return out
+    passes = {("full", T): compiled(T, Sublayers()) for T in range(1, 8)}
+    passes.update({("draft", name): compiled(1, skip) for name, skip in sets.items()})
+    times = {key: [] for key in passes}
+    for r in range(repeats * 10):
+        for key in rotated(passes, r):
+            t0 = time.perf_counter()
+            passes[key]()
+            times[key].append(time.perf_counter() - t0)
+    return {"full": {T: median(times[("full", T)]) for T in range(1, 8)},
+            "draft": {name: median(times[("draft", name)]) for name in sets}}
+
+
+def weights_read(skip, cfg) -> float:
+    """The share of a plain step's parameters a draft step reads: the layers' that run, the final
+    norm and the LM head (`share_run` counts the layers' alone)."""
+    from qsjax.speculative.drafting import share_run
+
+    layers = cfg.n_layers * (cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+                             + cfg.d_model * cfg.d_ff * (2 if cfg.arch == "gpt2" else 3))
+    head = cfg.vocab_size * cfg.d_model
+    return (share_run(skip, cfg) * layers + head) / (layers + head)
 
 
 def main(argv=None) -> int:
@@ -101,8 +120,8 @@ def main(argv=None) -> int:
     from qsjax.checkpoints.tokenizer import load_tokenizer
     from qsjax.dense.model import Sublayers
     from qsjax.runtime.generator import Generator
-    from qsjax.speculative.search import search, search_text, skipped_share
-    from qsjax.speculative.settings import Speculation, format_sublayers
+    from qsjax.speculative.search import Point, search, search_text, skipped_share
+    from qsjax.speculative.settings import Speculation, format_sublayers, parse_sublayers
     from qsjax.weights import resolve_model
 
     model_dir = resolve_model(None)
@@ -114,11 +133,18 @@ def main(argv=None) -> int:
     log(f"answers: {[len(a) for a in answers]} tokens")
 
     t0 = time.perf_counter()
-    curve = search(model, search_text(tok, args.search_tokens, 2), max(SHARES) + 0.01, args.candidates)
+    if args.store:
+        stored = json.loads(Path(args.store).read_text(encoding="utf-8"))
+        curve = [Point(parse_sublayers(p["skip"]) if p["skip"] else Sublayers(), p["skipped"], p["agreement"],
+                       tuple(p["accepted"])) for p in stored["curve"]]
+        searched_on = {"store": args.store, **stored["searched_on"]}
+    else:
+        curve = search(model, search_text(tok, args.search_tokens, 2), max(SHARES) + 0.01, args.candidates)
+        searched_on = {"tokens": args.search_tokens, "candidates": args.candidates}
     search_seconds = time.perf_counter() - t0
     sets = {}
     for share in SHARES:
-        p = next((p for p in curve if p.skipped >= share - 0.005), curve[-1])
+        p = next((p for p in curve if p.skipped >= share - 0.01), curve[-1])
         sets[f"skip {round(100 * share)}%"] = p.skip
     for e in args.exits:
         above = frozenset(range(e + 1, L + 1))
@@ -132,14 +158,12 @@ def main(argv=None) -> int:
     for name, skip in sets.items():
         d = costs["draft"][name] / step
         estimates[name] = [(scores[name]["accepted"][K - 1] + 1) / (K * d + costs["full"][K + 1] / step) for K in range(1, 7)]
-    best, best_K = max(((n, K) for n in sets if n.startswith("skip") for K in range(1, 7)),
-                       key=lambda nk: estimates[nk[0]][nk[1] - 1])
-    log(f"best estimate: {best}, K = {best_K}: {estimates[best][best_K - 1]:.2f}x")
-
-    variants = {"plain": plain,
-                "self-draft": Generator(model, tok, speculation=Speculation("layers", best_K, skip=sets[best])),
-                "self-draft, always verify": Generator(model, tok, speculation=Speculation("layers", best_K, skip=sets[best],
-                                                                                         break_even=0.0))}
+    ranked = sorted(((n, K) for n in sets if n.startswith("skip") for K in range(1, 7)),
+                    key=lambda nk: -estimates[nk[0]][nk[1] - 1])[:2]
+    log("best estimates: " + ", ".join(f"{n}, K = {K}: {estimates[n][K - 1]:.2f}x" for n, K in ranked))
+    variants = {"plain": plain}
+    for n, K in ranked:
+        variants[f"{n}, K = {K}"] = Generator(model, tok, speculation=Speculation("layers", K, skip=sets[n]))
     speed = {name: [] for name in variants}
     tally = {}
     for name, gen in variants.items():  # compile and warm up
@@ -155,24 +179,26 @@ def main(argv=None) -> int:
     medians = {name: median(v) for name, v in speed.items()}
     report = {
         "machine": machine(), "model": model_dir.name, "prompts": list(PROMPTS), "max_new_tokens": args.max_new_tokens,
-        "search": {"tokens": args.search_tokens, "candidates": args.candidates, "seconds": search_seconds,
+        "search": {**searched_on, "seconds": search_seconds,
                    "curve": [{"skipped": p.skipped, "agreement": p.agreement, "accepted": list(p.accepted),
                               "skip": format_sublayers(p.skip)} for p in curve]},
         "sets": {name: {"skip": format_sublayers(skip), "skipped": skipped_share(skip, model.cfg), **scores[name],
-                        "draft_step_cost": costs["draft"][name] / step, "estimated_speedup": estimates[name]}
+                        "draft_step_cost": costs["draft"][name] / step, "weights_read": weights_read(skip, model.cfg),
+                        "estimated_speedup": estimates[name]}
                  for name, skip in sets.items()},
         "verify_cost": {K: costs["full"][K + 1] / step for K in range(1, 7)}, "plain_step_seconds": step,
-        "timed": {"set": best, "num_tokens": best_K, "decode_tokens_per_second": medians,
+        "timed": {"decode_tokens_per_second": medians,
                   "speedup": {n: ratio(medians[n], medians["plain"]) for n in variants},
                   "speculation": {f"{n} / prompt {i}": t for (n, i), t in tally.items() if t is not None}},
     }
-    lines = [f"{'set':<12} {'skipped':>7} {'agree':>6} " + " ".join(f"acc{K}" for K in range(1, 7)) + "  draft  best est."]
+    lines = [f"{'set':<12} {'skipped':>7} {'agree':>6} " + " ".join(f"acc{K}" for K in range(1, 7)) + "  read  draft  best est."]
     for name in sets:
         s = report["sets"][name]
         lines.append(f"{name:<12} {s['skipped']:7.2f} {s['agreement']:6.3f} " + " ".join(f"{a:4.2f}" for a in s["accepted"])
-                     + f"  {s['draft_step_cost']:5.2f}  {max(s['estimated_speedup']):.2f}x")
+                     + f"  {s['weights_read']:4.2f}  {s['draft_step_cost']:5.2f}  {max(s['estimated_speedup']):.2f}x")
     lines.append("verify cost c_K (plain steps): " + ", ".join(f"K={K}: {c:.2f}" for K, c in report["verify_cost"].items()))
-    lines.append(f"decode tokens/s ({best}, K = {best_K}): " + ", ".join(f"{n} {v:.1f}" for n, v in medians.items()))
+    lines.append("decode tokens/s: " + ", ".join(f"{n} {v:.1f} ({medians[n] / medians['plain']:.2f}x)"
+                                                 for n, v in medians.items()))
     return write_report(args.json, report, "\n".join(lines) + "\n")
 
 
