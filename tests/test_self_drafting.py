@@ -151,3 +151,21 @@ def test_cli_search_then_self_speculation(tmp_path, capsys):
     spec = json.loads((tmp_path / "r.json").read_text())["speculation"]
     assert spec["method"] == "layers" and spec["num_tokens"] == 2
     assert format_sublayers(Sublayers(frozenset(spec["skip"]["attention"]), frozenset(spec["skip"]["mlp"]))) == stored["skip"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tokens", "3"], "--tokens must be at least 2 per row (4)"),
+    (["--rows", "0"], "--rows must be >= 1"),
+    (["--skipped", "0.6"], "--skipped must be in (0, --max-skipped = 0.5]"),
+    (["--max-skipped", "1.5"], "--max-skipped must be in (0, 1]"),
+    (["--candidates", "-1"], "--candidates must be >= 0"),
+    (["--output", "/nonexistent-dir/self-draft.json"], "--output"),
+])
+def test_search_command_errors(args, message, tmp_path):
+    """Bad options are refused before the model loads (a missing model directory is never reached)."""
+    from qsjax.runtime.cli import UsageError
+    from qsjax.speculative import search as search_command
+
+    with pytest.raises(UsageError) as e:
+        search_command.main(["--model", str(tmp_path / "none"), *args])
+    assert message in str(e.value)
