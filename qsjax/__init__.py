@@ -13,7 +13,8 @@ Reading order:
 3. `qsjax.quicksilver.window` and `qsjax.quicksilver.decoding`: the pass that wires them, in
    perplexity windows and in generation.
 4. `qsjax.runtime` (the Generator, compiled programs, buckets, sharding), `qsjax.evaluation`
-   (perplexity, FLOPs, passkey, plots), `qsjax.kvpolicy` (StreamingLLM / H2O eviction).
+   (perplexity, FLOPs, passkey, plots), `qsjax.kvpolicy` (StreamingLLM / H2O eviction),
+   `qsjax.speculative` (lossless speculative decoding: prompt lookup, self-drafting).
 5. The commands: `generate`, `eval`, `passkey`, `weights`, `convert` (`python -m qsjax.<name>`).
 """
 

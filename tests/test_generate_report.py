@@ -21,7 +21,7 @@ from qsjax.quicksilver.settings import QuickSilverConfig
 from qsjax.checkpoints.tokenizer import load_tokenizer
 
 CLOSING = re.compile(r"prompt tokens (\d+), new tokens (\d+), compile ([\d.]+) s \((\d+) compiled programs\), "
-                     r"first token ([\d.]+) s, decode ([\d.]+|n/a) tokens/s(, quicksilver: .*)?")
+                     r"first token ([\d.]+) s, decode ([\d.]+|n/a) tokens/s(, quicksilver: [^,]*)?(, speculation: .*)?")
 MAX_NEW = 8
 
 
@@ -54,7 +54,7 @@ def check_common(report: dict, prompts: list[str], tokenizer, m) -> None:
     """Keys, types and counts that every report has."""
     assert set(report) == {"settings", "prompts", "prompt_tokens", "new_tokens", "ttft_seconds", "decode_seconds",
                            "decode_tokens_per_second", "compile_seconds", "programs_compiled", "kv_cache_bytes",
-                           "quicksilver"}
+                           "quicksilver", "speculation"}
     s = report["settings"]
     assert s["batch_size"] == len(prompts) and s["max_new_tokens"] == MAX_NEW
     assert set(s["sampling"]) == {"do_sample", "temperature", "top_k", "top_p", "seed"}
@@ -84,7 +84,27 @@ def test_report_dense_single_prompt(tiny_gpt2, tmp_path):
     n = report["prompts"][0]["prompt_tokens"]
     assert report["kv_cache_bytes"] == {"dense": dense_bytes(cfg, 1, n, 4), "this_setting": dense_bytes(cfg, 1, n, 4)}
     assert report["settings"]["quicksilver"] is None and report["quicksilver"] is None
+    assert report["settings"]["speculation"] is None and report["speculation"] is None and not m[8]
     assert report["settings"]["dtype"] == "float32"
+
+
+def test_report_speculation(tiny_gpt2, tmp_path):
+    """Prompt lookup: the settings, and drafts, acceptance and tokens per step that add up; the text
+    is plain decoding's."""
+    prompt = "The quick brown The quick brown The"
+    plain, _, _ = generate_json(tmp_path, tiny_gpt2, prompt)
+    report, out, m = generate_json(tmp_path, tiny_gpt2, prompt, "--prompt-lookup-num-tokens", 4,
+                                   "--max-matching-ngram-size", 3)
+    check_common(report, [prompt], load_tokenizer(tiny_gpt2), m)
+    assert report["prompts"][0]["token_ids"] == plain["prompts"][0]["token_ids"]
+    assert report["settings"]["speculation"] == {"method": "lookup", "num_tokens": 4, "max_ngram": 3,
+                                                 "skip": {"attention": [], "mlp": []}, "exit_layer": None,
+                                                 "break_even": 1.0}
+    spec = report["speculation"]
+    assert spec["tokens"] == report["new_tokens"] - 1 and spec["accepted"] <= spec["drafted"]
+    assert spec["steps"] == spec["row_steps"] and spec["mean_tokens_per_step"] == spec["tokens"] / spec["steps"]
+    assert spec["acceptance_rate"] == (spec["accepted"] / spec["drafted"] if spec["drafted"] else None)
+    assert m[8] and m[7] is None
 
 
 def test_report_batch_bfloat16_quicksilver(tiny_gpt2, tmp_path):

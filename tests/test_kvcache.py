@@ -47,3 +47,28 @@ def test_decode_is_donated_and_does_not_recompile(tiny_models):
     _, cache = model.decode_step(cache, np.array([2]))
     assert model._decode._cache_size() == before
     assert all(k.is_deleted() for k in old.k)  # the input cache buffers were donated to the step
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
+def test_decode_loop_copies_no_cache_buffer(name, tiny_models):
+    """Decode steps in a compiled loop (as the Generator runs them) update the cache in place: the
+    optimised program holds no copy of a layer's keys, values or slots (each such copy reads and
+    writes the whole layer at every step, 5x the bytes a step must read before this was fixed)."""
+    import re
+
+    import jax
+
+    from qsjax.dense.model import decode_step
+
+    model, _ = tiny_models[name]
+    cfg, S = model.cfg, 48  # a length no other array of the program has
+    _, cache = model.prefill(np.ones((1, 4), np.int32), np.zeros(1, np.int32), S)
+
+    def loop(state, cache):
+        step = lambda i, c: decode_step(model.module(state), c, jax.numpy.ones(1, jax.numpy.int32))[1]
+        return jax.lax.fori_loop(0, 3, step, cache)
+
+    hlo = jax.jit(loop, donate_argnums=1).lower(model.state, cache).compile().as_text()
+    buffers = (rf"f32\[1,{cfg.n_kv_heads},{S},{cfg.head_dim}\]", rf"s32\[1,{S}\]")
+    copies = [line for line in hlo.splitlines() for b in buffers if re.search(rf"= {b}\{{[^}}]*\}} copy\(", line)]
+    assert copies == [], copies[:3]

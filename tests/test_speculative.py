@@ -76,9 +76,9 @@ def test_greedy_output_is_plain_greedy(name, spec, tiny_models, rng):
     tally = got.speculation
     assert tally["verify_steps"] > 0 and tally["drafted"] > 0 and tally["steps"] < NEW
     assert tally["tokens"] == sum(len(t) - 1 for t in got.token_ids)
-    assert tally["row_steps"] <= len(ids) * tally["steps"] and tally["mean_tokens_per_step"] > 1
+    assert tally["row_steps"] <= len(ids) * tally["steps"]
     if spec.method == "lookup":
-        assert tally["accepted"] > 0
+        assert tally["accepted"] > 0 and tally["mean_tokens_per_step"] > 1
 
 
 def test_end_tokens_and_max_new(tiny_models, rng):
@@ -189,3 +189,30 @@ def test_self_drafter_skips_what_it_says(tiny_models, rng):
     full, _ = run_step(module, cache, seq[:, 5:], jnp.zeros(1, jnp.int32))
     step, _ = decode_step(module, cache, seq[:, 5])
     np.testing.assert_allclose(np.asarray(full[:, 0]), np.asarray(step), atol=1e-6)
+
+
+GAP = 1e-3  # a near-tie: the model's two best logits closer than this (float32 rounding differs between passes)
+
+
+def test_real_model_held_out_text(default_model_dir):
+    """The default model on held-out C4 text (the sample's last documents, which no evaluation scores),
+    a batch of three: speculative greedy tokens equal plain greedy ones, and wherever a row differs,
+    re-scoring the plain text shows a near-tie (best two logits within GAP) at the first difference."""
+    from qsjax import load_model, load_tokenizer
+    from qsjax.evaluation.data import read_text, resolve_data
+
+    model, tok = load_model(default_model_dir, "float32"), load_tokenizer(default_model_dir)
+    docs = [d for d in read_text(resolve_data("c4")).split("\n\n") if len(d) > 600][-3:]
+    asks = ("Summarise the text in two sentences.", "List the names and numbers the text gives.", "Copy the first "
+            "paragraph of the text.")
+    plain, fast = Generator(model, tok), Generator(model, tok, speculation=Speculation("lookup", 8, 2))
+    ids = [plain.encode(f"{ask}\n\n{doc[:900]}", chat=True) for ask, doc in zip(asks, docs)]
+    want, got = plain(ids, max_new_tokens=48), fast(ids, max_new_tokens=48)
+    assert got.speculation["accepted"] > 0
+    for prompt, a, b in zip(ids, want.token_ids, got.token_ids):
+        if a == b:
+            continue
+        i = next(i for i, (x, y) in enumerate(zip(a + [-1], b + [-2])) if x != y)
+        logits = np.asarray(model.logits([prompt + a[:i]]))[0, -1]
+        top = np.sort(logits)[-2:]
+        assert top[1] - top[0] < GAP, (i, top)

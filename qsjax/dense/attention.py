@@ -25,6 +25,7 @@ so K and V are never repeated. Memory is O(T x block), not O(T x S).
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -100,9 +101,49 @@ def attention_heads_major(q, kh, vh, q_slot, k_slot, k_ok, bias=None, *, self_vi
     layout, so that a decode step reads a layer's cache as it lies (no transpose, i.e. no copy, of the
     whole cache at every step)."""
     T, S = q.shape[1], kh.shape[2]
+    if T == 1:
+        return _single(q, kh, vh, _mask(q_slot, k_slot, k_ok, self_visible, window, rule)[:, 0], bias, rule)
     if T * S <= DIRECT_MAX:
         return _direct(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, window, rule)
     return _blockwise(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, window, QUERY_BLOCK, KEY_BLOCK, rule)
+
+
+class Own(NamedTuple):
+    """A decode step's own key and value, k, v [B, K, Dh], and their score bias [B] (None: none)."""
+
+    k: jax.Array
+    v: jax.Array
+    bias: jax.Array | None = None
+
+
+def attention_step(q, kh, vh, own: Own, q_slot, k_slot, k_ok, bias=None, *, window=None, rule=PLAIN):
+    """One query per row over keys and values stored heads-major, kh, vh [B, K, S, Dh], and its own
+    key and value (`Own`), not among them: `attention_heads_major` of T = 1 with the own entry
+    written into the cache first (self_visible), to float rounding, without reading the write.
+    A decode step attends before it writes: when attention reads the buffer the step has just
+    updated, XLA:CPU fuses the update into the products and keeps a copy of every layer's keys and
+    values for it, a read and a write of the whole cache at every step. q [B, 1, H, Dh];
+    q_slot [B, 1]; k_slot, k_ok [B, S]; bias [B, S] or None -> [B, 1, H, Dh]"""
+    mask = _mask(q_slot, k_slot, k_ok, False, window, rule)[:, 0]  # [B, S]: the cached keys the query sees
+    return _single(q, kh, vh, mask, bias, rule, own)
+
+
+def attention_run(q, kh, vh, own_k, own_v, q_slot, k_slot, k_ok, bias=None, *, rule=PLAIN):
+    """A run of T queries per row (speculative decoding's verify pass) over keys and values stored
+    heads-major, kh, vh [B, K, S, Dh], and the run's own keys and values, own_k, own_v [B, T, K, Dh],
+    not among them (query i sees own entries 0..i, unbiased): `attention_heads_major` with the run
+    written into the cache first, to float rounding, without reading the write (`attention_step`).
+    Both parts are steps of one online softmax. q [B, T, H, Dh]; q_slot [B, T] (the run's slots);
+    k_slot, k_ok [B, S] (cached keys at slots >= the run's first are not seen: entries a rejected
+    draft left); bias [B, S] or None -> [B, T, H, Dh]"""
+    B, T, H, Dh = q.shape
+    qh = _queries(q, kh.shape[1])  # [B, K, G, T, Dh]
+    carry = _init(B, kh.shape[1], qh.shape[2], T, Dh)
+    cached = _mask(q_slot, k_slot, k_ok & (k_slot < q_slot[:, :1]), False, rule=rule)  # [B, T, S]
+    carry = _update(carry, qh, kh, vh, cached, bias, rule.softcap, rows=True)
+    own = _mask(q_slot, q_slot, jnp.ones(q_slot.shape, bool), False, rule=rule)  # [B, T, T]: causal
+    carry = _update(carry, qh, _heads(own_k), _heads(own_v), own, None, rule.softcap)
+    return _heads_last(_finish(carry), q.dtype)
 
 
 def causal_pairs_executed(T: int) -> int:
@@ -126,12 +167,19 @@ def _mask(q_slot, k_slot, k_ok, self_visible, window=None, rule=PLAIN):
     return (ks <= qs) & ok
 
 
-def _update(carry, qb, kb, vb, mask, bias, softcap=None):
+def _update(carry, qb, kb, vb, mask, bias, softcap=None, rows=False):
     """One online-softmax step.  qb [B, K, G, Tq, Dh] (pre-scaled), kb, vb [B, K, Sk, Dh],
     mask [B, Tq, Sk] or None (all visible), bias [B, Sk] or None, softcap a float or None;
-    carry (m, l [B, K, G, Tq], acc [B, K, G, Tq, Dh]) in float32."""
+    carry (m, l [B, K, G, Tq], acc [B, K, G, Tq, Dh]) in float32.
+    rows: the products over G x Tq query rows of one matrix, for keys read where they lie (a verify
+    pass over a whole cache: with separate G and Tq axes XLA:CPU transposes the keys, a copy)."""
     m, l, acc = carry
-    s = jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32)  # [B, K, G, Tq, Sk]
+    if rows:
+        B, K, G, Tq, Dh = qb.shape
+        s = jnp.einsum("bkrd,bksd->bkrs", qb.reshape(B, K, G * Tq, Dh), kb, preferred_element_type=jnp.float32)
+        s = s.reshape(B, K, G, Tq, -1)
+    else:
+        s = jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32)  # [B, K, G, Tq, Sk]
     if softcap is not None:
         s = layers.softcap(s, softcap)
     if bias is not None:
@@ -141,7 +189,11 @@ def _update(carry, qb, kb, vb, mask, bias, softcap=None):
     m_new = jnp.maximum(m, s.max(-1))  # >= m, finite (m starts at the most negative float)
     p = jnp.exp(s - m_new[..., None])  # 0 where masked
     alpha = jnp.exp(m - m_new)
-    pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+    if rows:
+        pv = jnp.einsum("bkrs,bksd->bkrd", p.astype(vb.dtype).reshape(B, K, G * Tq, -1), vb,
+                        preferred_element_type=jnp.float32).reshape(B, K, G, Tq, Dh)
+    else:
+        pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
     return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
 
@@ -180,6 +232,32 @@ def _direct(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, window, rule):
     mask = _mask(q_slot, k_slot, k_ok, self_visible, window, rule)
     carry = _update(_init(B, kh.shape[1], qh.shape[2], T, Dh), qh, kh, vh, mask, bias, rule.softcap)
     return _heads_last(_finish(carry), q.dtype)
+
+
+def _single(q, kh, vh, mask, bias, rule, own=None):
+    """One query per row (a decode step): a plain softmax over the S keys where they lie, and the
+    query's own key and value when they are not in kh, vh yet (own: `Own`, always visible).
+    q [B, 1, H, Dh], kh, vh [B, K, S, Dh], mask [B, S] bool, bias [B, S] or None -> [B, 1, H, Dh]
+
+    Both products are batched matrix products over the keys as they lie (with a [B, K, G, 1, Dh]
+    query XLA:CPU transposed every layer's keys, a copy of the whole cache at every step)."""
+    qh = _queries(q, kh.shape[1])[:, :, :, 0]  # [B, K, G, Dh]
+    score = lambda s, b: s if b is None else s + b  # soft-capped, then biased
+    cap = (lambda s: s) if rule.softcap is None else (lambda s: layers.softcap(s, rule.softcap))
+    s = jnp.einsum("bkgd,bksd->bkgs", qh, kh, preferred_element_type=jnp.float32)  # [B, K, G, S]
+    s = jnp.where(mask[:, None, None], score(cap(s), None if bias is None else bias[:, None, None]), -jnp.inf)
+    m = jnp.maximum(s.max(-1), jnp.finfo(jnp.float32).min)  # [B, K, G], finite
+    if own is not None:
+        s_own = jnp.einsum("bkgd,bkd->bkg", qh, own.k, preferred_element_type=jnp.float32)  # [B, K, G]
+        s_own = score(cap(s_own), None if own.bias is None else own.bias[:, None, None])
+        m = jnp.maximum(m, s_own)
+    p = jnp.exp(s - m[..., None])  # 0 where masked
+    l = p.sum(-1)
+    acc = jnp.einsum("bkgs,bksd->bkgd", p.astype(vh.dtype), vh, preferred_element_type=jnp.float32)  # [B, K, G, Dh]
+    if own is not None:
+        p_own = jnp.exp(s_own - m)
+        l, acc = l + p_own, acc + p_own[..., None] * own.v[:, :, None].astype(jnp.float32)
+    return _heads_last(_finish((m, l, acc))[:, :, :, None], q.dtype)
 
 
 def _blockwise(q, kh, vh, q_slot, k_slot, k_ok, bias, self_visible, window, bq, bk, rule=PLAIN):

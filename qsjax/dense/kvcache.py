@@ -27,7 +27,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from qsjax.dense.attention import PLAIN, attention_heads_major
+from qsjax.dense.attention import PLAIN, Own, attention_heads_major, attention_run, attention_step
 from qsjax.dense.config import ModelConfig
 
 EMPTY = jnp.iinfo(jnp.int32).max  # the slot of a place that holds nothing: above every query's slot
@@ -95,8 +95,24 @@ class KVCache:
         entries and its own: q [B, 1, H, Dh], k, v [B, 1, K, Dh]; key_mask [B, S_l] bool (None: every
         entry), key_bias [B, S_l] (None: nothing); rule: the layer's (`attention.Rule`)
         -> new cache, o [B, 1, H, Dh]"""
-        cache = self.write(layer, k, v)
-        return cache, cache.attention(layer, q, key_mask, key_bias, rule)
+        slot, fill = self.slot[layer], self.fill[layer]
+        q_slot = jnp.broadcast_to(self.index, (slot.shape[0], 1))
+        ok = jnp.arange(slot.shape[1]) != fill  # the place written holds the new entry, not its old one
+        ok = ok[None] if key_mask is None else ok & key_mask
+        own_bias = None if key_bias is None else jax.lax.dynamic_index_in_dim(key_bias, fill, 1, keepdims=False)
+        own = Own(k[:, 0], v[:, 0], own_bias)
+        o = attention_step(q, self.k[layer], self.v[layer], own, q_slot, slot, jnp.broadcast_to(ok, slot.shape),
+                           key_bias, rule=rule)
+        return self.after(o).write(layer, k, v), o
+
+    def after(self, read) -> KVCache:
+        """The same cache, its writes made to wait for `read` (an array computed from its buffers).
+        XLA updates a buffer in place only after the reads it can see must come first, i.e. those
+        the update depends on; otherwise it copies the buffer (for a decode step: every layer's keys,
+        values and slots, at every step). So the write place is given a dependency on what the step
+        read, by adding a term that is always 0 (no number exceeds +inf; NaN neither)."""
+        late = (read.max() > jnp.inf).astype(jnp.int32)  # 0
+        return dataclasses.replace(self, fill=self.fill + late)
 
     def attention(self, layer: int, q, key_mask=None, key_bias=None, rule=PLAIN):
         """The next token's query over layer `layer`'s entries (its own included).  -> [B, 1, H, Dh]"""
@@ -111,26 +127,27 @@ class KVCache:
         decoding: rows that accepted different counts of drafted tokens).  lead [B] -> [B, T] int32"""
         return (self.index + lead)[:, None].astype(jnp.int32) + jnp.arange(T, dtype=jnp.int32)
 
+    def run_attend(self, layer: int, q, k, v, lead, key_mask=None, key_bias=None, rule=PLAIN):
+        """A run of T tokens per row in layer `layer`: its queries attend over the layer's entries and
+        the run's own (causally; `attention.attention_run`: read where they lie, then written), and its
+        keys and values are written at places fill[layer] + lead[b] + j with slots `run_slots(lead, T)`,
+        over whatever a rejected draft left there.  q [B, T, H, Dh], k, v [B, T, K, Dh], lead [B];
+        key_mask, key_bias [B, S_l] or None: the cached entries' (the run's own are shown, unbiased)
+        -> new cache, o [B, T, H, Dh]"""
+        T, slot = q.shape[1], self.slot[layer]
+        ok = jnp.ones(slot.shape, bool) if key_mask is None else key_mask
+        o = attention_run(q, self.k[layer], self.v[layer], k, v, self.run_slots(lead, T), slot, ok, key_bias, rule=rule)
+        return self.after(o).write_run(layer, k, v, lead), o
+
     def write_run(self, layer: int, k, v, lead) -> KVCache:
-        """Layer `layer`'s keys and values of a run of T tokens per row, at places fill[layer] + lead[b] + j
-        with slots `run_slots(lead, T)`; entries already there (rejected drafts) are overwritten, and any
-        left beyond the run hold slots above its last, which its queries never see.  k, v [B, T, K, Dh]"""
-        T = k.shape[1]
+        """Layer `layer`'s keys and values of a run, k, v [B, T, K, Dh], at places fill[layer] + lead[b] + j."""
         place = self.fill[layer] + lead  # [B]
         axis = lambda buf: 1 if buf.ndim == 3 else 0  # a row's place axis: k, v [K, S, Dh], slot [S]
         put = jax.vmap(lambda buf, x, p: jax.lax.dynamic_update_slice_in_dim(buf, x, p, axis(buf)))
         replace = lambda bufs, x: tuple(put(b, x, place) if i == layer else b for i, b in enumerate(bufs))
         heads = lambda x: x.transpose(0, 2, 1, 3)  # [B, K, T, Dh]
         return dataclasses.replace(self, k=replace(self.k, heads(k)), v=replace(self.v, heads(v)),
-                                   slot=replace(self.slot, self.run_slots(lead, T)))
-
-    def run_attention(self, layer: int, q, lead, key_mask=None, key_bias=None, rule=PLAIN):
-        """A run's queries over layer `layer`'s entries, the run's own included (written first by
-        `write_run`), causally.  q [B, T, H, Dh], lead [B] -> [B, T, H, Dh]"""
-        slot = self.slot[layer]
-        ok = jnp.ones(slot.shape, bool) if key_mask is None else key_mask
-        return attention_heads_major(q, self.k[layer], self.v[layer], self.run_slots(lead, q.shape[1]), slot, ok,
-                                     key_bias, self_visible=True, rule=rule)
+                                   slot=replace(self.slot, self.run_slots(lead, k.shape[1])))
 
     def advance(self) -> KVCache:
         return dataclasses.replace(self, index=self.index + 1, fill=self.fill + 1)

@@ -193,9 +193,8 @@ def run_step(model: Transformer, cache: KVCache, tokens, lead, key_mask=None, ke
     for l, blk in enumerate(model.blocks):
         if l + 1 not in skip.attention:
             q, k, v = blocks.qkv(blk, x, cos, sin)
-            cache = cache.write_run(l, k, v, lead)
-            o = cache.run_attention(l, q, lead, None if key_mask is None else key_mask[l],
-                                    None if key_bias is None else key_bias[l], rule=blocks.rule(blk))
+            cache, o = cache.run_attend(l, q, k, v, lead, None if key_mask is None else key_mask[l],
+                                        None if key_bias is None else key_bias[l], rule=blocks.rule(blk))
             x = blocks.attn_residual(blk, x, o)
         if l + 1 not in skip.mlp:
             x = blocks.mlp_residual(blk, x)
