@@ -220,7 +220,7 @@ def load_generator(args, prompts: list[str]):
     check_not_inputs([("--json", args.json)], model_inputs(model_dir))
     cfg = read_config(args.model, model_dir)
     qs = quicksilver_from_args(args, cfg.n_layers)
-    eviction, speculation = eviction_from_args(args, qs.enabled), speculation_from_args(args)
+    eviction, speculation = eviction_from_args(args, qs.enabled), speculation_from_args(args, model_dir, cfg.n_layers)
     if speculation is not None:
         try:  # a drafter the model or the other options do not allow
             check_speculation(speculation, qs if qs.enabled else None, eviction, cfg.n_layers)

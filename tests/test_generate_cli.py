@@ -64,6 +64,8 @@ ERROR_NAMES = [
     "empty prompt", "prompts file not UTF-8", "prompts file missing", "no prompt", "prompt and prompts file",
     "unknown flag", "bad type", "bad choice", "lookup 0 tokens", "two drafters", "ngram without lookup",
     "early exit past the model", "speculation under scope all", "speculation with eviction",
+    "self-speculation without a stored set", "self-speculation with a damaged store", "skip-sublayers syntax",
+    "skip-sublayers past the model", "self-speculation and lookup", "assistant tokens alone",
 ]  # fmt: skip
 
 
@@ -101,7 +103,23 @@ def error_cases(model: Path, tmp: Path) -> dict:
         "speculation under scope all": ([*m, "Hi", "--prompt-lookup-num-tokens", 4, "--quicksilver", "paper"],
                                         "scope context"),
         "speculation with eviction": ([*m, "Hi", "--prompt-lookup-num-tokens", 4, "--kv-budget", 16], "eviction"),
+        "self-speculation without a stored set": ([*m, "Hi", "--self-speculation"], "python -m qsjax.speculative.search"),
+        "self-speculation with a damaged store": (["--model", damaged_store(model, tmp), "Hi", "--self-speculation"],
+                                                  "cannot be used (not a qsjax self-draft 1 file)"),
+        "skip-sublayers syntax": ([*m, "Hi", "--skip-sublayers", "attn:2-1"], "a range goes up"),
+        "skip-sublayers past the model": ([*m, "Hi", "--skip-sublayers", "mlp:1,3"], "layers 1..2, got [1, 3]"),
+        "self-speculation and lookup": ([*m, "Hi", "--self-speculation", "--prompt-lookup-num-tokens", 3], "one drafter"),
+        "assistant tokens alone": ([*m, "Hi", "--num-assistant-tokens", 3], "goes with --assistant-early-exit"),
     }  # fmt: skip
+
+
+def damaged_store(model: Path, tmp: Path) -> Path:
+    """A copy of the model directory whose stored self-drafting set is not one."""
+    (tmp / "damaged").mkdir()
+    for f in model.iterdir():
+        (tmp / "damaged" / f.name).symlink_to(f)
+    (tmp / "damaged" / "self-draft.json").write_text('{"skip": "mlp:1"}')
+    return tmp / "damaged"
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ import dataclasses
 from qsjax.dense.model import Sublayers
 
 METHODS = ("lookup", "layers", "exit")
+EXIT_TOKENS = 4  # drafts per verify pass with an early exit
+SELF_DRAFT_TOKENS = 2  # with skipped sublayers (measured best, docs/results/speculative/)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,54 @@ class Speculation:
         return out
 
 
+PARTS = {"attn": "attention", "mlp": "mlp"}
+
+
+def parse_sublayers(text: str) -> Sublayers:
+    """"attn:3,5-7;mlp:4" (layers 1-based; either part may be left out) -> Sublayers; ValueError
+    saying what is wrong otherwise."""
+    found = {}
+    for part in text.split(";"):
+        name, colon, layers = part.strip().partition(":")
+        if name.strip() not in PARTS or not colon:
+            raise ValueError(f"expected parts like attn:3,5-7 and mlp:4 separated by ';', got {part.strip()!r}")
+        if name.strip() in found:
+            raise ValueError(f"{name.strip()} given twice")
+        found[name.strip()] = frozenset(layer_list(layers, name.strip()))
+    if not any(found.values()):
+        raise ValueError("no sublayer to skip")
+    return Sublayers(found.get("attn", frozenset()), found.get("mlp", frozenset()))
+
+
+def layer_list(text: str, name: str) -> list[int]:
+    """"3,5-7" -> [3, 5, 6, 7]"""
+    layers = []
+    for item in text.split(","):
+        first, dash, last = item.strip().partition("-")
+        if not (first.isdigit() and (last.isdigit() if dash else True)):
+            raise ValueError(f"{name}: expected layer numbers or ranges like 5-7, got {item.strip()!r}")
+        first, last = int(first), int(last) if dash else int(first)
+        if first < 1 or last < first:
+            raise ValueError(f"{name}: layers count from 1 and a range goes up, got {item.strip()!r}")
+        layers += range(first, last + 1)
+    return layers
+
+
+def format_sublayers(skip: Sublayers) -> str:
+    """Sublayers -> the text parse_sublayers reads ("" for none), ranges joined."""
+    def ranges(layers):
+        out, run = [], []
+        for l in sorted(layers):
+            if run and l != run[-1] + 1:
+                out.append(run)
+                run = []
+            run.append(l)
+        out += [run] if run else []
+        return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in out)
+
+    return ";".join(f"{name}:{ranges(getattr(skip, field))}" for name, field in PARTS.items() if getattr(skip, field))
+
+
 def add_speculation_args(parser) -> None:
     """The options of `python -m qsjax.generate` (named as transformers' `generate` names them)."""
     g = parser.add_argument_group("speculative decoding (lossless: greedy output identical to plain decoding)")
@@ -61,12 +111,20 @@ def add_speculation_args(parser) -> None:
     g.add_argument("--assistant-early-exit", type=int, metavar="E",
                    help="draft with the model's first E layers (an early exit; for comparison: an untrained "
                    "model's early exit is rarely accepted)")
+    g.add_argument("--self-speculation", action="store_true",
+                   help="draft with the model's own layers, some sublayers skipped: the set stored beside the model "
+                   "(python -m qsjax.speculative.search makes it)")
+    g.add_argument("--skip-sublayers", metavar="SET",
+                   help="draft with the model without these sublayers (layers from 1), e.g. 'attn:3,5-7;mlp:4'")
     g.add_argument("--num-assistant-tokens", type=int, metavar="K",
-                   help="drafts per step with --assistant-early-exit (default 4)")
+                   help=f"drafts per step with --assistant-early-exit, --self-speculation or --skip-sublayers "
+                   f"(default {EXIT_TOKENS}, {SELF_DRAFT_TOKENS} when self-drafting)")
 
 
-def speculation_from_args(args) -> Speculation | None:
-    """The Speculation the options ask for (None: plain decoding); UsageError for a bad combination."""
+def speculation_from_args(args, model_dir=None, n_layers: int | None = None) -> Speculation | None:
+    """The Speculation the options ask for (None: plain decoding); UsageError for a bad combination.
+    model_dir, n_layers: the model whose stored set --self-speculation reads (`store.py`); None: the
+    options are only checked, and the set is left empty."""
     from qsjax.runtime.cli import UsageError
 
     lookup, exit_layer = args.prompt_lookup_num_tokens, args.assistant_early_exit
@@ -74,14 +132,30 @@ def speculation_from_args(args) -> Speculation | None:
                         ("--assistant-early-exit", exit_layer), ("--num-assistant-tokens", args.num_assistant_tokens)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
-    if lookup is not None and exit_layer is not None:
-        raise UsageError("give one drafter: --prompt-lookup-num-tokens or --assistant-early-exit")
+    given = [flag for flag, on in (("--prompt-lookup-num-tokens", lookup is not None),
+                                   ("--assistant-early-exit", exit_layer is not None),
+                                   ("--self-speculation", args.self_speculation),
+                                   ("--skip-sublayers", args.skip_sublayers is not None)) if on]
+    if len(given) > 1:
+        raise UsageError(f"give one drafter: {' or '.join(given)}")
     if lookup is None and args.max_matching_ngram_size is not None:
         raise UsageError("--max-matching-ngram-size goes with --prompt-lookup-num-tokens")
-    if exit_layer is None and args.num_assistant_tokens is not None:
-        raise UsageError("--num-assistant-tokens goes with --assistant-early-exit")
+    if given in ([], ["--prompt-lookup-num-tokens"]) and args.num_assistant_tokens is not None:
+        raise UsageError("--num-assistant-tokens goes with --assistant-early-exit, --self-speculation or --skip-sublayers")
     if lookup is not None:
         return Speculation("lookup", lookup, args.max_matching_ngram_size or 2)
     if exit_layer is not None:
-        return Speculation("exit", args.num_assistant_tokens or 4, exit_layer=exit_layer)
+        return Speculation("exit", args.num_assistant_tokens or EXIT_TOKENS, exit_layer=exit_layer)
+    K = args.num_assistant_tokens or SELF_DRAFT_TOKENS
+    if args.skip_sublayers is not None:
+        try:
+            return Speculation("layers", K, skip=parse_sublayers(args.skip_sublayers))
+        except ValueError as e:
+            raise UsageError(f"--skip-sublayers {args.skip_sublayers!r}: {e}") from None
+    if args.self_speculation:
+        if model_dir is None:
+            return Speculation("layers", K)
+        from qsjax.speculative.store import load_skip
+
+        return Speculation("layers", K, skip=load_skip(model_dir, n_layers, args.model))
     return None
