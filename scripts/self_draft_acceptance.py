@@ -26,6 +26,7 @@ import numpy as np
 
 from benchlib import check_json_path, log, machine, median, ratio, rotated, write_report
 from qsjax.runtime.cli import ArgumentParser, run_cli
+from qsjax.speculative.drafting import weights_read
 
 PROMPTS = ("Write a short story about a lighthouse keeper who finds a message in a bottle.",
            "Explain to a curious teenager how the seasons work on Earth.",
@@ -100,17 +101,6 @@ def pass_costs(model, prompt, sets: dict, repeats: int) -> dict:
             times[key].append(time.perf_counter() - t0)
     return {"full": {T: median(times[("full", T)]) for T in range(1, 8)},
             "draft": {name: median(times[("draft", name)]) for name in sets}}
-
-
-def weights_read(skip, cfg) -> float:
-    """The share of a plain step's parameters a draft step reads: the layers' that run, the final
-    norm and the LM head (`share_run` counts the layers' alone)."""
-    from qsjax.speculative.drafting import share_run
-
-    layers = cfg.n_layers * (cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
-                             + cfg.d_model * cfg.d_ff * (2 if cfg.arch == "gpt2" else 3))
-    head = cfg.vocab_size * cfg.d_model
-    return (share_run(skip, cfg) * layers + head) / (layers + head)
 
 
 def main(argv=None) -> int:

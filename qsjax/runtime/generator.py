@@ -196,7 +196,8 @@ class Generator:
         out, record, tally = self._decode_rest(decode_key, loop, self.model.place(batch), self.model.place(start), knobs,
                                                seconds)
         ids = self._trim(out)
-        speculation = None if tally is None else tally.to_json(self.speculation, sum(max(0, len(r) - 1) for r in ids))
+        decoded = sum(max(0, len(r) - 1) for r in ids)  # tokens the decode loop delivered
+        speculation = None if tally is None else tally.to_json(self.speculation, self.model.cfg, decoded)
         return GenerationResult([self.tokenizer.decode(r) for r in ids], ids, [len(p) for p in prompts], seconds.first,
                                 seconds.decode, seconds.compile, kv_bytes, self._report(prompt_summary, start, record),
                                 speculation)

@@ -33,10 +33,27 @@ def self_drafts(run, module, cache, token, lead, K: int, skip: Sublayers):
     return drafts.T, cache
 
 
+def weights_read(skip: Sublayers, cfg) -> float:
+    """The share of a plain step's weights a draft step reads (f): the layers' that run, and the LM
+    head, which every draft reads whole."""
+    layers = cfg.n_layers * layer_weights(cfg)
+    head = cfg.vocab_size * cfg.d_model
+    return (share_run(skip, cfg) * layers + head) / (layers + head)
+
+
+def layer_weights(cfg) -> int:
+    """A layer's parameters: its attention projections and its MLP."""
+    return cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + mlp_weights(cfg)
+
+
+def mlp_weights(cfg) -> int:
+    return cfg.d_model * cfg.d_ff * (2 if cfg.arch == "gpt2" else 3)
+
+
 def share_run(skip: Sublayers, cfg) -> float:
-    """The share of a step's weights a drafter with this skip set reads (f): each attention sublayer
-    weighs its projections' parameters, each MLP its own (a decode step reads every weight once)."""
-    attention = cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
-    mlp = cfg.d_model * cfg.d_ff * (2 if cfg.arch == "gpt2" else 3)
+    """The share of the layers' weights a drafter with this skip set runs: each attention sublayer
+    weighs its projections' parameters, each MLP its own (`weights_read` adds the LM head)."""
+    mlp = mlp_weights(cfg)
+    attention = layer_weights(cfg) - mlp
     total = cfg.n_layers * (attention + mlp)
     return 1.0 - (len(skip.attention) * attention + len(skip.mlp) * mlp) / total

@@ -26,7 +26,7 @@ from qsjax.dense.model import Sublayers, run_step
 from qsjax.dense.sampler import Decoding, LoopState, StepRecord, next_token
 from qsjax.speculative.acceptance import verdict
 from qsjax.speculative.adapt import Pace
-from qsjax.speculative.drafting import self_drafts, share_run
+from qsjax.speculative.drafting import self_drafts
 from qsjax.speculative.lookup import lookup
 from qsjax.speculative.settings import Speculation
 
@@ -43,13 +43,14 @@ class Tally:
     verifies: jax.Array
     steps: jax.Array
 
-    def to_json(self, spec: Speculation, new_tokens: int) -> dict:
+    def to_json(self, spec: Speculation, cfg, new_tokens: int) -> dict:
         """The report's `speculation`: the settings, drafts verified and accepted, passes through the
         model (`steps`, `verify_steps` of them verifying; `row_steps`: summed over the rows still
         generating) and the tokens they delivered (each row's new tokens after its first, which the
-        prefill makes) per row step."""
+        prefill makes) per row step; `can_pay`: false when the drafter cannot pay on this model
+        (`Speculation.can_pay`), and the loop decoded plainly."""
         drafted, accepted, row_steps = int(self.drafted.sum()), int(self.accepted.sum()), int(self.row_steps.sum())
-        return {**spec.to_json(), "drafted": drafted, "accepted": accepted,
+        return {**spec.to_json(), "can_pay": spec.can_pay(cfg), "drafted": drafted, "accepted": accepted,
                 "acceptance_rate": accepted / drafted if drafted else None, "verify_steps": int(self.verifies),
                 "steps": int(self.steps), "row_steps": row_steps, "tokens": new_tokens,
                 "mean_tokens_per_step": new_tokens / row_steps if row_steps else None}
@@ -108,8 +109,7 @@ def speculative_loop(module, loop: LoopState, prompt, start, knobs, d: Decoding,
     B, T = prompt.shape
     K, L = spec.num_tokens, module.cfg.n_layers
     skip = spec.drafter_skip(L)
-    f = 0.0 if spec.method == "lookup" else share_run(skip, module.cfg)
-    threshold = spec.break_even + K * f
+    threshold, can_pay = spec.threshold(module.cfg), spec.can_pay(module.cfg)
     eos = jnp.asarray(d.eos_ids if d.eos_ids else (-1,), jnp.int32)
     places = jnp.arange(T + d.max_new, dtype=jnp.int32)[None, :]
 
@@ -136,7 +136,7 @@ def speculative_loop(module, loop: LoopState, prompt, start, knobs, d: Decoding,
             drafts, n = jnp.zeros((B, K), jnp.int32), jnp.full(B, K, jnp.int32)
         n = jnp.minimum(n, room)
         chance = jnp.any(n > 0)
-        verifies = s.pace.verifies(chance, threshold)
+        verifies = s.pace.verifies(chance, threshold) & can_pay
         accepted, tokens, cache = jax.lax.cond(verifies, verify, plain, s, drafts, n, key)
         accepted = jnp.minimum(accepted, n)
         emit = jnp.where(live, accepted + 1, 0)  # [B] tokens each row emits

@@ -46,6 +46,19 @@ class Speculation:
             return Sublayers(above, above)
         return self.skip
 
+    def threshold(self, cfg) -> float:
+        """The accepted drafts per verify pass at which verifying pays (`adapt.py`): break_even, plus
+        the drafter's own K passes at the share f of the weights it reads (0 for prompt lookup)."""
+        if self.method == "lookup":
+            return self.break_even
+        from qsjax.speculative.drafting import weights_read
+
+        return self.break_even + self.num_tokens * weights_read(self.drafter_skip(cfg.n_layers), cfg)
+
+    def can_pay(self, cfg) -> bool:
+        """Whether even K accepted drafts out of K pay: when not, the loop never drafts (plain decoding)."""
+        return self.threshold(cfg) < self.num_tokens
+
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
         out["skip"] = {"attention": sorted(self.skip.attention), "mlp": sorted(self.skip.mlp)}
