@@ -136,7 +136,15 @@ def main(argv=None) -> int:
             for path in plot_frontiers(args.rows, data, out):
                 print(f"wrote {path}", file=sys.stderr)
         return 0
+    run_sweep(args, lambda n_layers: pick_variants(args, n_layers))
+    return 0
 
+
+def run_sweep(args, pick, csv_fields: tuple[str, ...] = ()) -> None:
+    """Evaluate dense and then each variant `pick(n_layers)` gives (policy, label, config) on every
+    --data, writing OUT/sweep.json and sweep.csv after each row (with the QuickSilverConfig
+    fields `csv_fields` as extra columns), then the plots. args: --model, --data, --out, --max-length,
+    --stride, --max-eval-tokens and (optional) --heatmap, already checked (`check_args`)."""
     from qsjax.runtime.compilecache import enable_compilation_cache
     from qsjax.evaluation.data import read_text, tokenize
     from qsjax.checkpoints.load import load_model_checked, load_tokenizer_checked, read_config
@@ -144,11 +152,13 @@ def main(argv=None) -> int:
     from qsjax.quicksilver.scorer import QuickSilverScorer, evaluate_quicksilver
     from qsjax.weights import resolve_model
 
+    out = Path(args.out)
     model_dir = resolve_model(args.model)
     cfg = read_config(args.model, model_dir)
     if args.max_length > cfg.max_positions:
         raise UsageError(f"--max-length {args.max_length} is longer than the model's context ({cfg.max_positions})")
-    todo = pick_variants(args, cfg.n_layers)
+    todo = pick(cfg.n_layers)
+    heatmap_of = getattr(args, "heatmap", None) or "fast"
     enable_compilation_cache()
     model, tokenizer = load_model_checked(args.model, model_dir, "float32"), load_tokenizer_checked(args.model, model_dir)
     out.mkdir(exist_ok=True)
@@ -166,7 +176,7 @@ def main(argv=None) -> int:
         print(f"{data}: dense ppl {dense.perplexity:.3f} ({dense.seconds:.0f} s)", file=sys.stderr)
         for i, (policy, label, qs) in enumerate(todo):
             t0 = time.perf_counter()
-            keep = 1 if (args.heatmap or "fast") in (policy, label) else 0
+            keep = 1 if heatmap_of in (policy, label) else 0
             with exit_on_interrupt():  # a compiled call Ctrl-C cannot otherwise interrupt; the files are written outside
                 result, stats, dec = evaluate_quicksilver(QuickSilverScorer(model, qs), stream, windows, progress=False,
                                                           keep_decisions=keep + len(windows) - 1 if keep else 0)
@@ -180,30 +190,35 @@ def main(argv=None) -> int:
                              settings={"quicksilver": dataclasses.asdict(qs)}, stats=stats))  # as qsjax's reports
             print(f"{data} [{i + 1}/{len(todo)}]: {policy:34} {label:14} ppl {result.perplexity:9.3f} "
                   f"({result.perplexity - dense.perplexity:+.3f}) flops {-100 * stats['executed_flops_reduction']:+.1f}%  "
-                  f"{dense.seconds / result.seconds:.2f}x  [{time.perf_counter() - t0:.0f} s]", file=sys.stderr)
+                  f"{dense.seconds / result.seconds:.2f}x  halted {stats['tokens_halted']}  "
+                  f"[{time.perf_counter() - t0:.0f} s]", file=sys.stderr)
             write_output("--out", str(out / "sweep.json"), json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    write_output("--out", str(out / "sweep.csv"), csv_text(rows))
+            write_output("--out", str(out / "sweep.csv"), csv_text(rows, csv_fields))
     try:
         for data in args.data:
             plot_frontiers(rows, data, out)
             if data in decisions:
-                write_output("--out", str(out / f"heatmap_{data}.png"), heatmap(decisions[data], tokenizer, model.cfg.n_layers))
+                write_output("--out", str(out / f"heatmap_{Path(data).stem}.png"), heatmap(decisions[data], tokenizer, model.cfg.n_layers))
     except ImportError:
         print("matplotlib is not installed: no plots (pip install -e '.[plot]')", file=sys.stderr)
     print(f"wrote {out}/sweep.json, sweep.csv and plots", file=sys.stderr)
-    return 0
 
 
-def csv_text(rows: list[dict]) -> str:
+def csv_text(rows: list[dict], fields: tuple[str, ...] = ()) -> str:
+    """One line per row; `fields`: QuickSilverConfig fields added as columns (empty for dense), and
+    then the tokens halted."""
     f = io.StringIO()
     w = csv.writer(f)
+    extra = [*fields, "tokens_halted"] if fields else []
     w.writerow(["data", "policy", "label", "perplexity", "ppl_increase", "flops_reduction",
-                "flops_reduction_vs_full_lm_head", "seconds", "speedup"])
+                "flops_reduction_vs_full_lm_head", "seconds", "speedup", *extra])
     for r in rows:
         full = r["flops_reduction_vs_full_lm_head"]
+        qs = r["settings"].get("quicksilver", {})
         w.writerow([r["data"], r["policy"], r["label"], f"{r['perplexity']:.4f}", f"{r['ppl_increase']:.4f}",
                     f"{r['flops_reduction']:.4f}", "" if full is None else f"{full:.4f}", f"{r['seconds']:.1f}",
-                    f"{r['speedup']:.3f}"])
+                    f"{r['speedup']:.3f}", *([qs.get(k, "") for k in fields] +
+                                             [r.get("stats", {}).get("tokens_halted", "")] if fields else [])])
     return f.getvalue()
 
 

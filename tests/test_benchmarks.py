@@ -80,6 +80,13 @@ def run_script(name, *args, timeout=120):
     ("sweep.py", ["--out", "/nonexistent-dir/sweep"], "directory /nonexistent-dir does not exist"),
     ("sweep.py", ["--out", "/nonexistent-dir", "--replot"], "--replot: cannot read a sweep"),
     ("sweep.py", ["--out", "docs/results/short-windows/frontier_c4.png", "--replot"], "is a file"),
+    ("halting_grid.py", ["--tau-drift", "-1"], "--tau-drift: halt_drift must be >= 0, got -1.0"),
+    ("halting_grid.py", ["--tau-entropy", "nan"], "--tau-entropy: halt_entropy must be >= 0, got nan"),
+    ("halting_grid.py", ["--tau-entropy", "1", "1.0"], "--tau-entropy: a value is given twice"),
+    ("halting_grid.py", ["--min-layer", "L/3"], "invalid choice"),
+    ("halting_grid.py", ["--scope", "some"], "invalid choice"),
+    ("halting_grid.py", ["--out", "README.md"], "--out README.md is a file"),
+    ("halting_grid.py", ["--data", "penn"], "data file penn not found"),
 ])
 def test_argument_errors(script, args, message):
     status, stdout, stderr = run_script(script, *args)
@@ -322,3 +329,57 @@ def test_speculative_benchmark_runs_quick(default_model_dir, tmp_path):
             assert figures["decode_tokens_per_second"] > 0
     assert report["groups"]["grounded"]["variants"]["qsjax_lookup_k10_n2"]["acceptance_rate"] > 0
     assert "qsjax_plain" in stdout and report["verify_cost"]["cost_over_plain_step"]["11"] > 0
+
+
+def test_halting_grid_is_the_issues_grid_on_the_paper_presets_rule():
+    """9 tau_drift from 0.045 to 0.4 x 4 tau_H x l_min in {L/4, L/2}, with and without fusion, in both
+    scopes; each point is the `paper` preset with its thresholds replaced and AMQ off."""
+    import dataclasses
+
+    from qsjax.quicksilver.settings import preset
+
+    grid = script_module("halting_grid")
+    assert grid.TAU_DRIFT == (0.045, 0.06, 0.08, 0.1, 0.13, 0.17, 0.22, 0.3, 0.4)
+    assert grid.TAU_ENTROPY == (0.5, 1.15, 2.0, 3.0)
+    points = grid.grid()
+    assert len(points) == len(set(points)) == 9 * 4 * 2 * 2 * 2
+    assert len({p.curve() for p in points}) == 4 * 2 * 2 * 2  # one curve per scope, fusion, tau_H, l_min
+    assert [grid.min_layer(m, 30) for m in grid.MIN_LAYER] == [7, 15]
+    paper = preset("paper", 30)
+    fused = grid.config(grid.Point("context", True, 2.0, "L/2", 0.13), 30, "mask")
+    assert fused == dataclasses.replace(paper, scope="context", halt_drift=0.13, halt_entropy=2.0, halt_min_layer=15,
+                                        amq_layer=None, kv_skip="mask")
+    plain = grid.config(grid.Point("all", False, 0.5, "L/4", 0.06), 30, "zero")
+    assert plain.fuse_threshold is None and plain.amq_layer is None and plain.halt_min_layer == paper.halt_min_layer
+    assert grid.min_layer("L/4", 2) == 1
+
+
+def test_halting_grid_runs_end_to_end_on_a_tiny_model(tmp_path):
+    """tau_drift 0 halts nothing (dense perplexity exactly); tau_drift and tau_H far above any value
+    halt every in-scope token after l_min; every row carries its whole QuickSilverConfig."""
+    import csv
+    import dataclasses
+    import json
+
+    from conftest import save_tiny_llama_with_tokenizer
+    from qsjax.evaluation.perplexity import strided_windows
+    from qsjax.quicksilver.settings import QuickSilverConfig
+
+    sentences = [f"the {w} sat on the mat number {i} and looked at the {w}" for i in range(40) for w in ("cat", "dog")]
+    (tmp_path / "model").mkdir()
+    save_tiny_llama_with_tokenizer(tmp_path / "model", sentences, n_layers=4)
+    (tmp_path / "text.txt").write_text(" ".join(sentences))
+    grid = script_module("halting_grid")
+    out = tmp_path / "out"
+    assert grid.main(["--model", str(tmp_path / "model"), "--data", str(tmp_path / "text.txt"), "--out", str(out),
+                      "--max-length", "32", "--stride", "16", "--max-eval-tokens", "64", "--scope", "all",
+                      "--fusion", "off", "--tau-drift", "0", "1e9", "--tau-entropy", "1e9", "--min-layer", "L/4"]) == 0
+    dense, none, every = json.loads((out / "sweep.json").read_text())["rows"]
+    assert none["perplexity"] == dense["perplexity"] and none["stats"]["tokens_halted"] == 0
+    windows = strided_windows(64, 32, 16)  # every token but each window's 4 sinks halts after layer 1
+    assert every["stats"]["tokens_halted"] == sum(w.length - 4 for w in windows) and every["perplexity"] != dense["perplexity"]
+    assert every["settings"]["quicksilver"] == dataclasses.asdict(grid.config(grid.Point("all", False, 1e9, "L/4", 1e9), 4,
+                                                                                "mask"))
+    assert (out / "frontier_text.png").exists()  # a data file's plots are named by its stem
+    header = next(csv.reader((out / "sweep.csv").open()))
+    assert {f.name for f in dataclasses.fields(QuickSilverConfig)} | {"tokens_halted"} <= set(header)

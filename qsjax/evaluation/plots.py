@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import io
 import itertools
+from pathlib import Path
 
 import numpy as np
 
@@ -113,11 +114,11 @@ def sweep_points(rows: list[dict], data: str, key: str) -> list[Point]:
 def sweep_frontiers(rows: list[dict], data: str) -> dict[str, bytes]:
     """A sweep's two frontiers of one data set, on linear axes over the range that matters:
     {"frontier_<data>.png": perplexity change vs executed FLOPs saved, "frontier_wallclock_<data>.png":
-    vs the scoring loop's speed-up over dense qsjax} -> PNG bytes each."""
-    figures = {}
+    vs the scoring loop's speed-up over dense qsjax} -> PNG bytes each; a data file is named by its stem."""
+    figures, tag = {}, Path(data).stem
     for key, name, xlabel, xlim in (
-        ("flops_reduction", f"frontier_{data}.png", "executed FLOPs saved vs dense (% of whole windows)", (-5, 25)),
-        ("speedup", f"frontier_wallclock_{data}.png", "wall-clock speed-up vs dense qsjax (scoring loop, x)",
+        ("flops_reduction", f"frontier_{tag}.png", "executed FLOPs saved vs dense (% of whole windows)", (-5, 25)),
+        ("speedup", f"frontier_wallclock_{tag}.png", "wall-clock speed-up vs dense qsjax (scoring loop, x)",
          (0.5, max(1.5, min(4.0, 1.1 * max(r["speedup"] for r in rows if r["data"] == data))))),
     ):
         axes = Axes(xlabel, "perplexity change vs dense", xlim, (-0.25, 2.0), band=(-0.25, 0.2), band_label="within +0.2")

@@ -222,7 +222,8 @@ def scaled_layer(layer: int, depth: int, n_layers: int) -> int:
 def preset(name: str, n_layers: int) -> QuickSilverConfig:
     """`paper`: the paper's rule (drift + entropy halting, zero K/V, fusion, Matryoshka widths) on every
     token, at qsjax's reading of its thresholds (the abstract gives none: tau_drift, tau_H, l_min = L/4,
-    tau_fuse, l_q = L/2 + 1 and the width thresholds are ours); `fast`: qsjax's calibrated setting
+    tau_fuse, l_q = L/2 + 1 and the width thresholds are ours; within +0.2 perplexity the halting
+    grid, scripts/halting_grid.py, saved at most 0.3%, in scope context, so these stay); `fast`: qsjax's calibrated setting
     (context tokens only); `long`: context selection for long prompts (see below).
 
     Depth: `fast` and `long` were calibrated on SmolLM2-135M's 30 layers (cut-off after layer 25,
