@@ -19,11 +19,13 @@ AMQ itself; "alone" runs the dense program on the replaced weights.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
+
+from benchlib import check_json_path, check_positive, check_strided, machine
+from qsjax.runtime.cli import ArgumentParser, UsageError, run_cli, write_output
 
 THRESHOLDS = {8: (0.0, 0.0), 4: (0.0, 1e9), 2: (1e9, 1e9)}
 
@@ -97,18 +99,35 @@ class MinMax:
         return nested_quantizer(None, self.group)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="c4")
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--stride", type=int, default=512)
-    p.add_argument("--max-eval-tokens", type=int, default=4096)
-    p.add_argument("--rows", default="dense,naive,alone,minmax,calibrated")
+ROWS = ("dense", "naive", "alone", "minmax", "calibrated")
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(prog="scripts/bench_amq.py", description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="c4", help="wikitext103, c4 or a text file (default c4)")
+    p.add_argument("--group-size", type=int, default=64, help="input rows per scale group (default 64)")
+    p.add_argument("--max-length", type=int, default=2048, help="strided windows' length (default 2048)")
+    p.add_argument("--stride", type=int, default=512, help="strided windows' stride (default 512)")
+    p.add_argument("--max-eval-tokens", type=int, default=4096, help="tokens scored (default 4096)")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows among {', '.join(ROWS)} (default all)")
     p.add_argument("--through-quicksilver", action="store_true",
                    help="the AMQ rows through QuickSilver's AMQ path (slow) instead of the dense program on W^(r)")
-    p.add_argument("--json", required=True)
-    args = p.parse_args(argv)
+    p.add_argument("--json", required=True, help="the report (rows already there by the same protocol are kept)")
+    return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    check_strided(args)
+    check_positive(args, "group_size", "max_eval_tokens")
+    unknown = [r for r in args.rows.split(",") if r not in ROWS]
+    if unknown:
+        raise UsageError(f"--rows: unknown row {unknown[0]!r} (choose from {', '.join(ROWS)})")
+    check_json_path(args.json)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    check_args(args)
     from qsjax.checkpoints.hf_params import load_model
     from qsjax.checkpoints.tokenizer import load_tokenizer
     from qsjax.evaluation.data import read_text, resolve_data, tokenize
@@ -125,12 +144,13 @@ def main(argv=None) -> int:
     report = {"model": model_dir.name, "data": args.data, "group_size": g,
               "protocol": {"name": "strided", "max_length": args.max_length, "stride": args.stride,
                            "max_eval_tokens": args.max_eval_tokens, "tokens": int(len(stream))},
-              "every_token_from_layer": 1,
+              "every_token_from_layer": 1, "machine": machine(),
               "amq_rows_through": "quicksilver" if args.through_quicksilver else "dense program on W^(r)",
               "perplexity": {}, "calibration": None, "commands": []}
     if os.path.exists(args.json):  # rows measured before, by the same protocol, are kept
         before = json.load(open(args.json))
         if all(before.get(k) == report[k] for k in ("data", "group_size", "protocol", "amq_rows_through")):
+            report["machine"] = before.get("machine", report["machine"])
             report.update(perplexity=before["perplexity"], calibration=before.get("calibration"),
                           commands=before.get("commands", []))
     report["commands"].append("python scripts/bench_amq.py " + " ".join(argv if argv is not None else sys.argv[1:]))
@@ -139,9 +159,7 @@ def main(argv=None) -> int:
 
     def record(rows: dict):
         report["perplexity"].update(rows)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+        write_output("--json", args.json, json.dumps(report, indent=2) + "\n")  # atomic: after every row
 
     for row in args.rows.split(","):
         if row == "dense":
@@ -160,4 +178,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)
