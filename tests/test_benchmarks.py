@@ -67,7 +67,6 @@ def run_script(name, *args, timeout=120):
     ("bench_decode_long.py", ["--repeats", "0"], "--repeats must be at least 1"),
     ("bench_decode_long.py", ["--threads", "0"], "--threads must be at least 1"),
     ("bench_decode_long.py", ["--json", "/nonexistent-dir/out.json"], "does not exist"),
-    ("bench_decode_long.py", ["--lengths", "8192"], "must fit the model's context (8192 positions)"),
     ("profile_decode_step.py", ["--places", "64"], "--places must be above 64"),
     ("profile_decode_step.py", ["--steps", "0"], "--steps must be at least 1"),
     ("profile_decode_step.py", ["--repeats", "0"], "--repeats must be at least 1"),
@@ -97,6 +96,16 @@ def test_argument_errors(script, args, message):
     assert stdout == ""
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
+
+
+@pytest.mark.slow
+def test_decode_long_refuses_prompts_past_the_context(default_model_dir):
+    """Checked once the model's config is read (the model fetched first, as the fixture does), before
+    anything is measured."""
+    status, stdout, stderr = run_script("bench_decode_long.py", "--lengths", "8192")
+    assert status == 2 and stdout == "", stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "must fit the model's context (8192 positions)" in lines[0], stderr
 
 
 def script_module(name):
