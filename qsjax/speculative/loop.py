@@ -6,7 +6,8 @@ Each step, every row that is still generating either
     (`acceptance.py`): the a accepted drafts and the model's own next token; or
   - runs a plain step: x_0 alone, one new token, as plain decoding does.
 Which of the two (for the whole batch) follows `adapt.Pace`. Rows accept different counts, so each
-row's cache grows by its own amount: row b's next token sits `lead[b]` slots after the prefill's
+row's cache grows by its own amount: row b's next token sits `lead[b]` = count[b] - 1 slots (its new
+tokens but the last, which is not cached yet) after the prefill's
 `index`; entries of rejected drafts stay where they were written, above every later query of the row
 until they are overwritten (the cache's causal rule hides them: nothing to roll back but `lead`).
 A row stops at an end token or at `max_new` tokens, as in plain decoding; the text so far (prompt and
@@ -60,18 +61,23 @@ class Tally:
 @dataclasses.dataclass(frozen=True)
 class SpecState:
     """The loop's carry: tokens emitted per row `count` [B], each row's last token [B] (not yet cached),
-    the cache and `lead` [B], which rows are done [B], the text [B, T + max_new] (the left-padded
+    the cache (row b's next entry `lead` = count - 1 slots after the prompt's), which rows are done
+    [B], the text [B, T + max_new] (the left-padded
     prompt, then the new tokens), the random key, the pace and the tally."""
 
     count: jax.Array
     token: jax.Array
     cache: object
-    lead: jax.Array
     done: jax.Array
     text: jax.Array
     rng: jax.Array
     pace: Pace
     tally: Tally
+
+    @property
+    def lead(self):
+        """[B] the slots each row has cached since the prompt: its new tokens but the last."""
+        return self.count - 1
 
 
 def run(module, cache, tokens, lead, skip: Sublayers = Sublayers()):
@@ -96,7 +102,7 @@ def start_state(loop: LoopState, prompt, spec: Speculation, max_new: int) -> Spe
     """The speculative carry after the first new token (`sampler.first_token`'s loop state)."""
     B = prompt.shape[0]
     zeros = jnp.zeros(B, jnp.int32)
-    return SpecState(jnp.ones(B, jnp.int32), loop.token, open_generated(loop.cache), zeros, loop.done | (max_new <= 1),
+    return SpecState(jnp.ones(B, jnp.int32), loop.token, open_generated(loop.cache), loop.done | (max_new <= 1),
                      jnp.concatenate([prompt.astype(jnp.int32), loop.out], axis=1), loop.rng,
                      Pace.start(spec.num_tokens), Tally(zeros, zeros, zeros, jnp.int32(0), jnp.int32(0)))
 
@@ -157,7 +163,7 @@ def speculative_loop(module, loop: LoopState, prompt, start, knobs, d: Decoding,
         tally = Tally(tally.drafted + jnp.where(drafting & verifies, n, 0),
                       tally.accepted + jnp.where(drafting & verifies, accepted, 0), tally.row_steps + live,
                       tally.verifies + verifies.astype(jnp.int32), tally.steps + 1)
-        return SpecState(count, jnp.where(live, last, s.token), cache, s.lead + jnp.where(live, accepted + 1, 0),
+        return SpecState(count, jnp.where(live, last, s.token), cache,
                          s.done | ended | (count >= d.max_new), text, rng,
                          s.pace.after(chance, verifies, mean.astype(jnp.float32)), tally)
 
