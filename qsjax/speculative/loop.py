@@ -28,7 +28,7 @@ from qsjax.dense.sampler import Decoding, LoopState, StepRecord, next_token
 from qsjax.speculative.acceptance import verdict
 from qsjax.speculative.adapt import Pace
 from qsjax.speculative.drafting import self_drafts
-from qsjax.speculative.lookup import lookup
+from qsjax.speculative.lookup import lookup as find_drafts
 from qsjax.speculative.settings import Speculation
 
 
@@ -104,7 +104,8 @@ def start_state(loop: LoopState, prompt, spec: Speculation, max_new: int) -> Spe
     zeros = jnp.zeros(B, jnp.int32)
     return SpecState(jnp.ones(B, jnp.int32), loop.token, open_generated(loop.cache), loop.done | (max_new <= 1),
                      jnp.concatenate([prompt.astype(jnp.int32), loop.out], axis=1), loop.rng,
-                     Pace.start(spec.num_tokens), Tally(zeros, zeros, zeros, jnp.int32(0), jnp.int32(0)))
+                     Pace.start(B, spec.num_tokens, spec.method == "lookup"),
+                     Tally(zeros, zeros, zeros, jnp.int32(0), jnp.int32(0)))
 
 
 def speculative_loop(module, loop: LoopState, prompt, start, knobs, d: Decoding, spec: Speculation, on_tokens=None):
@@ -116,6 +117,7 @@ def speculative_loop(module, loop: LoopState, prompt, start, knobs, d: Decoding,
     K, L = spec.num_tokens, module.cfg.n_layers
     skip = spec.drafter_skip(L)
     threshold, can_pay = spec.threshold(module.cfg), spec.can_pay(module.cfg)
+    lookup = spec.method == "lookup"
     eos = jnp.asarray(d.eos_ids if d.eos_ids else (-1,), jnp.int32)
     places = jnp.arange(T + d.max_new, dtype=jnp.int32)[None, :]
 
@@ -136,13 +138,13 @@ def speculative_loop(module, loop: LoopState, prompt, start, knobs, d: Decoding,
         rng, key = jax.random.split(s.rng)
         live = ~s.done
         room = jnp.where(live, jnp.minimum(K, d.max_new - s.count - 1), 0)  # drafts that could still be emitted
-        if spec.method == "lookup":
-            drafts, n = lookup(s.text, start, T + s.count, K, spec.max_ngram)
+        if lookup:
+            drafts, n = find_drafts(s.text, start, T + s.count, K, spec.max_ngram)
         else:
             drafts, n = jnp.zeros((B, K), jnp.int32), jnp.full(B, K, jnp.int32)
         n = jnp.minimum(n, room)
         chance = jnp.any(n > 0)
-        verifies = s.pace.verifies(chance, threshold) & can_pay
+        verifies = s.pace.verifies(chance, threshold, lookup) & can_pay
         accepted, tokens, cache = jax.lax.cond(verifies, verify, plain, s, drafts, n, key)
         accepted = jnp.minimum(accepted, n)
         emit = jnp.where(live, accepted + 1, 0)  # [B] tokens each row emits
@@ -165,7 +167,8 @@ def speculative_loop(module, loop: LoopState, prompt, start, knobs, d: Decoding,
                       tally.verifies + verifies.astype(jnp.int32), tally.steps + 1)
         return SpecState(count, jnp.where(live, last, s.token), cache,
                          s.done | ended | (count >= d.max_new), text, rng,
-                         s.pace.after(chance, verifies, mean.astype(jnp.float32)), tally)
+                         s.pace.after(chance, verifies, mean.astype(jnp.float32), drafts, n, tokens[:, 0], live,
+                                      lookup), tally)
 
     s = jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, start_state(loop, prompt, spec, d.max_new))
     out = jnp.where(places[:, T:] - T < s.count[:, None], s.text[:, T:], d.pad_id)
