@@ -20,6 +20,11 @@ T queries would need a second pass over the T x T scores). Keys keep the RoPE ro
 original positions and a new token's position counts on from the prompt length (no re-rotation
 into cache places), so the sequence must fit the model's context as without eviction. A budget that
 holds the prompt and every new token never evicts: the cache is the dense one.
+
+Speculative decoding (`run_attend`, `commit`): a pass of T tokens per row enters each layer token by
+token, as T decode steps would, on a copy of the layer; after the verdict `commit` lets in each
+row's kept tokens only, replaying them through the same rule on the cache before the pass (same
+places, same scores), so every token sees the cache plain decoding with eviction shows it.
 """
 
 from __future__ import annotations
