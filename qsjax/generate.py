@@ -223,7 +223,7 @@ def load_generator(args, prompts: list[str]):
     eviction, speculation = eviction_from_args(args, qs.enabled), speculation_from_args(args, model_dir, cfg.n_layers)
     if speculation is not None:
         try:  # a drafter the model or the other options do not allow
-            check_speculation(speculation, qs if qs.enabled else None, eviction, cfg.n_layers)
+            check_speculation(speculation, qs if qs.enabled else None, cfg.n_layers)
         except ValueError as e:
             raise UsageError(str(e)) from None
     tokenizer = load_tokenizer_checked(args.model, model_dir)

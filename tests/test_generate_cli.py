@@ -2,6 +2,7 @@
 byte-level BPE tokenizer: error paths (exit status 2, one `error:` line, no traceback), streaming,
 prompt batches, sampling seeds, the persistent compilation cache, and one run of the real default model."""
 
+import json
 import os
 import re
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import save_tiny_gpt2_with_tokenizer
 
+from qsjax.kvpolicy.eviction import Eviction
 from qsjax.runtime.generator import Generator
 from qsjax.checkpoints.hf_params import load_model
 from qsjax.checkpoints.tokenizer import load_tokenizer
@@ -63,7 +65,7 @@ ERROR_NAMES = [
     "prompt + new tokens > context", "temperature -1", "top-p 0", "top-p 1.5", "top-k -1", "max-new-tokens 0",
     "empty prompt", "prompts file not UTF-8", "prompts file missing", "no prompt", "prompt and prompts file",
     "unknown flag", "bad type", "bad choice", "lookup 0 tokens", "two drafters", "ngram without lookup",
-    "early exit past the model", "speculation under scope all", "speculation with eviction",
+    "early exit past the model", "speculation under scope all",
     "self-speculation without a stored set", "self-speculation with a damaged store", "skip-sublayers syntax",
     "skip-sublayers past the model", "self-speculation and lookup", "assistant tokens alone",
 ]  # fmt: skip
@@ -102,7 +104,6 @@ def error_cases(model: Path, tmp: Path) -> dict:
         "early exit past the model": ([*m, "Hi", "--assistant-early-exit", 2], "below the model's 2 layers"),
         "speculation under scope all": ([*m, "Hi", "--prompt-lookup-num-tokens", 4, "--quicksilver", "paper"],
                                         "scope context"),
-        "speculation with eviction": ([*m, "Hi", "--prompt-lookup-num-tokens", 4, "--kv-budget", 16], "eviction"),
         "self-speculation without a stored set": ([*m, "Hi", "--self-speculation"], "python -m qsjax.speculative.search"),
         "self-speculation with a damaged store": (["--model", damaged_store(model, tmp), "Hi", "--self-speculation"],
                                                   "cannot be used (not a qsjax self-draft 1 file)"),
@@ -194,6 +195,21 @@ def test_sampling_is_reproducible_per_seed(tiny_gpt2, cache_dir):
     two = run_generate(*args, "--seed", 2, cache=cache_dir)
     assert one[0] == again[0] == two[0] == 0, one[2]
     assert one[1] == again[1] and one[1] != two[1]
+
+
+def test_speculation_with_eviction(tiny_gpt2, cache_dir, tmp_path):
+    """Prompt lookup with --kv-budget: drafts verified on the evicting cache, and the text plain
+    decoding with the same eviction gives."""
+    prompt = "The quick brown The quick"
+    args = ["--model", tiny_gpt2, prompt, "--max-new-tokens", 12, "--kv-budget", 8, "--kv-evict", "h2o", "--n-sink", 2]
+    status, out, err = run_generate(*args, "--prompt-lookup-num-tokens", 3, "--json", tmp_path / "report.json",
+                                    cache=cache_dir)
+    assert status == 0, err
+    gen = Generator(load_model(tiny_gpt2), load_tokenizer(tiny_gpt2), eviction=Eviction("h2o", 8, n_sink=2))
+    want = gen([gen.encode(prompt)], max_new_tokens=12)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (report["prompt_tokens"], report["new_tokens"]) == (want.prompt_tokens[0], len(want.token_ids[0]))
+    assert out == want.texts[0] + "\n" and report["speculation"]["verify_steps"] > 0
 
 
 @pytest.mark.slow

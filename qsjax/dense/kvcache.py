@@ -75,12 +75,13 @@ class KVCache:
         """Position of the next token (slot `index`), per row.  -> [B] int32"""
         return self.index - self.start
 
-    def write(self, layer: int, k, v, place=None) -> KVCache:
-        """Layer `layer`'s (0-based) key and value of the next token (slot `index`), at place `fill[layer]`
-        of every row, or at place[b] of row b (place [B] int32).  k, v [B, 1, K, Dh]"""
+    def write(self, layer: int, k, v, place=None, slot=None) -> KVCache:
+        """Layer `layer`'s (0-based) key and value of the next token (slot `index`, or slot[b] in row b:
+        slot [B] int32), at place `fill[layer]` of every row, or at place[b] of row b (place [B] int32).
+        k, v [B, 1, K, Dh]"""
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, 1, Dh]
         B = k.shape[0]
-        new_slot = jnp.broadcast_to(self.index, (B, 1)).astype(jnp.int32)
+        new_slot = jnp.broadcast_to(self.index if slot is None else slot[:, None], (B, 1)).astype(jnp.int32)
         axis = lambda buf: 2 if buf.ndim == 4 else 1  # the place axis of k, v [B, K, S, Dh] and slot [B, S]
         if place is None:
             put = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x, self.fill[layer], axis(buf))
@@ -117,10 +118,11 @@ class KVCache:
         late = (read.max() > jnp.inf).astype(jnp.int32)  # 0
         return dataclasses.replace(self, fill=self.fill + late)
 
-    def attention(self, layer: int, q, key_mask=None, key_bias=None, rule=PLAIN):
-        """The next token's query over layer `layer`'s entries (its own included).  -> [B, 1, H, Dh]"""
+    def attention(self, layer: int, q, key_mask=None, key_bias=None, rule=PLAIN, q_slot=None):
+        """The next token's query over layer `layer`'s entries (its own included); its slot `index`, or
+        q_slot[b] in row b (q_slot [B]).  -> [B, 1, H, Dh]"""
         slot = self.slot[layer]
-        q_slot = jnp.broadcast_to(self.index, (slot.shape[0], 1))
+        q_slot = jnp.broadcast_to(self.index if q_slot is None else q_slot[:, None], (slot.shape[0], 1))
         ok = jnp.ones(slot.shape, bool) if key_mask is None else key_mask
         return attention_heads_major(q, self.k[layer], self.v[layer], q_slot, slot, ok, key_bias, self_visible=True,
                                      rule=rule)

@@ -20,11 +20,17 @@ T queries would need a second pass over the T x T scores). Keys keep the RoPE ro
 original positions and a new token's position counts on from the prompt length (no re-rotation
 into cache places), so the sequence must fit the model's context as without eviction. A budget that
 holds the prompt and every new token never evicts: the cache is the dense one.
+
+Speculative decoding (`run_attend`, `commit`): a pass of T tokens per row enters each layer token by
+token, as T decode steps would, on a copy of the layer; after the verdict `commit` lets in each
+row's kept tokens only, replaying them through the same rule on the cache before the pass (same
+places, same scores), so every token sees the cache plain decoding with eviction shows it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,15 +68,27 @@ class Eviction:
         return self.budget // 2 if self.recent is None else self.recent
 
 
+class Run(NamedTuple):
+    """A run of T tokens per row through one layer (speculative decoding), noted for `commit`:
+    q [B, T, H, Dh], k, v [B, T, K, Dh], lead [B] (row b's token j has slot index + lead[b] + j)."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    lead: jax.Array
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class EvictingCache:
     """A KVCache of at most `rule.budget` places per layer, and each place's accumulated attention
-    (L x [B, S]; H2O's a_j, zeros under StreamingLLM)."""
+    (L x [B, S]; H2O's a_j, zeros under StreamingLLM). `pending`: the last run's tokens per layer
+    (None where it skipped the layer) until `commit`; () outside speculative decoding."""
 
     kv: KVCache
     score: tuple[jax.Array, ...]
     rule: Eviction = dataclasses.field(metadata=dict(static=True))
+    pending: tuple = ()
 
     def positions(self):
         return self.kv.positions()
@@ -79,29 +97,108 @@ class EvictingCache:
         return dataclasses.replace(self, kv=self.kv.advance())
 
     def keep_rank(self, layer: int, score):
-        """How strongly the rule keeps each place: -inf free, +inf protected, else a_j (h2o) or the
-        slot (streaming: older first out).  score [B, S] -> [B, S] float32"""
-        kv, rule = self.kv, self.rule
-        slot = kv.slot[layer]
-        position = slot - kv.start[:, None]
-        protected = (position < rule.n_sink) | (slot >= kv.index - rule.window)
-        rank = score if rule.policy == "h2o" else slot.astype(jnp.float32)
-        return jnp.where(slot == EMPTY, -jnp.inf, jnp.where(protected, jnp.inf, rank))
+        """`keep_rank` for the next token (slot `index`).  score [B, S] -> [B, S] float32"""
+        index = jnp.broadcast_to(self.kv.index, self.kv.start.shape)
+        return keep_rank(self.rule, self.kv.slot[layer], score, self.kv.start, index)
+
+    def admit(self, layer: int, q, k, v, q_slot, free, take=None) -> EvictingCache:
+        """One token per row enters layer `layer` (0-based): into place free[b] while the layer has room,
+        else into the victim's, then (H2O) every entry gains the attention its query gives it (its own
+        entry starts from 0).  q [B, 1, H, Dh], k, v [B, 1, K, Dh], q_slot [B] (its slot), free [B];
+        take [B] bool: the rows it enters (None: all; the others stay as they are)."""
+        kv, score = self.kv, self.score[layer]
+        victim = jnp.argmin(keep_rank(self.rule, kv.slot[layer], score, kv.start, q_slot), axis=-1)
+        place = jnp.where(free >= kv.length(layer), victim, free).astype(jnp.int32)
+        kv = kv.write(layer, k, v, place, q_slot)
+        if self.rule.policy == "h2o":
+            mine = jnp.arange(score.shape[1])[None, :] == place[:, None]
+            got = received(q, kv.k[layer], q_slot[:, None], kv.slot[layer], jnp.ones(q.shape[:2], bool))
+            score = jnp.where(mine, 0.0, score) + got
+        if take is not None:  # the other rows keep the layer as it was
+            pick = lambda new, old: jnp.where(take.reshape(-1, *(1,) * (new.ndim - 1)), new, old)
+            kv = dataclasses.replace(kv, k=replace(kv.k, layer, pick(kv.k[layer], self.kv.k[layer])),
+                                     v=replace(kv.v, layer, pick(kv.v[layer], self.kv.v[layer])),
+                                     slot=replace(kv.slot, layer, pick(kv.slot[layer], self.kv.slot[layer])))
+            score = pick(score, self.score[layer])
+        return dataclasses.replace(self, kv=kv, score=replace(self.score, layer, score))
 
     def attend(self, layer: int, q, k, v, key_mask=None, key_bias=None, rule=PLAIN):
         """`KVCache.attend`, the new token in a free place or in the victim's (rule: the layer's attention rule)."""
-        kv, score = self.kv, self.score[layer]
-        full = kv.fill[layer] >= kv.length(layer)
-        place = jnp.where(full, jnp.argmin(self.keep_rank(layer, score), axis=-1), kv.fill[layer]).astype(jnp.int32)
-        kv = kv.write(layer, k, v, place)
-        o = kv.attention(layer, q, key_mask, key_bias, rule)
-        if self.rule.policy == "h2o":
-            mine = jnp.arange(score.shape[1])[None, :] == place[:, None]
-            q_slot = jnp.broadcast_to(kv.index, (q.shape[0], 1))
-            got = received(q, kv.k[layer], q_slot, kv.slot[layer], jnp.ones(q.shape[:2], bool))
-            score = jnp.where(mine, 0.0, score) + got
-        scores = tuple(score if i == layer else s for i, s in enumerate(self.score))
-        return EvictingCache(kv, scores, self.rule), o
+        B = q.shape[0]
+        q_slot = jnp.broadcast_to(self.kv.index, (B,))
+        cache = self.admit(layer, q, k, v, q_slot, jnp.broadcast_to(self.kv.fill[layer], (B,)))
+        return cache, cache.kv.attention(layer, q, key_mask, key_bias, rule, q_slot)
+
+    def run_attend(self, layer: int, q, k, v, lead, key_mask=None, key_bias=None, rule=PLAIN):
+        """A run of T tokens per row (speculative decoding: a row's last token and its drafts), each
+        entering and attending as `attend`'s token would at its slot index + lead[b] + j, one after
+        another (a scan over the run, on a copy of the layer). The cache returned is this one with the
+        run noted: `commit` lets in the tokens the verdict keeps.  q [B, T, H, Dh], k, v [B, T, K, Dh],
+        lead [B]; key_mask, key_bias [B, S_l] or None  -> cache, o [B, T, H, Dh]"""
+
+        def step(one: EvictingCache, x):
+            qj, kj, vj, slot, free = x  # [B, H, Dh], [B, K, Dh] x 2, [B], [B]
+            one = one.admit(0, qj[:, None], kj[:, None], vj[:, None], slot, free)
+            return one, one.kv.attention(0, qj[:, None], key_mask, key_bias, rule, slot)[:, 0]
+
+        _, o = jax.lax.scan(step, self.one_layer(layer), self.tokens(layer, Run(q, k, v, lead)))
+        pending = self.pending or (None,) * len(self.score)
+        return dataclasses.replace(self, pending=replace(pending, layer, Run(q, k, v, lead))), o.transpose(1, 0, 2, 3)
+
+    def commit(self, emit) -> EvictingCache:
+        """The noted run's first emit[b] tokens of row b enter every layer it ran through, as they did in
+        the run (its queries, keys and values; the rule is deterministic: the same places, the same
+        scores), and the rest leave no trace: the cache plain decoding would hold after them.  emit [B]"""
+        cache = dataclasses.replace(self, pending=())
+        for layer, run in enumerate(self.pending):
+            if run is None:
+                continue
+
+            def step(one: EvictingCache, x):
+                j, (qj, kj, vj, slot, free) = x
+                return one.admit(0, qj[:, None], kj[:, None], vj[:, None], slot, free, j < emit), None
+
+            T = run.q.shape[1]
+            one, _ = jax.lax.scan(step, cache.one_layer(layer), (jnp.arange(T), cache.tokens(layer, run)))
+            cache = cache.with_layer(layer, one)
+        return cache
+
+    def tokens(self, layer: int, run: Run):
+        """A run's tokens in order, for a scan: q, k, v [T, B, ...], their slots and free places [T, B]."""
+        T = run.q.shape[1]
+        slots = self.kv.run_slots(run.lead, T).T  # [T, B]
+        free = slots - self.kv.index + self.kv.fill[layer]
+        first = lambda x: x.swapaxes(0, 1)
+        return first(run.q), first(run.k), first(run.v), slots, free
+
+    def one_layer(self, layer: int) -> EvictingCache:
+        """Layer `layer` alone (a one-layer cache, the same rows and slots): what a scan over a run's
+        tokens carries, so that it copies and updates only that layer."""
+        kv = self.kv
+        one = KVCache((kv.k[layer],), (kv.v[layer],), (kv.slot[layer],), kv.start, kv.index, kv.fill[layer][None])
+        return EvictingCache(one, (self.score[layer],), self.rule)
+
+    def with_layer(self, layer: int, one: EvictingCache) -> EvictingCache:
+        """This cache with layer `layer` taken from a one-layer cache (`one_layer`)."""
+        kv = self.kv
+        kv = dataclasses.replace(kv, k=replace(kv.k, layer, one.kv.k[0]), v=replace(kv.v, layer, one.kv.v[0]),
+                                 slot=replace(kv.slot, layer, one.kv.slot[0]))
+        return dataclasses.replace(self, kv=kv, score=replace(self.score, layer, one.score[0]))
+
+
+def replace(items: tuple, i: int, item) -> tuple:
+    """The tuple with its i-th element replaced."""
+    return tuple(item if j == i else x for j, x in enumerate(items))
+
+
+def keep_rank(rule: Eviction, slot, score, start, q_slot):
+    """How strongly the rule keeps each place when the token of slot q_slot[b] enters row b: -inf free,
+    +inf protected (a sink, or under H2O one of the `window` tokens before it), else a_j (h2o) or the
+    slot (streaming: older first out).  slot [B, S] int32, score [B, S], start, q_slot [B] -> [B, S] float32"""
+    position = slot - start[:, None]
+    protected = (position < rule.n_sink) | (slot >= q_slot[:, None] - rule.window)
+    rank = score if rule.policy == "h2o" else slot.astype(jnp.float32)
+    return jnp.where(slot == EMPTY, -jnp.inf, jnp.where(protected, jnp.inf, rank))
 
 
 def received(q, kh, q_slot, k_slot, q_ok):

@@ -81,8 +81,8 @@ class Generator:
                  eviction: Eviction | None = None, speculation: Speculation | None = None):
         """`mesh`: a qsjax.runtime.sharding mesh to shard the model over (after AMQ quantization, so that the
         int8 weights are placed by the same rules); `eviction`: hold the dense cache to a budget;
-        `speculation`: decode speculatively (`qsjax.speculative`), on the dense cache or a QuickSilver
-        prompt's (scope context)."""
+        `speculation`: decode speculatively (`qsjax.speculative`), on the dense cache, an evicting one or
+        a QuickSilver prompt's (scope context)."""
         self.quicksilver = quicksilver if quicksilver is not None and quicksilver.enabled else None
         self.kv_dtype = model.dtype  # the float model's: its keys and values (AMQ may store int8 weights)
         if eviction is not None and self.quicksilver is not None:
@@ -90,7 +90,7 @@ class Generator:
         self.eviction = eviction
         self.speculation = speculation
         if speculation is not None:
-            check_speculation(speculation, self.quicksilver, eviction, model.cfg.n_layers)
+            check_speculation(speculation, self.quicksilver, model.cfg.n_layers)
         self.model = model if self.quicksilver is None else prepare(model, self.quicksilver)
         if mesh is not None:
             from qsjax.runtime.sharding import shard_model
@@ -283,11 +283,10 @@ class Generator:
                 "generated": generated_to_json(self.quicksilver, self.model.cfg.n_layers, record.decoded, record.info)}
 
 
-def check_speculation(spec: Speculation, quicksilver: QuickSilverConfig | None, eviction, n_layers: int) -> None:
+def check_speculation(spec: Speculation, quicksilver: QuickSilverConfig | None, n_layers: int) -> None:
     """ValueError where speculative decoding cannot run: every generated token must go through the
-    whole model on a cache it can verify on (dense, or a QuickSilver prompt's under scope context)."""
-    if eviction is not None:
-        raise ValueError("speculative decoding verifies on the full cache; it does not run with eviction")
+    whole model on a cache it can verify on (dense, evicting, or a QuickSilver prompt's under scope
+    context)."""
     if quicksilver is not None and quicksilver.scope == "all":
         raise ValueError("speculative decoding needs every generated token through the whole model: QuickSilver "
                          "scope context (e.g. --quicksilver long), not scope all")

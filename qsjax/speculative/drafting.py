@@ -6,7 +6,8 @@ greedily, one pass each, through the same cache:
 
 A skipped sublayer leaves the residual stream as it is (`dense.model.Sublayers`); the layers that run
 write their keys and values at the drafts' places, which the verify pass then overwrites with the
-full model's. An early exit (LayerSkip's drafter; transformers' `assistant_early_exit`) is the set
+full model's (an evicting cache, whose drafting passes evicted, is verified on as it was before
+them: `loop.after_drafting`). An early exit (LayerSkip's drafter; transformers' `assistant_early_exit`) is the set
 "every sublayer above layer E". Which set drafts best is measured on shipped text (`search.py`).
 """
 

@@ -10,6 +10,8 @@ row's cache grows by its own amount: row b's next token sits `lead[b]` = count[b
 tokens but the last, which is not cached yet) after the prefill's
 `index`; entries of rejected drafts stay where they were written, above every later query of the row
 until they are overwritten (the cache's causal rule hides them: nothing to roll back but `lead`).
+An evicting cache (`kvpolicy.eviction`) has evicted for every token of a pass, so it lets in only
+the tokens kept (`commit`): each token sees the cache plain decoding with eviction would show it.
 A row stops at an end token or at `max_new` tokens, as in plain decoding; the text so far (prompt and
 generated tokens) is what prompt lookup searches.
 """
@@ -25,6 +27,7 @@ from jax.experimental import io_callback
 from qsjax.dense.kvcache import KVCache
 from qsjax.dense.model import Sublayers, run_step
 from qsjax.dense.sampler import Decoding, LoopState, StepRecord, next_token
+from qsjax.kvpolicy.eviction import EvictingCache
 from qsjax.speculative.acceptance import verdict
 from qsjax.speculative.adapt import Pace
 from qsjax.speculative.drafting import self_drafts
@@ -81,12 +84,35 @@ class SpecState:
 
 
 def run(module, cache, tokens, lead, skip: Sublayers = Sublayers()):
-    """`run_step` through any cache a prompt leaves for decoding (dense, or QuickSilver's masked or
-    compacted one, whose mask and score bias show every generated place).  -> logits [B, T, V], cache"""
-    if isinstance(cache, KVCache):
+    """`run_step` through any cache a prompt leaves for decoding (dense, evicting, or QuickSilver's
+    masked or compacted one, whose mask and score bias show every generated place); `commit` then
+    keeps what the verdict accepts.  -> logits [B, T, V], cache"""
+    if isinstance(cache, (KVCache, EvictingCache)):
         return run_step(module, cache, tokens, lead, skip=skip)
     logits, kv = run_step(module, cache.kv, tokens, lead, getattr(cache, "visible", None), cache.bias, skip)
     return logits, dataclasses.replace(cache, kv=kv)
+
+
+def commit(cache, emit):
+    """The cache after a run whose first emit[b] tokens row b keeps (its last token and the drafts
+    accepted; the model's next token is not cached yet). A dense or QuickSilver cache needs nothing:
+    the rest lie above the row's next slot, hidden and later overwritten (`lead`). An evicting cache
+    has evicted for every token of the run: it lets in the kept ones only (`EvictingCache.commit`)."""
+    return cache.commit(emit) if isinstance(cache, EvictingCache) else cache
+
+
+def run_kept(module, cache, tokens, lead, skip: Sublayers = Sublayers()):
+    """`run` with every token of the run kept (a drafting pass).  -> logits [B, T, V], cache"""
+    logits, cache = run(module, cache, tokens, lead, skip)
+    return logits, commit(cache, jnp.full(lead.shape, tokens.shape[1], jnp.int32))
+
+
+def after_drafting(before, drafted):
+    """The cache a verify pass starts from after self-drafting passes went from `before` to `drafted`:
+    the drafted one where the drafter's entries lie above every row's next slot (dense, QuickSilver:
+    the verify pass overwrites them, and the cache is not copied), the one before where drafting
+    evicted entries (an evicting cache)."""
+    return before if isinstance(before, EvictingCache) else drafted
 
 
 def open_generated(cache):
@@ -124,13 +150,14 @@ def speculative_loop(module, loop: LoopState, prompt, start, knobs, d: Decoding,
     def verify(s: SpecState, drafts, n, key):
         cache = s.cache
         if spec.method != "lookup":
-            drafts, cache = self_drafts(run, module, cache, s.token, s.lead, K, skip)
+            drafts, drafted = self_drafts(run_kept, module, cache, s.token, s.lead, K, skip)
+            cache = after_drafting(cache, drafted)
         logits, cache = run(module, cache, jnp.concatenate([s.token[:, None], drafts], axis=1), s.lead)
         v = verdict(logits, drafts, n, key, d.sampling, *knobs)
-        return v.accepted, v.tokens, cache
+        return v.accepted, v.tokens, commit(cache, v.accepted + 1)
 
     def plain(s: SpecState, drafts, n, key):
-        logits, cache = run(module, s.cache, s.token[:, None], s.lead)
+        logits, cache = run_kept(module, s.cache, s.token[:, None], s.lead)
         tok = next_token(logits[:, 0], key, d.sampling, *knobs)
         return jnp.zeros(B, jnp.int32), jnp.zeros((B, K + 1), jnp.int32).at[:, 0].set(tok), cache
 
