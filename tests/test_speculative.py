@@ -63,7 +63,7 @@ def generators(model, spec, qs=None, eos=()):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "llama-deep"])
-@pytest.mark.parametrize("spec", [Speculation("lookup", 4, 2, break_even=0.0), Speculation("exit", 3, exit_layer=1)],
+@pytest.mark.parametrize("spec", [Speculation("lookup", 4, 2, break_even=0.0), Speculation("exit", 3, exit_layer=1, break_even=0.0)],
                          ids=["lookup", "exit"])
 def test_greedy_output_is_plain_greedy(name, spec, tiny_models, rng):
     """Token for token, a batch of rows that accept different counts; drafts were accepted (the

@@ -18,7 +18,7 @@ from qsjax.speculative.settings import Speculation
 P, R = 12, 5  # prompt tokens, a run's tokens
 START = np.array([0, 4])  # the second row is left-padded by 4
 NEW = 24
-LOOKUP, EXIT = Speculation("lookup", 4, 2, break_even=0.0), Speculation("exit", 3, exit_layer=1)
+LOOKUP, EXIT = Speculation("lookup", 4, 2, break_even=0.0), Speculation("exit", 3, exit_layer=1, break_even=0.0)
 RULES = {"streaming": Eviction("streaming", budget=8, n_sink=2), "h2o": Eviction("h2o", budget=8, n_sink=2, recent=2)}
 
 

@@ -63,8 +63,8 @@ def test_can_pay_at_the_best_acceptance(tiny_models):
     assert expected_accepted(0.5, 3) == pytest.approx(0.875)
     exit_ = Speculation("exit", 4, exit_layer=cfg.n_layers - 1)
     assert exit_.threshold(cfg) > expected_accepted(BEST_ACCEPTANCE, 4) and not exit_.can_pay(cfg)
-    assert Speculation("exit", 4, exit_layer=1, break_even=0.0).can_pay(cfg) == (
-        Speculation("exit", 4, exit_layer=1, break_even=0.0).threshold(cfg) < expected_accepted(BEST_ACCEPTANCE, 4))
+    cheap = Speculation("exit", 4, exit_layer=1, break_even=0.0)  # a drafter reading little of the weights
+    assert cheap.threshold(cfg) < expected_accepted(BEST_ACCEPTANCE, 4) and cheap.can_pay(cfg)
     assert Speculation("lookup", 4, break_even=3.9).can_pay(cfg)
     assert not Speculation("lookup", 4, break_even=4.0).can_pay(cfg)
 
