@@ -278,11 +278,14 @@ def targets(groups: dict, hf_lookup: int) -> dict:
 
 
 def verify_cost(model, ids: list[int], ks, repeats: int) -> dict:
-    """Seconds of a `run_step` of K + 1 tokens over a plain step's (T = 1), after the prompt `ids`."""
+    """Seconds of a `run_step` of K + 1 tokens over a plain step's (T = 1), after the prompt `ids`; and
+    of its LM head alone (`lm_head_seconds`: final norm and head over T positions), where the pass's
+    extra rows cost most."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
+    from qsjax.dense.blocks import lm_logits
     from qsjax.dense.model import run_step
     from qsjax.runtime.buckets import cache_slots, prompt_bucket
 
@@ -293,8 +296,12 @@ def verify_cost(model, ids: list[int], ks, repeats: int) -> dict:
     step = jax.jit(lambda state, cache, run: run_step(model.module(state), cache, run, jnp.zeros(1, jnp.int32))[0])
     seconds = {t: timed(lambda: step(model.state, cache, jnp.zeros((1, t), jnp.int32)), repeats)
                for t in sorted({1, *(k + 1 for k in ks)})}
+    head = jax.jit(lambda state, x: lm_logits(model.module(state), x))
+    head_seconds = {t: timed(lambda: head(model.state, jnp.ones((1, t, model.cfg.d_model), jnp.float32)), repeats)
+                    for t in seconds}
     return {"prompt_tokens": len(ids), "cache_slots": cache.length(), "seconds": {str(t): s for t, s in seconds.items()},
-            "cost_over_plain_step": {str(t): seconds[t] / seconds[1] for t in seconds if t > 1}}
+            "cost_over_plain_step": {str(t): seconds[t] / seconds[1] for t in seconds if t > 1},
+            "lm_head_seconds": {str(t): s for t, s in head_seconds.items()}}
 
 
 def format_table(report: dict) -> str:
@@ -312,6 +319,9 @@ def format_table(report: dict) -> str:
             lines.append(f"  {k}: {fmt(r, '.2f')}")
     cost = report["verify_cost"]["cost_over_plain_step"]
     lines.append("verify pass of T tokens / plain step: " + ", ".join(f"T={t} {c:.2f}" for t, c in cost.items()))
+    head, whole = report["verify_cost"]["lm_head_seconds"], report["verify_cost"]["seconds"]
+    lines.append("of which the LM head: " + ", ".join(f"T={t} {1e3 * head[t]:.1f} of {1e3 * whole[t]:.1f} ms"
+                                                      for t in whole))
     return "\n".join(lines)
 
 

@@ -5,7 +5,9 @@ Each step, every row that is still generating either
     (`dense.model.run_step`, through the same cache), and it emits the a + 1 tokens the verdict gives
     (`acceptance.py`): the a accepted drafts and the model's own next token; or
   - runs a plain step: x_0 alone, one new token, as plain decoding does.
-Which of the two (for the whole batch) follows `adapt.Pace`. Rows accept different counts, so each
+Which of the two (for the whole batch) follows `adapt.Pace`: plain steps run in a loop of their own
+while it says drafting does not pay (as plain decoding's do: no branch per step, which would cost
+each step a copy of the cache on XLA:CPU), and a verify pass follows when it says it does. Rows accept different counts, so each
 row's cache grows by its own amount: row b's next token sits `lead[b]` = count[b] - 1 slots (its new
 tokens but the last, which is not cached yet) after the prefill's
 `index`; entries of rejected drafts stay where they were written, above every later query of the row
@@ -161,18 +163,24 @@ def speculative_loop(module, loop: LoopState, prompt, start, knobs, d: Decoding,
         tok = next_token(logits[:, 0], key, d.sampling, *knobs)
         return jnp.zeros(B, jnp.int32), jnp.zeros((B, K + 1), jnp.int32).at[:, 0].set(tok), cache
 
-    def body(s: SpecState) -> SpecState:
-        rng, key = jax.random.split(s.rng)
-        live = ~s.done
-        room = jnp.where(live, jnp.minimum(K, d.max_new - s.count - 1), 0)  # drafts that could still be emitted
+    def drafts_of(s: SpecState):
+        """The drafts each row has now: drafts [B, K], n [B] of them (those that could still be emitted)."""
+        room = jnp.where(~s.done, jnp.minimum(K, d.max_new - s.count - 1), 0)
         if lookup:
             drafts, n = find_drafts(s.text, start, T + s.count, K, spec.max_ngram)
         else:
             drafts, n = jnp.zeros((B, K), jnp.int32), jnp.full(B, K, jnp.int32)
-        n = jnp.minimum(n, room)
-        chance = jnp.any(n > 0)
-        verifies = s.pace.verifies(chance, threshold, lookup) & can_pay
-        accepted, tokens, cache = jax.lax.cond(verifies, verify, plain, s, drafts, n, key)
+        return drafts, jnp.minimum(n, room)
+
+    def wants_verify(s: SpecState):
+        return s.pace.verifies(jnp.any(drafts_of(s)[1] > 0), threshold, lookup)
+
+    def step(s: SpecState, verifies: bool) -> SpecState:
+        """A verify pass (verifies) or a plain step, and what it emits."""
+        rng, key = jax.random.split(s.rng)
+        live = ~s.done
+        drafts, n = drafts_of(s)
+        accepted, tokens, cache = (verify if verifies else plain)(s, drafts, n, key)
         accepted = jnp.minimum(accepted, n)
         emit = jnp.where(live, accepted + 1, 0)  # [B] tokens each row emits
         is_eos = jnp.isin(tokens, eos) & (jnp.arange(K + 1)[None, :] < emit[:, None])
@@ -188,16 +196,24 @@ def speculative_loop(module, loop: LoopState, prompt, start, knobs, d: Decoding,
         last = jnp.take_along_axis(tokens, jnp.maximum(emit - 1, 0)[:, None], axis=1)[:, 0]
         drafting = (n > 0) & live
         mean = jnp.sum(jnp.where(drafting, accepted, 0)) / jnp.maximum(1, jnp.sum(drafting))
-        tally = s.tally
-        tally = Tally(tally.drafted + jnp.where(drafting & verifies, n, 0),
-                      tally.accepted + jnp.where(drafting & verifies, accepted, 0), tally.row_steps + live,
-                      tally.verifies + verifies.astype(jnp.int32), tally.steps + 1)
-        return SpecState(count, jnp.where(live, last, s.token), cache,
-                         s.done | ended | (count >= d.max_new), text, rng,
-                         s.pace.after(chance, verifies, mean.astype(jnp.float32), drafts, n, tokens[:, 0], live,
-                                      lookup), tally)
+        tally, verified = s.tally, jnp.asarray(verifies)
+        tally = Tally(tally.drafted + jnp.where(drafting & verified, n, 0),
+                      tally.accepted + jnp.where(drafting & verified, accepted, 0), tally.row_steps + live,
+                      tally.verifies + verified.astype(jnp.int32), tally.steps + 1)
+        pace = s.pace.after(jnp.any(n > 0), verified, mean.astype(jnp.float32), drafts, n, tokens[:, 0], live, lookup)
+        return SpecState(count, jnp.where(live, last, s.token), cache, s.done | ended | (count >= d.max_new), text,
+                         rng, pace, tally)
 
-    s = jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, start_state(loop, prompt, spec, d.max_new))
+    def phase(s: SpecState) -> SpecState:
+        """Plain steps while drafting does not pay (a loop of its own, as plain decoding's: no branch
+        per step), then one verify pass unless every row is done."""
+        plain_on = (lambda s: ~jnp.all(s.done) & ~wants_verify(s)) if can_pay else (lambda s: ~jnp.all(s.done))
+        s = jax.lax.while_loop(plain_on, lambda s: step(s, False), s)
+        if not can_pay:
+            return s
+        return jax.lax.cond(jnp.all(s.done), lambda s: s, lambda s: step(s, True), s)
+
+    s = jax.lax.while_loop(lambda s: ~jnp.all(s.done), phase, start_state(loop, prompt, spec, d.max_new))
     out = jnp.where(places[:, T:] - T < s.count[:, None], s.text[:, T:], d.pad_id)
     steps = jnp.arange(d.max_new)[None, :]
     record = StepRecord(steps < (s.count - 1)[:, None], loop.record.info)
