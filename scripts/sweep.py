@@ -140,15 +140,18 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_sweep(args, pick, csv_fields: tuple[str, ...] = ()) -> None:
+def run_sweep(args, pick, csv_fields: tuple[str, ...] = (), store=None) -> list[dict]:
     """Evaluate dense and then each variant `pick(n_layers)` gives (policy, label, config) on every
     --data, writing OUT/sweep.json and sweep.csv after each row (with the QuickSilverConfig
-    fields `csv_fields` as extra columns), then the plots. args: --model, --data, --out, --max-length,
-    --stride, --max-eval-tokens and (optional) --heatmap, already checked (`check_args`)."""
+    fields `csv_fields` as extra columns), then the plots; returns the rows. args: --model, --data,
+    --out, --max-length, --stride, --max-eval-tokens and (optional) --heatmap, already checked
+    (`check_args`). store: the calibrated AMQ store variants with AMQ quantize with (None: naive);
+    each row's `weights` names the store that ran."""
     from qsjax.runtime.compilecache import enable_compilation_cache
     from qsjax.evaluation.data import read_text, tokenize
     from qsjax.checkpoints.load import load_model_checked, load_tokenizer_checked, read_config
     from qsjax.evaluation.perplexity import Scorer, evaluate, strided_windows
+    from qsjax.quicksilver.amqstore import weights_report
     from qsjax.quicksilver.scorer import QuickSilverScorer, evaluate_quicksilver
     from qsjax.weights import resolve_model
 
@@ -177,8 +180,9 @@ def run_sweep(args, pick, csv_fields: tuple[str, ...] = ()) -> None:
         for i, (policy, label, qs) in enumerate(todo):
             t0 = time.perf_counter()
             keep = 1 if heatmap_of in (policy, label) else 0
+            scorer = QuickSilverScorer(model, qs, store)
             with exit_on_interrupt():  # a compiled call Ctrl-C cannot otherwise interrupt; the files are written outside
-                result, stats, dec = evaluate_quicksilver(QuickSilverScorer(model, qs), stream, windows, progress=False,
+                result, stats, dec = evaluate_quicksilver(scorer, stream, windows, progress=False,
                                                           keep_decisions=keep + len(windows) - 1 if keep else 0)
             if dec:
                 decisions[data] = dec[-1]
@@ -187,7 +191,8 @@ def run_sweep(args, pick, csv_fields: tuple[str, ...] = ()) -> None:
                              flops_reduction=stats["executed_flops_reduction"],
                              flops_reduction_vs_full_lm_head=stats["executed_flops_reduction_vs_full_lm_head"],
                              seconds=result.seconds, speedup=dense.seconds / result.seconds,
-                             settings={"quicksilver": dataclasses.asdict(qs)}, stats=stats))  # as qsjax's reports
+                             settings={"quicksilver": dataclasses.asdict(qs)}, stats=stats,  # as qsjax's reports
+                             weights=weights_report(scorer.model)))
             print(f"{data} [{i + 1}/{len(todo)}]: {policy:34} {label:14} ppl {result.perplexity:9.3f} "
                   f"({result.perplexity - dense.perplexity:+.3f}) flops {-100 * stats['executed_flops_reduction']:+.1f}%  "
                   f"{dense.seconds / result.seconds:.2f}x  halted {stats['tokens_halted']}  "
@@ -202,6 +207,7 @@ def run_sweep(args, pick, csv_fields: tuple[str, ...] = ()) -> None:
     except ImportError:
         print("matplotlib is not installed: no plots (pip install -e '.[plot]')", file=sys.stderr)
     print(f"wrote {out}/sweep.json, sweep.csv and plots", file=sys.stderr)
+    return rows
 
 
 def csv_text(rows: list[dict], fields: tuple[str, ...] = ()) -> str:

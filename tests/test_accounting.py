@@ -6,7 +6,7 @@ import numpy as np
 
 from qsjax.evaluation.flops import attention_flops, forward_flops, lm_head_flops, needed_flops
 from qsjax.evaluation.perplexity import strided_windows
-from qsjax.quicksilver.accounting import Accounting, kv_projection_flops, qkv_projection_flops
+from qsjax.quicksilver.accounting import Accounting, kv_projection_flops, qkv_projection_flops, weight_reads
 from qsjax.quicksilver.settings import QuickSilverConfig
 from qsjax.quicksilver.scorer import QuickSilverScorer, evaluate_quicksilver
 from qsjax.quicksilver.window.state import LayerStats
@@ -94,3 +94,40 @@ def test_selection_overhead_is_the_voters_rows_at_each_scoring_layer(tiny_models
     pairs = sum(voters) * T * c
     assert report["overhead_flops"]["attention"] == attention_flops(model.cfg, pairs) // 2
     assert report["overhead_flops"]["projections"] == qkv_projection_flops(model.cfg, sum(voters) * c)
+
+
+def test_weight_reads_count_each_layers_width(tiny_models):
+    """A float layer reads its matrix; a naive Matryoshka layer at r bits reads r/8 byte per weight
+    plus its per-column scales: at 8 bits exactly the int8 reference and the bytes it stores."""
+    from qsjax.quicksilver.mechanisms.matryoshka import quantize_blocks
+
+    model, _ = tiny_models["llama-gqa"]
+    dense = weight_reads(model.module())
+    assert dense.per_token(8) == dense.per_token(2) == dense.float32 == 2 * dense.bfloat16
+    weights = dense.float32 // 4
+    module = model.module()
+    stored = quantize_blocks(module, 0)  # every block: int8 codes + one float32 scale per column
+    reads = weight_reads(module)
+    assert reads.base == 0 and reads.per_token(8) == stored == dense.int8
+    assert reads.views[8] - reads.views[4] == weights // 2 and reads.views[4] - reads.views[2] == weights // 4
+    half = model.module()
+    quantize_blocks(half, 1)
+    upper, L = weight_reads(half), model.cfg.n_layers  # block 1 float, the others int8 (blocks alike)
+    assert upper.base * L == dense.float32 and upper.views[8] * L == dense.int8 * (L - 1)
+
+
+def test_weight_bytes_per_token_follow_the_tokens_widths(tiny_models, rng):
+    """Every real token reads at its width (the tokens that chose none at 8 bits): with 0/0 all read
+    the 8-bit views; with every in-scope token at 2 bits the mean drops by exactly their share."""
+    model, _ = tiny_models["llama-gqa"]
+    stream = rng.integers(0, 96, 100).astype(np.int32)
+    windows = strided_windows(len(stream), 48, 16)
+    for low, high in ((0.0, 0.0), (1e9, 1e9)):
+        qs = QuickSilverConfig(scope="all", amq_layer=2, amq_low=low, amq_high=high)
+        _, report, _ = evaluate_quicksilver(QuickSilverScorer(model, qs), stream, windows, progress=False)
+        reads = weight_reads(QuickSilverScorer(model, qs).model.module())
+        got, tokens, n2 = report["weight_bytes_per_token"], report["tokens"], report["bits_histogram"]["2"]
+        assert got["every_token_at_8_bits"] == reads.per_token(8) and got["float32_dense"] == reads.float32
+        assert (n2 > 0) == (low > 0)
+        assert got["read"] * tokens == (tokens - n2) * reads.per_token(8) + n2 * reads.per_token(2)
+        assert got["saved_vs_8_bits"] == 1 - got["read"] / reads.per_token(8)

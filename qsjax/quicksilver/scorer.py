@@ -7,7 +7,7 @@ import numpy as np
 
 from qsjax.evaluation.flops import needed_flops
 from qsjax.evaluation.perplexity import Scorer, Window, evaluate
-from qsjax.quicksilver.accounting import Accounting
+from qsjax.quicksilver.accounting import Accounting, weight_reads
 from qsjax.quicksilver.window.rows import compaction_buckets
 from qsjax.quicksilver.settings import QuickSilverConfig
 from qsjax.quicksilver.decoding.steps import prepare
@@ -17,9 +17,10 @@ from qsjax.quicksilver.window.forward import dense_prefix, segments
 
 class QuickSilverScorer(Scorer):
     """A `perplexity.Scorer` of `quicksilver_nll` for one model (prepared: AMQ quantized) and setting;
-    its by-products are `scoring.Scored`."""
+    its by-products are `scoring.Scored`. store: the calibrated AMQ store (`amqstore.ClipStore`) to
+    quantize with, None for the naive one (a model already quantized keeps its store)."""
 
-    def __init__(self, model, qs: QuickSilverConfig):
+    def __init__(self, model, qs: QuickSilverConfig, store=None):
         self.qs = qs
         self.kv_itemsize = np.dtype(model.dtype).itemsize  # the float model's K/V (AMQ may store int8 weights)
 
@@ -27,7 +28,7 @@ class QuickSilverScorer(Scorer):
             out = quicksilver_nll(qs, module, tokens, lengths, offset)
             return out.nll, out
 
-        super().__init__(prepare(model, qs), nll_fn)
+        super().__init__(prepare(model, qs, store), nll_fn)
 
 
 def compaction_report(qs: QuickSilverConfig, n_layers: int, lengths: list[int]) -> dict:
@@ -54,7 +55,7 @@ def evaluate_quicksilver(scorer: QuickSilverScorer, stream: np.ndarray, windows:
     -> PerplexityResult (flops = executed work incl. overhead), the statistics JSON, and the decisions
     of the first `keep_decisions` windows (for heatmaps)."""
     cfg, qs = scorer.model.cfg, scorer.qs
-    acct = Accounting(cfg, scorer.kv_itemsize)
+    acct = Accounting(cfg, scorer.kv_itemsize, reads=weight_reads(scorer.model.module()))
     dense = dense_full = None
     decisions, lengths_seen = [], []
 
@@ -63,10 +64,11 @@ def evaluate_quicksilver(scorer: QuickSilverScorer, stream: np.ndarray, windows:
         halt, fused, bits, eligible = (np.asarray(a) for a in (out.halt, out.fused, out.bits, out.eligible))
         real = np.arange(batch.length)[None, :] < lengths[:, None]
         hist = {b: int(((bits == b) & eligible).sum()) for b in (8, 4, 2)} if qs.amq_layer else None
+        widths = {b: int(((bits == b) & real).sum()) for b in (8, 4, 2)} if qs.amq_layer else None
         lm_positions = int(batch.scored().sum())
         flops = acct.add(out.stats, int(lengths.sum()), lm_positions, int(np.asarray(out.amq_checks).sum()),
                          halted=int(((halt < cfg.n_layers) & ~fused & real).sum()), fused=int((fused & real).sum()),
-                         bits_hist=hist)
+                         bits_hist=hist, widths=widths)
         base = needed_flops(cfg, lengths.tolist(), lm_positions)
         full = needed_flops(cfg, lengths.tolist(), int(lengths.sum()))  # a forward with logits everywhere
         dense = base if dense is None else dense + base

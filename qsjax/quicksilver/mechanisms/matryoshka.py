@@ -46,6 +46,13 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.codes, self.scale, self.zero) if a is not None)
 
+    def read_nbytes(self, bits: int) -> int:
+        """Bytes a product at width `bits` reads: the codes' top `bits` bits, packed, and that width's
+        scales (the naive store's one scale per column serves every width; the nested store keeps a
+        step and an offset per width)."""
+        scales = self.scale.nbytes if self.zero is None else (self.scale.nbytes + self.zero.nbytes) // len(WIDTHS)
+        return self.codes.size * bits // 8 + scales
+
 
 jax.tree_util.register_dataclass(QuantizedWeight, data_fields=["codes", "scale", "zero"], meta_fields=["group"])
 
