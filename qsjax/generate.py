@@ -45,7 +45,7 @@ from qsjax.runtime.cli import (
 from qsjax.runtime.distributed import add_distributed_args, check_distributed_args, is_writer, start, together
 from qsjax.runtime.generation_report import closing_line, make_report
 from qsjax.runtime.generator import Generator, check_speculation
-from qsjax.speculative.settings import add_speculation_args, speculation_from_args
+from qsjax.speculative.options import add_speculation_args, speculation_from_args
 
 
 def parse_args(argv=None):
