@@ -40,20 +40,20 @@ def test_lookup_verifies_only_on_evidence():
     """Prompt lookup starts at E = 0: a chance alone does not verify; a run followed through plain steps
     that matched enough to lift E to the threshold does, and one that missed does not."""
     threshold, B, K = 1.0, 1, 4
-    pace = Pace.start(B, K, lookup=True)
-    chance, drafts, n = jnp.asarray(True), jnp.asarray([[5, 6, 7, 8]]), jnp.asarray([4])
-    assert not pace.verifies(chance, threshold, True)
-    step = lambda p, token: p.after(chance, jnp.asarray(False), jnp.float32(0), drafts, n, jnp.asarray([token]),
-                                    jnp.asarray([True]), True)
+    pace = Pace.start(B, K, threshold, lookup=True)
+    drafts, n = jnp.asarray([[5, 6, 7, 8]]), jnp.asarray([4])
+    assert not pace.verifies(n)
+    step = lambda p, token: p.after(jnp.asarray(False), jnp.float32(0), drafts, n, jnp.asarray([token]),
+                                    jnp.asarray([True]))
     missed = step(pace, 9)
-    assert not missed.verifies(chance, threshold, True) and float(missed.expected) == 0.0
+    assert not missed.verifies(n) and float(missed.expected) == 0.0
     one = step(pace, 5)
-    assert not one.verifies(chance, threshold, True)  # E would be 0.5 with a = 1
+    assert not one.verifies(n)  # E would be 0.5 with a = 1
     two = step(one, 6)
-    assert two.verifies(chance, threshold, True)  # E would reach 1.0 with a = 2
-    assert not two.verifies(jnp.asarray(False), threshold, True)  # no drafts now: nothing to verify
+    assert two.verifies(n)  # E would reach 1.0 with a = 2
+    assert not two.verifies(jnp.asarray([0]))  # no drafts now: nothing to verify
     # a model drafter tries its first drafts without evidence
-    assert Pace.start(B, K, lookup=False).verifies(chance, threshold, False)
+    assert Pace.start(B, K, threshold, lookup=False).verifies(n)
 
 
 def test_can_pay_at_the_best_acceptance(tiny_models):

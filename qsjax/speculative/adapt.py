@@ -74,30 +74,34 @@ class Pace:
     waited: jax.Array  # [] int32, chances passed since the last verify
     patience: jax.Array  # [] int32, chances to pass before a probe (model drafters)
     shadow: Shadow  # prompt lookup's drafts followed through plain steps
+    threshold: float = dataclasses.field(metadata=dict(static=True))  # accepted drafts at which verifying pays
+    lookup: bool = dataclasses.field(metadata=dict(static=True))  # prompt lookup (else a model drafter)
 
     @classmethod
-    def start(cls, B: int, K: int, lookup: bool) -> Pace:
-        return cls(jnp.float32(0.0 if lookup else UNTRIED), jnp.int32(0), jnp.int32(PROBE), Shadow.empty(B, K))
+    def start(cls, B: int, K: int, threshold: float, lookup: bool) -> Pace:
+        return cls(jnp.float32(0.0 if lookup else UNTRIED), jnp.int32(0), jnp.int32(PROBE), Shadow.empty(B, K),
+                   threshold, lookup)
 
     def mixed(self, a):
         """E after one more observation a (the first, for a model drafter's first pass)."""
         return jnp.where(self.expected == UNTRIED, a, (1 - WEIGHT) * self.expected + WEIGHT * a)
 
-    def verifies(self, chance, threshold: float, lookup: bool):
-        """Whether to verify, at a chance (some row has drafts).  -> [] bool"""
-        if lookup:  # or E would reach the threshold with the runs followed now ending at what they matched
+    def verifies(self, n):
+        """Whether to verify, with n [B] drafts per row (a chance: some row has drafts).  -> [] bool"""
+        chance, threshold = jnp.any(n > 0), self.threshold
+        if self.lookup:  # or E would reach the threshold with the runs followed now ending at what they matched
             following = self.shadow.n > 0
             matched = jnp.sum(jnp.where(following, self.shadow.matched, 0)) / jnp.maximum(1, following.sum())
             return chance & ((self.expected >= threshold) | (following.any() & (self.mixed(matched) >= threshold)))
         return chance & ((self.expected == UNTRIED) | (self.expected >= threshold) | (self.waited >= self.patience))
 
-    def after(self, chance, verified, accepted, drafts, n, token, live, lookup: bool) -> Pace:
+    def after(self, verified, accepted, drafts, n, token, live) -> Pace:
         """The pace after a step: accepted [] float32 (mean accepted drafts per drafting row, if it
         verified); drafts [B, K], n [B] the drafts the rows had, token [B] the plain step's token,
         live [B] the rows generating (prompt lookup's shadow)."""
         expected = jnp.where(verified, self.mixed(accepted), self.expected)
         shadow = Shadow.empty(*drafts.shape)
-        if lookup:
+        if self.lookup:
             followed, ended, a = self.shadow.step(drafts, n, token, live)
             mean = jnp.sum(jnp.where(ended, a, 0)) / jnp.maximum(1, ended.sum())
             expected = jnp.where(~verified & ended.any(), self.mixed(mean.astype(jnp.float32)), expected)
@@ -105,5 +109,5 @@ class Pace:
         probe = verified & (self.waited >= self.patience)
         patience = jnp.where(probe, jnp.where(accepted > 0, PROBE, jnp.minimum(2 * self.patience, PROBE_MAX)),
                              self.patience)
-        waited = jnp.where(verified, 0, self.waited + chance.astype(jnp.int32))
-        return Pace(expected, waited, patience, shadow)
+        waited = jnp.where(verified, 0, self.waited + jnp.any(n > 0).astype(jnp.int32))
+        return dataclasses.replace(self, expected=expected, waited=waited, patience=patience, shadow=shadow)

@@ -126,13 +126,13 @@ def open_generated(cache):
     return dataclasses.replace(cache, visible=cache.visible | after, bias=jnp.where(after, 0.0, cache.bias))
 
 
-def start_state(loop: LoopState, prompt, spec: Speculation, max_new: int) -> SpecState:
+def start_state(loop: LoopState, prompt, spec: Speculation, max_new: int, cfg) -> SpecState:
     """The speculative carry after the first new token (`sampler.first_token`'s loop state)."""
     B = prompt.shape[0]
     zeros = jnp.zeros(B, jnp.int32)
     return SpecState(jnp.ones(B, jnp.int32), loop.token, open_generated(loop.cache), loop.done | (max_new <= 1),
                      jnp.concatenate([prompt.astype(jnp.int32), loop.out], axis=1), loop.rng,
-                     Pace.start(B, spec.num_tokens, spec.method == "lookup"),
+                     Pace.start(B, spec.num_tokens, spec.threshold(cfg), spec.method == "lookup"),
                      Tally(zeros, zeros, zeros, jnp.int32(0), jnp.int32(0)))
 
 
@@ -144,14 +144,14 @@ def speculative_loop(module, loop: LoopState, prompt, start, knobs, d: Decoding,
     B, T = prompt.shape
     K, L = spec.num_tokens, module.cfg.n_layers
     skip = spec.drafter_skip(L)
-    threshold, can_pay = spec.threshold(module.cfg), spec.can_pay(module.cfg)
+    can_pay = spec.can_pay(module.cfg)
     lookup = spec.method == "lookup"
     eos = jnp.asarray(d.eos_ids if d.eos_ids else (-1,), jnp.int32)
     places = jnp.arange(T + d.max_new, dtype=jnp.int32)[None, :]
 
     def verify(s: SpecState, drafts, n, key):
         cache = s.cache
-        if spec.method != "lookup":
+        if not lookup:
             drafts, drafted = self_drafts(run_kept, module, cache, s.token, s.lead, K, skip)
             cache = after_drafting(cache, drafted)
         logits, cache = run(module, cache, jnp.concatenate([s.token[:, None], drafts], axis=1), s.lead)
@@ -173,7 +173,7 @@ def speculative_loop(module, loop: LoopState, prompt, start, knobs, d: Decoding,
         return drafts, jnp.minimum(n, room)
 
     def wants_verify(s: SpecState):
-        return s.pace.verifies(jnp.any(drafts_of(s)[1] > 0), threshold, lookup)
+        return s.pace.verifies(drafts_of(s)[1])
 
     def step(s: SpecState, verifies: bool) -> SpecState:
         """A verify pass (verifies) or a plain step, and what it emits."""
@@ -200,7 +200,7 @@ def speculative_loop(module, loop: LoopState, prompt, start, knobs, d: Decoding,
         tally = Tally(tally.drafted + jnp.where(drafting & verified, n, 0),
                       tally.accepted + jnp.where(drafting & verified, accepted, 0), tally.row_steps + live,
                       tally.verifies + verified.astype(jnp.int32), tally.steps + 1)
-        pace = s.pace.after(jnp.any(n > 0), verified, mean.astype(jnp.float32), drafts, n, tokens[:, 0], live, lookup)
+        pace = s.pace.after(verified, mean.astype(jnp.float32), drafts, n, tokens[:, 0], live)
         return SpecState(count, jnp.where(live, last, s.token), cache, s.done | ended | (count >= d.max_new), text,
                          rng, pace, tally)
 
@@ -213,7 +213,7 @@ def speculative_loop(module, loop: LoopState, prompt, start, knobs, d: Decoding,
             return s
         return jax.lax.cond(jnp.all(s.done), lambda s: s, lambda s: step(s, True), s)
 
-    s = jax.lax.while_loop(lambda s: ~jnp.all(s.done), phase, start_state(loop, prompt, spec, d.max_new))
+    s = jax.lax.while_loop(lambda s: ~jnp.all(s.done), phase, start_state(loop, prompt, spec, d.max_new, module.cfg))
     out = jnp.where(places[:, T:] - T < s.count[:, None], s.text[:, T:], d.pad_id)
     steps = jnp.arange(d.max_new)[None, :]
     record = StepRecord(steps < (s.count - 1)[:, None], loop.record.info)
