@@ -230,8 +230,19 @@ def parse_args(argv=None):
     amq.add_argument("--group-size", type=int, default=64,
                      help="input rows per group of scales: divides the model's input dimensions (default 64)")
     amq.add_argument("--steps", type=int, default=50, help="Adam steps per weight (default 50)")
+    amq.add_argument("--widths-weight", default="1,1,1", metavar="L8,L4,L2",
+                     help="the weight lambda_r of each width's error in the objective, for 8, 4 and 2 bits "
+                          "(default 1,1,1)")
     amq.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.command == "calibrate-amq":
+        try:
+            args.widths_weight = tuple(float(v) for v in args.widths_weight.split(","))
+        except ValueError:
+            args.widths_weight = ()
+        if (len(args.widths_weight) != 3 or not all(0 <= v < float("inf") for v in args.widths_weight)
+                or not any(args.widths_weight)):
+            parser.error("--widths-weight: give three non-negative numbers, not all 0, e.g. 1,1,1")
     if args.command == "calibrate-amq" and args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     if args.command == "calibrate-amq" and args.group_size < 1:

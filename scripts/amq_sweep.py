@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+from benchlib import add_protocol
 from sweep import check_args, plot_frontiers, run_sweep
 from qsjax.runtime.cli import ArgumentParser, UsageError, run_cli, write_output
 from qsjax.quicksilver.settings import SCOPES, QuickSilverConfig
@@ -76,9 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="a Hugging Face model directory (default: the default model)")
     p.add_argument("--data", nargs="+", default=["wikitext103", "c4"], help="wikitext103, c4 or text files")
     p.add_argument("--out", default="amq-frontier", help="the directory to write into (created)")
-    p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--stride", type=int, default=512)
-    p.add_argument("--max-eval-tokens", type=int, default=4096)
+    add_protocol(p, max_eval_tokens=4096)
     p.add_argument("--store", choices=STORES, default="calibrated")
     p.add_argument("--group-size", type=int, default=64, help="the calibrated store's group size (default 64)")
     p.add_argument("--scope", nargs="+", choices=SCOPES, default=list(SCOPES))

@@ -24,7 +24,7 @@ import json
 import os
 import sys
 
-from benchlib import check_json_path, check_positive, check_strided, machine
+from benchlib import add_protocol, check_json_path, check_positive, check_protocol, machine, protocol_report, windows_of
 from qsjax.runtime.cli import ArgumentParser, UsageError, run_cli, write_output
 
 THRESHOLDS = {8: (0.0, 0.0), 4: (0.0, 1e9), 2: (1e9, 1e9)}
@@ -104,11 +104,10 @@ ROWS = ("dense", "naive", "alone", "minmax", "calibrated")
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="scripts/bench_amq.py", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="a Hugging Face model directory (default: the default model)")
     p.add_argument("--data", default="c4", help="wikitext103, c4 or a text file (default c4)")
     p.add_argument("--group-size", type=int, default=64, help="input rows per scale group (default 64)")
-    p.add_argument("--max-length", type=int, default=2048, help="strided windows' length (default 2048)")
-    p.add_argument("--stride", type=int, default=512, help="strided windows' stride (default 512)")
-    p.add_argument("--max-eval-tokens", type=int, default=4096, help="tokens scored (default 4096)")
+    add_protocol(p)
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows among {', '.join(ROWS)} (default all)")
     p.add_argument("--through-quicksilver", action="store_true",
                    help="the AMQ rows through QuickSilver's AMQ path (slow) instead of the dense program on W^(r)")
@@ -117,8 +116,8 @@ def parse_args(argv=None):
 
 
 def check_args(args) -> None:
-    check_strided(args)
-    check_positive(args, "group_size", "max_eval_tokens")
+    check_protocol(args)
+    check_positive(args, "group_size")
     unknown = [r for r in args.rows.split(",") if r not in ROWS]
     if unknown:
         raise UsageError(f"--rows: unknown row {unknown[0]!r} (choose from {', '.join(ROWS)})")
@@ -131,19 +130,17 @@ def main(argv=None) -> int:
     from qsjax.checkpoints.hf_params import load_model
     from qsjax.checkpoints.tokenizer import load_tokenizer
     from qsjax.evaluation.data import read_text, resolve_data, tokenize
-    from qsjax.evaluation.perplexity import strided_windows
     from qsjax.quicksilver import amqstore
     from qsjax.weights import resolve_model
 
-    model_dir = resolve_model(None)
+    model_dir = resolve_model(args.model)
     model = load_model(model_dir, "float32")
     stream = tokenize(load_tokenizer(model_dir), read_text(resolve_data(args.data)), args.max_eval_tokens)
-    windows = strided_windows(len(stream), args.max_length, args.stride)
+    windows = windows_of(args, len(stream))
     g = args.group_size
     store = amqstore.load(model_dir, g) if "calibrated" in args.rows.split(",") else None
     report = {"model": model_dir.name, "data": args.data, "group_size": g,
-              "protocol": {"name": "strided", "max_length": args.max_length, "stride": args.stride,
-                           "max_eval_tokens": args.max_eval_tokens, "tokens": int(len(stream))},
+              "protocol": protocol_report(args, len(stream)),
               "every_token_from_layer": 1, "machine": machine(),
               "amq_rows_through": "quicksilver" if args.through_quicksilver else "dense program on W^(r)",
               "perplexity": {}, "calibration": None, "commands": []}

@@ -80,6 +80,45 @@ def check_strided(args) -> None:
         raise UsageError(f"--stride must be in 1..--max-length ({args.max_length}), got {args.stride}")
 
 
+PROTOCOLS = ("strided", "tail")
+
+
+def add_protocol(p, max_length: int = 2048, stride: int = 512, max_eval_tokens: int = 4096) -> None:
+    """--protocol, --max-length, --stride and --max-eval-tokens of a perplexity benchmark."""
+    p.add_argument("--protocol", choices=PROTOCOLS, default="strided",
+                   help="strided (each token scored once, contexts growing to --max-length) or tail (windows "
+                        "of --max-length ending every --stride tokens, each scoring its last --stride)")
+    p.add_argument("--max-length", type=int, default=max_length, help=f"windows' length (default {max_length})")
+    p.add_argument("--stride", type=int, default=stride, help=f"windows' stride (default {stride})")
+    p.add_argument("--max-eval-tokens", type=int, default=max_eval_tokens,
+                   help=f"the first N tokens of the data (default {max_eval_tokens})")
+
+
+def check_protocol(args) -> None:
+    """The windows `add_protocol` describes: the tail protocol needs stride < max length <= tokens."""
+    check_strided(args)
+    check_positive(args, "max_eval_tokens", minimum=2)
+    if getattr(args, "protocol", "strided") == "tail" and not (args.stride < args.max_length <= args.max_eval_tokens):
+        raise UsageError(f"--protocol tail needs --stride < --max-length <= --max-eval-tokens "
+                         f"(got {args.stride}, {args.max_length}, {args.max_eval_tokens})")
+
+
+def windows_of(args, n_tokens: int) -> list:
+    """The windows of `args.protocol` over a stream of n_tokens (`qsjax.evaluation.perplexity`)."""
+    from qsjax.evaluation.perplexity import strided_windows, tail_windows
+
+    if getattr(args, "protocol", "strided") == "tail":
+        if n_tokens < args.max_length:
+            raise UsageError(f"--protocol tail: the data has {n_tokens} tokens, fewer than --max-length {args.max_length}")
+        return tail_windows(n_tokens, args.max_length, args.stride)
+    return strided_windows(n_tokens, args.max_length, args.stride)
+
+
+def protocol_report(args, n_tokens: int) -> dict:
+    return {"name": getattr(args, "protocol", "strided"), "max_length": args.max_length, "stride": args.stride,
+            "max_eval_tokens": args.max_eval_tokens, "tokens": int(n_tokens)}
+
+
 def check_json_path(path: str | None) -> None:
     """Refuse a --json location that cannot be written, before any work (qsjax.runtime.cli.check_output_file)."""
     if path is not None:

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import check_positive, check_strided
+from benchlib import add_protocol, check_protocol, windows_of
 from qsjax.runtime.cli import ArgumentParser, UsageError, exit_on_interrupt, run_cli, write_output
 from qsjax.evaluation.data import resolve_data
 from qsjax.evaluation.plots import decision_map, sweep_frontiers
@@ -85,9 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="a Hugging Face model directory (default: the default model)")
     p.add_argument("--data", nargs="+", default=["wikitext103", "c4"], help="wikitext103, c4 or text files")
     p.add_argument("--out", default="sweep", help="the directory to write into (created; default sweep)")
-    p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--stride", type=int, default=512)
-    p.add_argument("--max-eval-tokens", type=int, default=8192)
+    add_protocol(p, max_eval_tokens=8192)
     p.add_argument("--only", nargs="*", help="run only the policies whose name contains one of these words")
     p.add_argument("--heatmap", help="the policy (curve name) or label whose decisions the heatmap shows "
                                      "(default: fast, when it runs)")
@@ -98,8 +96,7 @@ def parse_args(argv=None):
 def check_args(args) -> None:
     """Checks that need neither the model nor the data's tokens: the numbers, the data files, --out,
     and for --replot the finished sweep (read into args.rows)."""
-    check_strided(args)
-    check_positive(args, "max_eval_tokens", minimum=2)
+    check_protocol(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out} is a file; give a directory")
@@ -140,17 +137,20 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_sweep(args, pick, csv_fields: tuple[str, ...] = (), store=None) -> list[dict]:
+def run_sweep(args, pick, csv_fields: tuple[str, ...] = (), store=None, scorer_for=None, skip=None) -> list[dict]:
     """Evaluate dense and then each variant `pick(n_layers)` gives (policy, label, config) on every
     --data, writing OUT/sweep.json and sweep.csv after each row (with the QuickSilverConfig
     fields `csv_fields` as extra columns), then the plots; returns the rows. args: --model, --data,
-    --out, --max-length, --stride, --max-eval-tokens and (optional) --heatmap, already checked
+    --out, --protocol, --max-length, --stride, --max-eval-tokens and (optional) --heatmap, already checked
     (`check_args`). store: the calibrated AMQ store variants with AMQ quantize with (None: naive);
-    each row's `weights` names the store that ran."""
+    each row's `weights` names the store that ran. scorer_for(model, qs, store): the scorer of a
+    variant (default a new QuickSilverScorer). skip(policy, qs, rows): why a variant is not run,
+    given the rows of its data set so far (dense first), or None to run it; the skipped variants
+    and their reasons are listed in sweep.json's `skipped`."""
     from qsjax.runtime.compilecache import enable_compilation_cache
     from qsjax.evaluation.data import read_text, tokenize
     from qsjax.checkpoints.load import load_model_checked, load_tokenizer_checked, read_config
-    from qsjax.evaluation.perplexity import Scorer, evaluate, strided_windows
+    from qsjax.evaluation.perplexity import Scorer, evaluate
     from qsjax.quicksilver.amqstore import weights_report
     from qsjax.quicksilver.scorer import QuickSilverScorer, evaluate_quicksilver
     from qsjax.weights import resolve_model
@@ -165,22 +165,35 @@ def run_sweep(args, pick, csv_fields: tuple[str, ...] = (), store=None) -> list[
     enable_compilation_cache()
     model, tokenizer = load_model_checked(args.model, model_dir, "float32"), load_tokenizer_checked(args.model, model_dir)
     out.mkdir(exist_ok=True)
-    rows, decisions = [], {}
+    rows, decisions, skipped = [], {}, []
+    scorer_for = scorer_for or QuickSilverScorer
+
+    def save():
+        report = {"args": vars(args), "rows": rows} | ({"skipped": skipped} if skip is not None else {})
+        write_output("--out", str(out / "sweep.json"), json.dumps(report, indent=1))
+        write_output("--out", str(out / "sweep.csv"), csv_text(rows, csv_fields))
+
     for data in args.data:
         stream = tokenize(tokenizer, read_text(resolve_data(data)), args.max_eval_tokens)
         if len(stream) < 2:
             raise UsageError(f"--data {data}: fewer than 2 tokens to score")
-        windows = strided_windows(len(stream), args.max_length, args.stride)
+        windows = windows_of(args, len(stream))
         with exit_on_interrupt():
             dense = evaluate(Scorer(model), stream, windows, progress=False)
         rows.append(dict(data=data, policy="dense", label="dense", perplexity=dense.perplexity, ppl_increase=0.0,
                          flops_reduction=0.0, flops_reduction_vs_full_lm_head=None, seconds=dense.seconds, speedup=1.0,
                          settings={}))
         print(f"{data}: dense ppl {dense.perplexity:.3f} ({dense.seconds:.0f} s)", file=sys.stderr)
+        first = len(rows) - 1
         for i, (policy, label, qs) in enumerate(todo):
+            reason = skip(policy, qs, rows[first:]) if skip is not None else None
+            if reason:
+                skipped.append(dict(data=data, policy=policy, label=label, reason=reason))
+                save()
+                continue
             t0 = time.perf_counter()
             keep = 1 if heatmap_of in (policy, label) else 0
-            scorer = QuickSilverScorer(model, qs, store)
+            scorer = scorer_for(model, qs, store)
             with exit_on_interrupt():  # a compiled call Ctrl-C cannot otherwise interrupt; the files are written outside
                 result, stats, dec = evaluate_quicksilver(scorer, stream, windows, progress=False,
                                                           keep_decisions=keep + len(windows) - 1 if keep else 0)
@@ -197,8 +210,7 @@ def run_sweep(args, pick, csv_fields: tuple[str, ...] = (), store=None) -> list[
                   f"({result.perplexity - dense.perplexity:+.3f}) flops {-100 * stats['executed_flops_reduction']:+.1f}%  "
                   f"{dense.seconds / result.seconds:.2f}x  halted {stats['tokens_halted']}  "
                   f"[{time.perf_counter() - t0:.0f} s]", file=sys.stderr)
-            write_output("--out", str(out / "sweep.json"), json.dumps({"args": vars(args), "rows": rows}, indent=1))
-            write_output("--out", str(out / "sweep.csv"), csv_text(rows, csv_fields))
+            save()
     try:
         for data in args.data:
             plot_frontiers(rows, data, out)

@@ -64,6 +64,18 @@ def test_calibration_is_deterministic_and_lowers_the_objective(weight, rng):
     assert sum(x / y for x, y in zip(a.after, a.before)) < 3  # below min-max's (each term 1 there)
 
 
+def test_the_widths_weight_steers_the_objective(weight, rng):
+    """lambda = (0, 0, 1) fits the 2-bit view alone: its error falls, while the wider views end worse
+    than when every width is weighed alike (the 2-bit view has its own step and offset, so it gains
+    little from having the clipping to itself)."""
+    x = rng.normal(0, 1, (256, 128)).astype(np.float32) * np.linspace(0.2, 3, 128, dtype=np.float32)
+    gram = x.T @ x / len(x)
+    alike, int2 = (calibrate_weight(weight, gram, Settings(group_size=32, steps=30, rank=16, widths_weight=lam))
+                   for lam in ((1.0, 1.0, 1.0), (0.0, 0.0, 1.0)))
+    assert int2.after[2] < int2.before[2] and all(a < b for a, b in zip(alike.after, alike.before))
+    assert int2.after[0] > alike.after[0] and int2.after[1] > alike.after[1]
+
+
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory):
     """A tiny Llama with a tokenizer and a calibrated store of group 32."""
@@ -149,6 +161,10 @@ def test_eval_reports_the_store_that_ran(store_dir, tmp_path):
 def test_calibrate_command_error_paths(store_dir, tmp_path):
     for args, message in [(["--group-size", 48], "does not divide"), (["--steps", 0], "--steps must be"),
                           (["--group-size", 0], "--group-size must be"),
+                          (["--widths-weight", "1,1"], "--widths-weight: give three non-negative numbers"),
+                          (["--widths-weight", "0,0,0"], "--widths-weight: give three non-negative numbers"),
+                          (["--widths-weight", "1,-1,1"], "--widths-weight: give three non-negative numbers"),
+                          (["--widths-weight", "1,nan,1"], "--widths-weight: give three non-negative numbers"),
                           (["--model", tmp_path / "none"], "no such directory")]:
         proc = run("qsjax.weights", "calibrate-amq", *(["--model", store_dir] if "--model" not in args else []), *args)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr

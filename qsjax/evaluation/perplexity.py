@@ -190,11 +190,16 @@ class Scorer:
         self._programs = Programs(lambda state, tokens, lengths, offset: nll_fn(model.module(state), tokens, lengths, offset),
                                   static_argnums=3)
 
+    def arguments(self):
+        """The program's first argument: the model's state (a subclass may add values the program
+        takes as arguments rather than baking them in)."""
+        return self.model.state
+
     def compile(self, batch: int, length: int, offset: int) -> float:
         """Compile one shape unless already compiled; return the seconds it took."""
         spec = self.model.spec
-        return self._programs.compile((batch, length, offset), self.model.state, spec((batch, length)), spec((batch,)),
-                                      offset)
+        return self._programs.compile((batch, length, offset), self.arguments(), spec((batch, length)),
+                                      spec((batch,)), offset)
 
     @property
     def shapes(self) -> list[tuple[int, int, int]]:
@@ -205,7 +210,7 @@ class Scorer:
         """tokens [B, T], lengths [B] real tokens per row -> nll [B, T - 1 - offset] float32, by-products
         (NumPy, whole in every process: see `sharding.to_host`)"""
         self.compile(*tokens.shape, offset)
-        out = self._programs((*tokens.shape, offset), self.model.state, self.model.place(tokens),
+        out = self._programs((*tokens.shape, offset), self.arguments(), self.model.place(tokens),
                              self.model.place(lengths))
         return to_host(out)
 

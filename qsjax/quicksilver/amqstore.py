@@ -193,7 +193,7 @@ def calibrate_command(args) -> int:
         raise UsageError(f"cannot write the AMQ store into {model_dir} (not writable)")
     tokenizer = load_tokenizer_checked(args.model, model_dir)
     model = load_model_checked(args.model, model_dir, "float32")
-    settings = Settings(group_size=args.group_size, steps=args.steps)
+    settings = Settings(group_size=args.group_size, steps=args.steps, widths_weight=args.widths_weight)
     tokens = calibration_tokens(tokenizer, min(CALIBRATION_TOKENS, cfg.max_positions))
     store = build(model, tokens, settings, progress=not args.quiet)
     print(save(store, model_dir))

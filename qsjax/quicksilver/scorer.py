@@ -3,10 +3,14 @@ NLL function, and executed-FLOP accounting of every batch."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import numpy as np
 
 from qsjax.evaluation.flops import needed_flops
 from qsjax.evaluation.perplexity import Scorer, Window, evaluate
+from qsjax.runtime.programs import Programs
 from qsjax.quicksilver.accounting import Accounting, weight_reads
 from qsjax.quicksilver.window.rows import compaction_buckets
 from qsjax.quicksilver.settings import QuickSilverConfig
@@ -29,6 +33,40 @@ class QuickSilverScorer(Scorer):
             return out.nll, out
 
         super().__init__(prepare(model, qs, store), nll_fn)
+
+
+class ThresholdScorer(QuickSilverScorer):
+    """A `QuickSilverScorer` of drift + entropy halting whose thresholds (tau_drift, tau_H) are
+    arguments of the compiled program rather than constants in it: one program per window shape
+    serves a whole grid of them (`at`). The same NLL as a QuickSilverScorer of the same setting."""
+
+    def __init__(self, model, qs: QuickSilverConfig, store=None):
+        if qs.halt != "drift" or qs.halt_drift is None or qs.halt_entropy is None:
+            raise ValueError("ThresholdScorer needs drift + entropy halting (halt=drift, both thresholds set)")
+        super().__init__(model, qs, store)
+        prepared = self.model
+
+        def program(arguments, tokens, lengths, offset):
+            state, (tau_drift, tau_entropy) = arguments
+            at = copy.copy(qs)  # the thresholds traced: qs's own values passed its checks, these pass `at`'s
+            object.__setattr__(at, "halt_drift", tau_drift)
+            object.__setattr__(at, "halt_entropy", tau_entropy)
+            out = quicksilver_nll(at, prepared.module(state), tokens, lengths, offset)
+            return out.nll, out
+
+        self._programs = Programs(program, static_argnums=3)
+        self.at(qs)
+
+    def at(self, qs: QuickSilverConfig) -> "ThresholdScorer":
+        """Score at qs's thresholds next; qs may differ from the first setting in them only."""
+        same = lambda c: dataclasses.replace(c, halt_drift=0.0, halt_entropy=0.0)
+        if same(qs) != same(self.qs):
+            raise ValueError("ThresholdScorer.at: only halt_drift and halt_entropy may change")
+        self.qs, self.thresholds = qs, (np.float32(qs.halt_drift), np.float32(qs.halt_entropy))
+        return self
+
+    def arguments(self):
+        return self.model.state, self.thresholds
 
 
 def compaction_report(qs: QuickSilverConfig, n_layers: int, lengths: list[int]) -> dict:
