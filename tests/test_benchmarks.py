@@ -371,7 +371,10 @@ def test_halting_grid_is_the_issues_grid_on_the_paper_presets_rule():
     assert len(grid.grid(amq=("off", "on"))) == 2 * len(points)
     assert [p.tau_drift for p in points[:9]] == [0.13, 0.1, 0.08, 0.06, 0.045, 0.17, 0.22, 0.3, 0.4]  # middle, down, up
     plain = grid.config(grid.Point("all", False, False, 0.5, "L/4", 0.06), 30, "zero")
-    assert plain.fuse_threshold is None and plain.amq_layer is None and plain.halt_min_layer == paper.halt_min_layer
+    assert plain.fuse_threshold is None and plain.amq_layer is None and plain.halt_min_layer == 7
+    assert plain.kv_skip == "zero" and plain.scope == "all"
+    # the preset sits at the grid's best point (docs/quicksilver.md, "The halting rule's threshold grid")
+    assert paper == grid.config(grid.Point("context", True, False, 3.0, "L/2", 0.17), 30, "mask")
     assert grid.min_layer("L/4", 2) == 1
 
 

@@ -110,11 +110,12 @@ def test_report_speculation(tiny_gpt2, tmp_path):
 
 
 def test_report_batch_bfloat16_quicksilver(tiny_gpt2, tmp_path):
-    """Two prompts, bfloat16, the paper preset (scope all: generated tokens decide too)."""
+    """Two prompts, bfloat16, the paper preset in scope all (generated tokens decide too) with
+    Matryoshka widths from layer 1."""
     prompts = ["The quick brown fox", "A small"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
     report, out, m = generate_json(tmp_path, tiny_gpt2, "--prompts-file", tmp_path / "prompts.txt", "--dtype",
-                                   "bfloat16", "--quicksilver", "paper")
+                                   "bfloat16", "--quicksilver", "paper", "--scope", "all", "--amq-layer", "1")
     tokenizer = load_tokenizer(tiny_gpt2)
     check_common(report, prompts, tokenizer, m)
     assert out == "\n----\n".join(p["text"] for p in report["prompts"]) + "\n"

@@ -220,24 +220,26 @@ def scaled_layer(layer: int, depth: int, n_layers: int) -> int:
 
 
 def preset(name: str, n_layers: int) -> QuickSilverConfig:
-    """`paper`: the paper's rule (drift + entropy halting, zero K/V, fusion, Matryoshka widths) on every
-    token, at qsjax's reading of its thresholds (the abstract gives none: tau_drift, tau_H, l_min = L/4,
-    tau_fuse, l_q = L/2 + 1 and the width thresholds are ours; within +0.2 perplexity the halting
-    grid, scripts/halting_grid.py, saved at most 0.3%, in scope context, so these stay); `fast`: qsjax's calibrated setting
-    (context tokens only); `long`: context selection for long prompts (see below).
+    """`paper`: the paper's halting rule (drift + entropy) with fusion, at the best point of its
+    threshold grid (scripts/halting_grid.py; docs/quicksilver.md): the one point found within +0.2
+    perplexity that saves work on WikiText-103 and C4, on context tokens, halted tokens' keys and
+    values masked above their halt (thresholds, l_min and tau_fuse are our reading: the abstract gives
+    none); Matryoshka widths off (every AMQ point costs FLOPs, its entropy checks; `--amq-layer` adds
+    them); `fast`: qsjax's calibrated setting (context tokens only); `long`: context selection for
+    long prompts (see below).
 
     Depth: `fast` and `long` were calibrated on SmolLM2-135M's 30 layers (cut-off after layer 25,
     selection after layer 8); on a model of n_layers they decide at the same relative depth
-    (`scaled_layer`: round(25 L / 30), round(8 L / 30), within 1..L - 1), as `paper` does with L/4 and
-    L/2 + 1, rather than refuse every model but the one they were tuned on: the papers place these
+    (`scaled_layer`: round(25 L / 30), round(8 L / 30), within 1..L - 1), as `paper` does with L/2,
+    rather than refuse every model but the one they were tuned on: the papers place these
     layers by depth (QuickSilver's l_min = L/4; FastKV, GemFilter an early-middle layer). At 30
     layers the rule gives the calibrated layers exactly; elsewhere they are a starting point, not a
     calibration. A model of one layer has no layer to decide after: ValueError."""
     if name == "paper":
-        return QuickSilverConfig(
-            scope="all", halt="drift", halt_min_layer=max(1, n_layers // 4), halt_drift=0.045, halt_entropy=1.15,
-            kv_skip="zero", fuse_threshold=0.95, amq_layer=n_layers // 2 + 1, amq_low=1.0, amq_high=3.0,
-        )
+        # SmolLM2-135M, strided 2048/512, first 4,096 tokens: 27.816 (-0.006) on C4 and 17.858 (+0.121)
+        # on WikiText-103, 1.5% / 1.4% fewer FLOPs (docs/results/halting-grid)
+        return QuickSilverConfig(scope="context", halt="drift", halt_min_layer=max(1, n_layers // 2), halt_drift=0.17,
+                                 halt_entropy=3.0, kv_skip="mask", fuse_threshold=0.95)
     if name == "fast":
         # calibrated on SmolLM2-135M (30 layers), strided 2048/512, first 4,096 tokens of WikiText-103 test and
         # of the C4 sample: the deepest-saving cut-off within +0.2 perplexity on both (scripts/sweep.py)
