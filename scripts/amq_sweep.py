@@ -4,7 +4,7 @@ store (or the naive one), in scope all and context.
     python scripts/amq_sweep.py --out amq --data wikitext103 --max-eval-tokens 4096
 
 Every point is AMQ alone (no halting, no fusion): from layer l_q (`--amq-layer`: L/2+1, the
-`paper` preset's, and/or 1) each token in scope takes 8 bits above tau_high bits of entropy, 2
+first-read `paper` preset's, and/or 1) each token in scope takes 8 bits above tau_high bits of entropy, 2
 below tau_low, 4 between (`--pairs LOW/HIGH ...`; 0/0 puts every token at 8 bits). `--store
 calibrated` quantizes with the store `python -m qsjax.weights calibrate-amq --group-size G` wrote
 beside the model (an error if there is none), `--store naive` with the per-channel slicing.

@@ -55,7 +55,8 @@ def add_quicksilver_args(parser, help_all: bool = False) -> None:
     groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
     groups["preset"].add_argument(
         "--quicksilver", default="off", choices=PRESETS,
-        help="preset: paper = the paper's rule on every token, at qsjax's reading of its thresholds; fast = qsjax's "
+        help="preset: paper = the paper's halting rule and fusion at the best point of their threshold grid, on "
+        "context tokens (qsjax's reading); fast = qsjax's "
         "calibrated setting for short windows; long = context selection for long prompts (no effect up to 1,024 "
         "context tokens); mechanism flags override it (default off)")
     groups["preset"].add_argument(
