@@ -98,7 +98,7 @@ def check_protocol(args) -> None:
     """The windows `add_protocol` describes: the tail protocol needs stride < max length <= tokens."""
     check_strided(args)
     check_positive(args, "max_eval_tokens", minimum=2)
-    if getattr(args, "protocol", "strided") == "tail" and not (args.stride < args.max_length <= args.max_eval_tokens):
+    if args.protocol == "tail" and not (args.stride < args.max_length <= args.max_eval_tokens):
         raise UsageError(f"--protocol tail needs --stride < --max-length <= --max-eval-tokens "
                          f"(got {args.stride}, {args.max_length}, {args.max_eval_tokens})")
 
@@ -107,7 +107,7 @@ def windows_of(args, n_tokens: int) -> list:
     """The windows of `args.protocol` over a stream of n_tokens (`qsjax.evaluation.perplexity`)."""
     from qsjax.evaluation.perplexity import strided_windows, tail_windows
 
-    if getattr(args, "protocol", "strided") == "tail":
+    if args.protocol == "tail":
         if n_tokens < args.max_length:
             raise UsageError(f"--protocol tail: the data has {n_tokens} tokens, fewer than --max-length {args.max_length}")
         return tail_windows(n_tokens, args.max_length, args.stride)
@@ -115,7 +115,7 @@ def windows_of(args, n_tokens: int) -> list:
 
 
 def protocol_report(args, n_tokens: int) -> dict:
-    return {"name": getattr(args, "protocol", "strided"), "max_length": args.max_length, "stride": args.stride,
+    return {"name": args.protocol, "max_length": args.max_length, "stride": args.stride,
             "max_eval_tokens": args.max_eval_tokens, "tokens": int(n_tokens)}
 
 

@@ -109,15 +109,15 @@ class Scorers:
     compiles its programs once for every (tau_drift, tau_H) of its curves."""
 
     def __init__(self):
-        self.by_setting = {}
+        self.setting, self.scorer = None, None  # one held at a time: curves come in order
 
     def __call__(self, model, qs, store):
         from qsjax.quicksilver.scorer import ThresholdScorer
 
-        key = dataclasses.replace(qs, halt_drift=0.0, halt_entropy=0.0)
-        if key not in self.by_setting:
-            self.by_setting = {key: ThresholdScorer(model, qs, store)}  # one held at a time: curves come in order
-        return self.by_setting[key].at(qs)
+        setting = dataclasses.replace(qs, halt_drift=0.0, halt_entropy=0.0)
+        if setting != self.setting:
+            self.setting, self.scorer = setting, ThresholdScorer(model, qs, store)
+        return self.scorer.at(qs)
 
 
 def parse_args(argv=None):
