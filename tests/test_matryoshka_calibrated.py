@@ -160,6 +160,7 @@ def test_eval_reports_the_store_that_ran(store_dir, tmp_path):
 
 def test_calibrate_command_error_paths(store_dir, tmp_path):
     for args, message in [(["--group-size", 48], "does not divide"), (["--steps", 0], "--steps must be"),
+                          (["--block-steps", -1], "--block-steps must be"),
                           (["--group-size", 0], "--group-size must be"),
                           (["--widths-weight", "1,1"], "--widths-weight: give three non-negative numbers"),
                           (["--widths-weight", "0,0,0"], "--widths-weight: give three non-negative numbers"),
@@ -169,6 +170,15 @@ def test_calibrate_command_error_paths(store_dir, tmp_path):
         proc = run("qsjax.weights", "calibrate-amq", *(["--model", store_dir] if "--model" not in args else []), *args)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+
+
+def test_the_commands_defaults_are_the_settings_defaults():
+    from qsjax.weights import parse_args
+
+    args = parse_args(["calibrate-amq"])
+    s = Settings()
+    assert (args.group_size, args.steps, args.block_steps, args.widths_weight) == (
+        s.group_size, s.steps, s.block_steps, s.widths_weight)
 
 
 def test_a_quantized_model_keeps_its_float_dtype(tiny_models):

@@ -1,15 +1,18 @@
 """The calibrated AMQ store: learned clipping of every linear layer, kept beside the model.
 
-    python -m qsjax.weights calibrate-amq [--model M] [--group-size 64] [--steps 100]
+    python -m qsjax.weights calibrate-amq [--model M] [--group-size 64] [--steps 50] [--block-steps 50]
 
-writes `<model dir>/amq-g<group>.npz` (the learned grids of every block's linear layers: gamma,
-beta, step4, offset4, step2, offset2 [G, D_out] each, `calibration`; and the calibration's settings) and `amq-g<group>.npz.sha256`, the file's SHA-256, checked on every
+fits each linear layer's grids on its own (`calibration`), then refines each block's together on the
+quantized model's own inputs (`blockfit`; `--block-steps 0` skips it), and writes
+`<model dir>/amq-g<group>.npz` (the learned grids of every block's linear layers: gamma,
+beta, step4, offset4, step2, offset2 [G, D_out] each; the calibration's settings and both stages'
+output errors) and `amq-g<group>.npz.sha256`, the file's SHA-256, checked on every
 load: a damaged store is an error that names the command that rebuilds it. Both files are written
 under temporary names and renamed (the checksum first), so Ctrl-C leaves the old store or none.
 
 When AMQ is on (`--amq-layer`), eval and generate load the store beside the model (of the default
-group size, 64, when there are several) and quantize with it (nested group-wise grids, `calibration`); if it is not, AMQ runs the
-naive per-channel store and says so on stderr. Every report's `weights` block names the store
+group size, 64, when there are several) and quantize with it (nested group-wise grids, `nested`);
+if there is none, AMQ runs the naive per-channel store and says so on stderr. Every report's `weights` block names the store
 that ran and its group size, and the bytes the weights take in memory.
 
 Calibration text: the last `CALIBRATION_TOKENS` tokens of each shipped data set (WikiText-103's
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qsjax.quicksilver.blockfit import refine_blocks
 from qsjax.quicksilver.calibration import Settings, calibrate_weight, input_grams, nested_quantizer
 from qsjax.runtime.cli import UsageError, write_file_atomic
 
@@ -131,8 +135,8 @@ def build(model, tokens, settings: Settings, progress: bool = True) -> ClipStore
 
     module = model.module()
     names = [[n for n, c in vars(b).items() if isinstance(c, Linear)] for b in module.blocks]
-    bar = tqdm(total=len(module.blocks) + sum(map(len, names)), desc="calibrating AMQ", unit="step",
-               disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(module.blocks) * (1 + settings.block_steps) + sum(map(len, names)),
+               desc="calibrating AMQ", unit="step", disable=not progress, file=sys.stderr)
     grams = input_grams(module, tokens, bar)
     clips, fits = {}, {}
     for layer, blk in enumerate(module.blocks):
@@ -141,11 +145,15 @@ def build(model, tokens, settings: Settings, progress: bool = True) -> ClipStore
             clips[layer, name] = f.clip
             fits[f"{layer}/{name}"] = {"before": f.before, "after": f.after}
             bar.update(1)
+    block_errors = None
+    if settings.block_steps:
+        clips, block_errors = refine_blocks(module, tokens, clips, settings, bar)
     bar.close()
     meta = {"format": FORMAT, "group_size": settings.group_size, "settings": dataclasses.asdict(settings),
             "calibration": {"data": list(CALIBRATION_DATA), "tokens_each": int(tokens.shape[1]),
                             "which": "the last tokens of each data set"},
-            "output_error_energy": fits}
+            "output_error_energy": fits,
+            "block_output_error": None if block_errors is None else {str(k): v for k, v in block_errors.items()}}
     return ClipStore(settings.group_size, clips, meta)
 
 
@@ -193,7 +201,8 @@ def calibrate_command(args) -> int:
         raise UsageError(f"cannot write the AMQ store into {model_dir} (not writable)")
     tokenizer = load_tokenizer_checked(args.model, model_dir)
     model = load_model_checked(args.model, model_dir, "float32")
-    settings = Settings(group_size=args.group_size, steps=args.steps, widths_weight=args.widths_weight)
+    settings = Settings(group_size=args.group_size, steps=args.steps, widths_weight=args.widths_weight,
+                        block_steps=args.block_steps)
     tokens = calibration_tokens(tokenizer, min(CALIBRATION_TOKENS, cfg.max_positions))
     store = build(model, tokens, settings, progress=not args.quiet)
     print(save(store, model_dir))

@@ -38,6 +38,8 @@ class Settings:
     rank: int = 64  # eigenvectors of H kept (the rest as its diagonal)
     widths_weight: tuple = (1.0, 1.0, 1.0)  # lambda_r for r = 8, 4, 2
     init_logit: float = 8.0  # gamma = beta = sigmoid(8) = 0.9997 at the start (min-max, nearly)
+    block_steps: int = 50  # Adam steps per block of the block-wise refinement that follows (`blockfit`; 0: none)
+    block_learning_rate: float = 0.01
 
 
 @jax.tree_util.register_dataclass
