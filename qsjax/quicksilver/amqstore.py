@@ -12,8 +12,8 @@ under temporary names and renamed (the checksum first), so Ctrl-C leaves the old
 
 When AMQ is on (`--amq-layer`), eval and generate load the store beside the model (of the default
 group size, 64, when there are several) and quantize with it (nested group-wise grids, `nested`);
-if there is none, AMQ runs the naive per-channel store and says so on stderr. Every report's `weights` block names the store
-that ran and its group size, and the bytes the weights take in memory.
+if there is none, AMQ runs the naive per-channel store and says so on stderr. Every report's
+`weights` block names the store that ran and its group size, and the bytes the weights take in memory.
 
 Calibration text: the last `CALIBRATION_TOKENS` tokens of each shipped data set (WikiText-103's
 test split and the C4 validation sample), one row each. Evaluations of AMQ score the first tokens
