@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qsjax.quicksilver import amqstore, blockfit
-from qsjax.quicksilver.calibration import Settings, clip_of, initial
+from qsjax.quicksilver.calibration import Settings, clip_of, initial, raw_of
 from qsjax.quicksilver.mechanisms import nested
 from qsjax.quicksilver.mechanisms.matryoshka import WIDTHS
 
@@ -31,7 +31,7 @@ def tokens():
 
 def test_raw_of_inverts_clip_of(rng):
     raw = {k: jnp.asarray(rng.normal(0, 1, (3, 5)), jnp.float32) for k in initial((3, 5), 0.0)}
-    again = blockfit.raw_of(clip_of(raw))
+    again = raw_of(clip_of(raw))
     for k in raw:
         np.testing.assert_allclose(again[k], raw[k], atol=2e-5)
 

@@ -24,27 +24,17 @@ import numpy as np
 import optax
 from flax import nnx
 
-from qsjax.dense import layers
-from qsjax.quicksilver.calibration import clip_of
+from qsjax.dense import blocks, layers
+from qsjax.dense.attention import DIRECT_MAX
+from qsjax.dense.model import Layout, block
+from qsjax.quicksilver.calibration import clip_of, raw_of
 from qsjax.quicksilver.mechanisms import nested
 from qsjax.quicksilver.mechanisms.matryoshka import WIDTHS
-
-
-def raw_of(clip: dict) -> dict:
-    """The inverse of `clip_of`: a clip {gamma, beta, step_r, offset_r} -> the raw parameters Adam moves."""
-    logit = lambda p: jnp.log(p) - jnp.log1p(-p)  # noqa: E731
-    raw = {"a": logit(jnp.clip(jnp.asarray(clip["gamma"]), 1e-6, 1 - 1e-6)),
-           "b": logit(jnp.clip(jnp.asarray(clip["beta"]), 1e-6, 1 - 1e-6))}
-    for r in WIDTHS[1:]:
-        raw[f"l{r}"], raw[f"o{r}"] = jnp.log(jnp.asarray(clip[f"step{r}"])), jnp.asarray(clip[f"offset{r}"])
-    return raw
 
 
 def quantized_block(graphdef, state, x, layout, clips: dict | None, bits: int, group: int, train: bool):
     """The block with each linear layer's r-bit view under clips {name: clip} (None: min-max).
     x [B, T, D] -> [B, T, D]"""
-    from qsjax.dense.model import block
-
     blk = nnx.merge(graphdef, state)
     names = {id(v): k for k, v in vars(blk).items()}
 
@@ -110,8 +100,6 @@ def refine(graphdef, state, xs, y, layout, init: dict, lam, group: int, steps: i
 def differentiable_rows(tokens):
     """Rows halved until attention takes its loop-free path (T^2 <= `attention.DIRECT_MAX`), whose
     gradient exists (the blockwise path's key loop has a dynamic end).  [B, T] -> [B 2^n, T / 2^n]"""
-    from qsjax.dense.attention import DIRECT_MAX
-
     while tokens.shape[1] ** 2 > DIRECT_MAX and tokens.shape[1] % 2 == 0:
         tokens = tokens.reshape(2 * tokens.shape[0], tokens.shape[1] // 2)
     return tokens
@@ -121,9 +109,6 @@ def refine_blocks(module, tokens, clips: dict, settings, progress=None) -> tuple
     """Refine every block's grids in order, from the per-linear clips {(layer, name): clip}, on
     tokens [B, T] (all real; cut into `differentiable_rows`).  -> (the refined clips, and per block
     each width's output error [3] at min-max, after the per-linear fit and after refinement)"""
-    from qsjax.dense import blocks
-    from qsjax.dense.model import Layout, block
-
     tokens = differentiable_rows(np.asarray(tokens))
     B, T = tokens.shape
     layout = Layout.left_padded(module.cfg, jnp.zeros(B, jnp.int32), T)

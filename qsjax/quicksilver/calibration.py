@@ -72,6 +72,16 @@ def clip_of(raw: dict) -> dict:
     return clip
 
 
+def raw_of(clip: dict) -> dict:
+    """The inverse of `clip_of`: a clip {gamma, beta, step_r, offset_r} -> the raw parameters Adam moves."""
+    logit = lambda p: jnp.log(p) - jnp.log1p(-p)  # noqa: E731
+    raw = {"a": logit(jnp.clip(jnp.asarray(clip["gamma"]), 1e-6, 1 - 1e-6)),
+           "b": logit(jnp.clip(jnp.asarray(clip["beta"]), 1e-6, 1 - 1e-6))}
+    for r in WIDTHS[1:]:
+        raw[f"l{r}"], raw[f"o{r}"] = jnp.log(jnp.asarray(clip[f"step{r}"])), jnp.asarray(clip[f"offset{r}"])
+    return raw
+
+
 def initial(shape, init_logit: float) -> dict:
     raw = {"a": jnp.full(shape, init_logit), "b": jnp.full(shape, init_logit)}
     for r in WIDTHS[1:]:
